@@ -1,0 +1,304 @@
+"""Typed recipe schema, YAML loading and ``key.sub=value`` overrides.
+
+Every error names the key, the value it got and what is allowed, and is raised as
+:class:`RecipeError` so the CLI can print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message is meant for the user as is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Decoder architecture; every part is an independent switch so ablation mixes can be built."""
+
+    num_layers: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    num_attention_heads: int = Field(4, ge=1)
+    num_query_groups: int | None = Field(None, ge=1, description="GQA groups; None = MHA")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="None = 4h (gelu) or ~8h/3 (swiglu)")
+    seq_length: int = Field(128, ge=2)
+    ffn: Literal["gelu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    bias: bool = True
+    position: Literal["learned", "rope"] = "learned"
+    rotary_base: float = Field(10000.0, gt=0)
+    norm_epsilon: float = Field(1e-5, gt=0)
+    init_method_std: float = Field(0.02, gt=0)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = True
+    vocab_size: int | None = Field(None, ge=2, description="None = the tokenizer's vocabulary")
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({groups})"
+            )
+        return self
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.ffn == "swiglu":  # keep parameter count close to the 4h GELU MLP
+            return int(64 * ((8 * self.hidden_size // 3 + 63) // 64))
+        return 4 * self.hidden_size
+
+
+class ParallelConfig(_Strict):
+    tensor: int = Field(1, ge=1)
+    pipeline: int = Field(1, ge=1)
+    distributed_optimizer: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    clip_grad: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> OptimizerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})")
+        return self
+
+
+class LayerSelection(_Strict):
+    """Which layers count as "upper": exactly one of top / top_fraction / indices."""
+
+    top: int | None = Field(None, ge=1)
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    indices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LayerSelection:
+        given = [k for k in ("top", "top_fraction", "indices") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"qk.layers needs exactly one of top, top_fraction, indices; got {given or 'none'}"
+            )
+        if self.indices is not None and any(i < 0 for i in self.indices):
+            raise ValueError(f"qk.layers.indices must be >= 0, got {self.indices}")
+        return self
+
+
+class QKConfig(_Strict):
+    """The intervention: slow the upper layers' W_Q and W_K for a while, then release."""
+
+    enabled: bool = False
+    layers: LayerSelection = Field(default_factory=lambda: LayerSelection(top_fraction=0.5))
+    mult_q: float = Field(0.25, ge=0)
+    mult_k: float = Field(0.25, ge=0)
+    unit: Literal["fraction", "steps", "tokens"] = "fraction"
+    hold: float = Field(0.04, ge=0, description="length of the hold, in `unit`")
+    ramp: float = Field(0.01, ge=0, description="length of the return to 1.0, in `unit`")
+    shape: Literal["linear", "cosine", "step"] = "linear"
+
+
+class DataConfig(_Strict):
+    """Where tokens come from: indexed-dataset prefixes, or a text corpus prepared on first use."""
+
+    corpus: str | None = Field(None, description="a text file; tokenized into out_dir/data on first use")
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    tokenizer: str | None = Field(None, description="sentencepiece .model; None = train one")
+    tokenizer_vocab_size: int = Field(2048, ge=64)
+    train_prefixes: list[str] = Field(default_factory=list)
+    valid_prefixes: list[str] = Field(default_factory=list)
+    train_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.corpus is None and not self.train_prefixes:
+            raise ValueError("data needs either data.corpus or data.train_prefixes")
+        if self.train_weights is not None and len(self.train_weights) != len(self.train_prefixes):
+            raise ValueError(
+                f"data.train_weights has {len(self.train_weights)} entries, "
+                f"data.train_prefixes has {len(self.train_prefixes)}"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(16, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(50, ge=1)
+    eval_iters: int = Field(4, ge=1)
+    save_interval: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: int = 1234
+    out_dir: str = "runs/${name}"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    qk: QKConfig = Field(default_factory=QKConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir.replace("${name}", self.name))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.model.seq_length
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<recipe>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'{_suggest(e['loc'])}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        elif isinstance(got, dict):
+            lines.append(f"{source}: key '{key}': {msg}")
+        else:
+            lines.append(f"{source}: key '{key}': got {got!r}; expected {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """Closest valid key name at the same nesting level, if one is close."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        if not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; allowed: {', '.join(allowed)}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {text!r}: empty key component in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(
+                    f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    candidates = [path, RECIPES_DIR / path, RECIPES_DIR / f"{name_or_path}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    raise RecipeError(f"recipe {name_or_path!r} not found; known recipes: {', '.join(known)}")
+
+
+def load_recipe_dict(name_or_path: str) -> tuple[dict, str]:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:  # single inheritance: `base: tiny/gpt` then deep-merge this file on top
+        parent, _ = load_recipe_dict(str(base))
+        data = _deep_merge(parent, data)
+    return data, str(path)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    data, source = load_recipe_dict(name_or_path)
+    data = apply_overrides(data, list(overrides or []))
+    return build_recipe(data, source)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

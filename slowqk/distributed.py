@@ -1,0 +1,96 @@
+"""Process-group and megatron-core parallel-state setup (torchrun or single process)."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from slowqk.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    rank: int
+
+    @property
+    def is_last_stage(self) -> bool:
+        from megatron.core import parallel_state
+
+        return parallel_state.is_pipeline_last_stage()
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
+    """Data-parallel size for a TP x PP layout; raises naming the numbers when it does not fit."""
+    if world_size % (tensor * pipeline):
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) "
+            f"= {tensor * pipeline}; world_size must equal TP x PP x DP"
+        )
+    return world_size // (tensor * pipeline)
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = None) -> Layout:
+    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from slowqk.patches import cpu_compat
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_compat.apply()
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    world = dist.get_world_size()
+    data = check_layout(world, parallel.tensor, parallel.pipeline)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor,
+            pipeline_model_parallel_size=parallel.pipeline,
+        )
+    seed_everything(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Layout(world, parallel.tensor, parallel.pipeline, data, dist.get_rank())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

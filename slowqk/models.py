@@ -1,0 +1,106 @@
+"""Build megatron-core ``GPTModel``s from a recipe's model section.
+
+GPT-2 style and LLaMA style are two corners of one space: FFN (gelu | swiglu), norm
+(layernorm | rmsnorm), biases on/off, positions (learned | rope), GQA. Any mix builds.
+The local (pure megatron-core) layer spec is used on CPU; the Transformer Engine spec when
+TE imports and CUDA is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+
+from slowqk.config import ModelConfig
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
+    """Pad the vocabulary so each tensor-parallel shard of the embedding has equal size."""
+    step = multiple * tensor_parallel
+    return ((vocab_size + step - 1) // step) * step
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def build_transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    precision: str = "fp32",
+    use_te: bool = False,
+) -> TransformerConfig:
+    bf16 = precision == "bf16"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.ffn == "swiglu",
+        activation_func=F.silu if model.ffn == "swiglu" else F.gelu,
+        add_bias_linear=model.bias,
+        add_qkv_bias=model.bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Initialise full weights on CPU and scatter, so every TP layout starts from the
+        # same numbers (TP=2 equals TP=1 from step 0).
+        use_cpu_initialization=True,
+        # Fused kernels are CUDA-only; TE brings its own.
+        bias_activation_fusion=use_te and model.ffn == "swiglu",
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def layer_spec(model: ModelConfig, use_te: bool):
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(
+        normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vocab_size: int,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_te: bool = False,
+) -> GPTModel:
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, use_te),
+        vocab_size=vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope" if model.position == "rope" else "learned_absolute",
+        rotary_base=int(model.rotary_base),
+    )

@@ -1,0 +1,100 @@
+"""megatron-core DDP wrapping, optimizer, LR scheduler and the Q/K scaling groups, from a recipe."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from slowqk.config import Recipe
+from slowqk.patches import qk_lr_scaling
+from slowqk.qk.schedule import MultiplierSchedule, to_steps
+from slowqk.qk.selection import select_layers
+
+
+def wrap_ddp(
+    model_chunks: list[torch.nn.Module], config: TransformerConfig, distributed_optimizer: bool
+) -> list[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(model_chunks)
+    ]
+
+
+def megatron_optimizer_config(recipe: Recipe) -> MegatronOptimizerConfig:
+    o = recipe.optimizer
+    bf16 = recipe.train.precision == "bf16"
+    return MegatronOptimizerConfig(
+        optimizer="sgd" if o.name == "sgd" else "adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        sgd_momentum=o.sgd_momentum,
+        decoupled_weight_decay=o.name != "adam",
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+    )
+
+
+def build_optimizer(recipe: Recipe, model_chunks: list[torch.nn.Module]):
+    return get_megatron_optimizer(megatron_optimizer_config(recipe), model_chunks)
+
+
+def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
+    o, steps = recipe.optimizer, recipe.train.steps
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[o.schedule]
+    warmup = min(o.warmup_steps, steps - 1) if steps > 1 else 0
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=steps,
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, int(o.wsd_decay_fraction * steps)) if style == "WSD" else None,
+        lr_wsd_decay_style="linear" if style == "WSD" else None,
+    )
+
+
+def qk_schedules(recipe: Recipe) -> tuple[MultiplierSchedule, MultiplierSchedule]:
+    qk = recipe.qk
+    args = (qk.unit, recipe.train.steps, recipe.tokens_per_step)
+    hold, ramp = to_steps(qk.hold, *args), to_steps(qk.ramp, *args)
+    mult_q, mult_k = (qk.mult_q, qk.mult_k) if qk.enabled else (1.0, 1.0)
+    return (
+        MultiplierSchedule(mult_q, hold, ramp, qk.shape),
+        MultiplierSchedule(mult_k, hold, ramp, qk.shape),
+    )
+
+
+def selected_layers(recipe: Recipe) -> list[int]:
+    sel = recipe.qk.layers
+    return select_layers(
+        recipe.model.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices
+    )
+
+
+def build_qk_scaling(recipe: Recipe, optimizer, model_chunks) -> qk_lr_scaling.QKScaling | None:
+    """Register the Q/K scaling groups, or return None when the intervention is off."""
+    if not recipe.qk.enabled:
+        return None
+    schedule_q, schedule_k = qk_schedules(recipe)
+    return qk_lr_scaling.register(optimizer, model_chunks, selected_layers(recipe), schedule_q, schedule_k)

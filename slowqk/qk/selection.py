@@ -1,0 +1,129 @@
+"""Which layers are "upper", and which elements of a fused QKV weight are Q and K (pure logic).
+
+megatron-core stores Q, K, V of a layer as one ``linear_qkv`` weight whose rows are laid out per
+query group: ``[q_0 .. q_{h/g-1}, k, v]`` (each ``head_dim`` rows) for every group, and
+tensor-parallel rank ``r`` holds the contiguous row chunk ``r`` of ``tp`` chunks. The distributed
+optimizer further holds only a flat element range ``[lo, hi)`` of each parameter. ``Block``s
+describe the Q (or K) elements inside such a range as strided runs, so an update touches them with
+a handful of tensor views instead of per-element indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["q", "k", "v"]
+
+
+def select_layers(
+    num_layers: int,
+    *,
+    top: int | None = None,
+    top_fraction: float | None = None,
+    indices: Sequence[int] | None = None,
+) -> list[int]:
+    """0-based global indices of the selected layers. ``top_fraction=0.5`` is layers >= L/2."""
+    given = [x is not None for x in (top, top_fraction, indices)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of top, top_fraction, indices")
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range for {num_layers} layers (0..{num_layers - 1})")
+        return sorted(set(indices))
+    if top_fraction is not None:
+        top = max(1, math.floor(top_fraction * num_layers + 1e-9))
+    assert top is not None
+    if not 1 <= top <= num_layers:
+        raise ValueError(f"top={top} must be between 1 and the number of layers ({num_layers})")
+    return list(range(num_layers - top, num_layers))
+
+
+@dataclass(frozen=True)
+class Block:
+    """Elements ``offset + i*stride + j`` for ``i < count``, ``j < length`` of a flat tensor."""
+
+    offset: int
+    count: int
+    stride: int
+    length: int
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.length
+
+
+@dataclass(frozen=True)
+class FusedQKVLayout:
+    num_query_groups: int
+    heads_per_group: int
+    head_dim: int
+
+    @property
+    def rows_per_group(self) -> int:
+        return (self.heads_per_group + 2) * self.head_dim
+
+    @property
+    def total_rows(self) -> int:
+        return self.num_query_groups * self.rows_per_group
+
+    def rows_in_group(self, kind: Kind) -> tuple[int, int]:
+        q = self.heads_per_group * self.head_dim
+        return {"q": (0, q), "k": (q, q + self.head_dim), "v": (q + self.head_dim, q + 2 * self.head_dim)}[kind]
+
+    def global_rows(self, kind: Kind) -> list[tuple[int, int]]:
+        a, b = self.rows_in_group(kind)
+        return [(g * self.rows_per_group + a, g * self.rows_per_group + b) for g in range(self.num_query_groups)]
+
+    def local_blocks(
+        self,
+        kind: Kind,
+        *,
+        row_len: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> list[Block]:
+        """Blocks of ``kind`` elements inside flat range ``[lo, hi)`` of this TP rank's shard.
+
+        ``row_len`` is the number of elements per row (input size for a weight, 1 for a bias).
+        Offsets are relative to ``lo``, i.e. to the start of an optimizer's shard.
+        """
+        if self.total_rows % tp_size:
+            raise ValueError(f"{self.total_rows} QKV rows do not split over tensor parallel size {tp_size}")
+        rows_local = self.total_rows // tp_size
+        r0 = tp_rank * rows_local
+        hi = rows_local * row_len if hi is None else hi
+        runs: list[tuple[int, int]] = []
+        for ga, gb in self.global_rows(kind):
+            a, b = max(ga, r0), min(gb, r0 + rows_local)
+            if a >= b:
+                continue
+            s, e = max((a - r0) * row_len, lo), min((b - r0) * row_len, hi)
+            if s < e:
+                runs.append((s - lo, e - s))
+        return _coalesce(runs)
+
+
+def _coalesce(runs: list[tuple[int, int]]) -> list[Block]:
+    """Merge equally long runs at a constant stride into strided blocks."""
+    blocks: list[Block] = []
+    for start, length in runs:
+        if blocks:
+            last = blocks[-1]
+            if last.count == 1 and last.length == length and start > last.offset:
+                blocks[-1] = Block(last.offset, 2, start - last.offset, length)
+                continue
+            if (
+                last.count > 1
+                and last.length == length
+                and start == last.offset + last.count * last.stride
+            ):
+                blocks[-1] = Block(last.offset, last.count + 1, last.stride, length)
+                continue
+        blocks.append(Block(start, 1, length, length))
+    return blocks
