@@ -147,5 +147,16 @@ def apply(force: bool = False) -> bool:
     return True
 
 
+def enable_float64_verification() -> None:
+    """Let megatron-core's optimizers take float64 parameters as their "fp32" main params.
+
+    For numerical verification only: comparing megatron-core against an independent reference
+    in float64 removes rounding noise that Adam amplifies by lr/(|g|+eps) for small gradients.
+    """
+    if not _applied:
+        raise RuntimeError("apply() the CPU compatibility layer first")
+    _CUDA_TYPE_NAMES[torch.float64] = "torch.cuda.FloatTensor"
+
+
 def is_applied() -> bool:
     return _applied

@@ -16,10 +16,13 @@ from slowqk.qk.selection import select_layers
 
 
 def wrap_ddp(
-    model_chunks: list[torch.nn.Module], config: TransformerConfig, distributed_optimizer: bool
+    model_chunks: list[torch.nn.Module],
+    config: TransformerConfig,
+    distributed_optimizer: bool,
+    grad_reduce_in_fp32: bool = True,
 ) -> list[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=False,
         use_distributed_optimizer=distributed_optimizer,
     )

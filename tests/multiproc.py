@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 
 def _free_port() -> int:
@@ -43,13 +44,22 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world,
                                  join=False, start_method="spawn")
-        while not ctx.join():
-            pass
+        crash = None
+        try:
+            while not ctx.join():
+                pass
+        except ProcessException as exc:
+            crash = exc
         results = []
         for r in range(world):
+            path = Path(out, f"rank{r}.pkl")
+            if not path.exists():
+                continue
             # written by our own child process, never by an outside party
-            result, err = pickle.loads(Path(out, f"rank{r}.pkl").read_bytes())
+            result, err = pickle.loads(path.read_bytes())
             if err is not None:
                 raise RuntimeError(f"rank {r} failed:\n{err}")
             results.append(result)
+        if crash is not None or len(results) != world:
+            raise RuntimeError(f"a rank died without reporting: {crash}")
         return results

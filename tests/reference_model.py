@@ -1,0 +1,178 @@
+"""An independent plain-PyTorch decoder with *separate* Q, K, V parameters.
+
+Used as the reference for the Q/K patch: Q and K of the selected layers go into param groups of
+their own whose lr is ``lr * mult``, the textbook way to give them a different learning rate.
+Weights are loaded from (and written back to) megatron-core's TP-merged state dict layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slowqk.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(mc: ModelConfig) -> nn.Module:
+    if mc.norm == "rmsnorm":
+        return RMSNorm(mc.hidden_size, mc.norm_epsilon)
+    return nn.LayerNorm(mc.hidden_size, eps=mc.norm_epsilon)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, mc: ModelConfig) -> None:
+        super().__init__()
+        h, nh = mc.hidden_size, mc.num_attention_heads
+        ng = mc.num_query_groups or nh
+        self.mc, self.nh, self.ng, self.hd = mc, nh, ng, h // nh
+        self.ln1, self.ln2 = _norm(mc), _norm(mc)
+        self.q = nn.Linear(h, nh * self.hd, bias=mc.bias)
+        self.k = nn.Linear(h, ng * self.hd, bias=mc.bias)
+        self.v = nn.Linear(h, ng * self.hd, bias=mc.bias)
+        self.o = nn.Linear(nh * self.hd, h, bias=mc.bias)
+        f = mc.ffn_size
+        if mc.ffn == "swiglu":
+            self.gate = nn.Linear(h, f, bias=mc.bias)
+        self.up = nn.Linear(h, f, bias=mc.bias)
+        self.down = nn.Linear(f, h, bias=mc.bias)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.nh, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, s, self.ng, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, s, self.ng, self.hd).transpose(1, 2)
+        if self.mc.position == "rope":
+            inv = 1.0 / (self.mc.rotary_base ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+            ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
+            ang = torch.cat((ang, ang), dim=-1)
+            cos, sin = ang.cos(), ang.sin()
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        rep = self.nh // self.ng
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln1(x))
+        y = self.ln2(x)
+        if self.mc.ffn == "swiglu":
+            y = F.silu(self.gate(y)) * self.up(y)
+        else:
+            y = F.gelu(self.up(y))
+        return x + self.down(y)
+
+
+class ReferenceGPT(nn.Module):
+    def __init__(self, mc: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.mc = mc
+        self.embed = nn.Embedding(vocab_size, mc.hidden_size)
+        if mc.position == "learned":
+            self.pos = nn.Embedding(mc.seq_length, mc.hidden_size)
+        self.blocks = nn.ModuleList(Block(mc) for _ in range(mc.num_layers))
+        self.ln_f = _norm(mc)
+        if not mc.tie_embeddings:
+            self.head = nn.Linear(mc.hidden_size, vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.mc.position == "learned":
+            x = x + self.pos(torch.arange(ids.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln_f(x)
+        return x @ (self.embed.weight if self.mc.tie_embeddings else self.head.weight).T
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.forward(ids)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    # ------------------------------------------------------------- megatron layout <-> here
+
+    def _qkv_split(self, blk: Block, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = t.view(blk.ng, (blk.nh // blk.ng + 2) * blk.hd, *t.shape[1:])
+        qn = blk.nh // blk.ng * blk.hd
+        q, k, v = rows[:, :qn], rows[:, qn : qn + blk.hd], rows[:, qn + blk.hd :]
+        return tuple(x.reshape(-1, *t.shape[1:]) for x in (q, k, v))
+
+    @torch.no_grad()
+    def load_megatron(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load a TP-merged megatron-core GPTModel state dict (fc1 as [gate; up] for swiglu)."""
+        self.embed.weight.copy_(sd["embedding.word_embeddings.weight"])
+        if self.mc.position == "learned":
+            self.pos.weight.copy_(sd["embedding.position_embeddings.weight"])
+        for i, blk in enumerate(self.blocks):
+            p = f"decoder.layers.{i}."
+            _copy_norm(blk.ln1, sd, p + "input_layernorm")
+            _copy_norm(blk.ln2, sd, p + "pre_mlp_layernorm")
+            for name, t in zip("qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.weight"]), strict=True):
+                getattr(blk, name).weight.copy_(t)
+            if self.mc.bias:
+                for name, t in zip("qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"]), strict=True):
+                    getattr(blk, name).bias.copy_(t)
+            _copy_linear(blk.o, sd, p + "self_attention.linear_proj")
+            fc1_w = sd[p + "mlp.linear_fc1.weight"]
+            fc1_b = sd.get(p + "mlp.linear_fc1.bias")
+            if self.mc.ffn == "swiglu":
+                g, u = fc1_w.chunk(2, dim=0)
+                blk.gate.weight.copy_(g)
+                blk.up.weight.copy_(u)
+                if fc1_b is not None:
+                    gb, ub = fc1_b.chunk(2)
+                    blk.gate.bias.copy_(gb)
+                    blk.up.bias.copy_(ub)
+            else:
+                blk.up.weight.copy_(fc1_w)
+                if fc1_b is not None:
+                    blk.up.bias.copy_(fc1_b)
+            _copy_linear(blk.down, sd, p + "mlp.linear_fc2")
+        _copy_norm(self.ln_f, sd, "decoder.final_layernorm")
+        if not self.mc.tie_embeddings:
+            self.head.weight.copy_(sd["output_layer.weight"])
+
+    def param_groups(self, lr: float, weight_decay: float, layers: set[int]) -> list[dict]:
+        """Groups: Q of selected layers, K of selected layers, everything else (decay / no decay)."""
+        groups = {key: {"params": [], "kind": key[0], "weight_decay": key[1]} for key in
+                  [("q", weight_decay), ("q", 0.0), ("k", weight_decay), ("k", 0.0),
+                   ("base", weight_decay), ("base", 0.0)]}
+        for name, p in self.named_parameters():
+            decay = weight_decay if p.ndim > 1 and not name.endswith("bias") else 0.0
+            parts = name.split(".")
+            kind = "base"
+            if parts[0] == "blocks" and int(parts[1]) in layers and parts[2] in ("q", "k"):
+                kind = parts[2]
+            groups[(kind, decay)]["params"].append(p)
+        return [dict(g, lr=lr) for g in groups.values() if g["params"]]
+
+
+def _copy_linear(lin: nn.Linear, sd: dict, prefix: str) -> None:
+    lin.weight.copy_(sd[prefix + ".weight"])
+    if lin.bias is not None:
+        lin.bias.copy_(sd[prefix + ".bias"])
+
+
+def _copy_norm(norm: nn.Module, sd: dict, prefix: str) -> None:
+    norm.weight.copy_(sd[prefix + ".weight"])
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_(sd[prefix + ".bias"])
