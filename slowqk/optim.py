@@ -60,7 +60,7 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
     o, steps = recipe.optimizer, recipe.train.steps
     style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[o.schedule]
     warmup = min(o.warmup_steps, steps - 1) if steps > 1 else 0
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
@@ -75,6 +75,10 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
         wsd_decay_steps=max(1, int(o.wsd_decay_fraction * steps)) if style == "WSD" else None,
         lr_wsd_decay_style="linear" if style == "WSD" else None,
     )
+    # The update made at step s uses the schedule at s + 1, so the first update is not lr=0
+    # (warmup starts from init_lr=0) and the last one lands on min_lr.
+    scheduler.step(1)
+    return scheduler
 
 
 def qk_schedules(recipe: Recipe) -> tuple[MultiplierSchedule, MultiplierSchedule]:

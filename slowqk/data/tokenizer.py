@@ -1,0 +1,96 @@
+"""SentencePiece tokenizers: training from text, and the megatron-core tokenizer interface."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+try:  # megatron-core >= 0.14 renamed the dataset tokenizer base class
+    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _TokenizerBase
+except ImportError:  # pragma: no cover - older megatron-core
+    from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _TokenizerBase
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_sentencepiece(
+    texts: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe"
+) -> Path:
+    """Train a SentencePiece model on ``texts`` and write it atomically to ``out_path``."""
+    out_path = Path(out_path)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        byte_fallback=True,  # any byte sequence stays representable
+        # keep the text as it is: newlines and runs of spaces carry layout (verse, code)
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],
+        split_by_whitespace=True,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        num_threads=1,  # thread count changes the learned vocabulary; keep it reproducible
+        minloglevel=2,
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return out_path
+
+
+class SentencePieceTokenizer(_TokenizerBase):
+    """A SentencePiece model behind megatron-core's dataset tokenizer interface."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.sha256 = file_sha256(path)
+        super().__init__(str(path), sha256=self.sha256)
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path = path
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text), dtype=np.int32)
+
+    def detokenize(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def bos(self) -> int:
+        return self.sp.bos_id()

@@ -1,0 +1,314 @@
+"""The training loop: megatron-core model, DDP, optimizer, pipeline schedule, Q/K scaling.
+
+One process per rank (torchrun, SLURM or a single process). Tensor and pipeline parallel come from
+megatron-core; data parallel from its DDP (with or without the distributed optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from slowqk.config import Recipe, recipe_to_yaml
+from slowqk.distributed import init_distributed, shutdown
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.start = now - self.start, now
+        return dt
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum()
+    return loss, {"lm loss": loss.detach()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds everything from a recipe; ``run()`` trains to ``recipe.train.steps``."""
+
+    def __init__(self, recipe: Recipe, quiet: bool = False) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from slowqk.data.corpus import prepare_corpus
+        from slowqk.data.loader import build_datasets
+        from slowqk.data.tokenizer import SentencePieceTokenizer
+        from slowqk.metrics import MetricsWriter
+        from slowqk.models import (
+            build_gpt_model,
+            build_transformer_config,
+            padded_vocab_size,
+            transformer_engine_available,
+        )
+        from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
+
+        self.recipe = recipe
+        self.quiet = quiet
+        self.layout = init_distributed(recipe.parallel, recipe.seed)
+        self.rank = self.layout.rank
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.run_dir = recipe.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        t = recipe.train
+        per_step = t.micro_batch_size * self.layout.data
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({self.layout.data})"
+            )
+        self.num_microbatches = t.global_batch_size // per_step
+
+        # ---- data (rank 0 prepares the corpus; the others wait and read it)
+        d = recipe.data
+        if d.corpus is not None:
+            data_dir = self.run_dir / "data"
+            if self.rank == 0:
+                prepare_corpus(d.corpus, data_dir, valid_fraction=d.valid_fraction,
+                               vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
+            dist.barrier()
+            prepared = prepare_corpus(d.corpus, data_dir, valid_fraction=d.valid_fraction,
+                                      vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
+            tok_path, train_prefixes, valid_prefixes = prepared.tokenizer_path, [str(prepared.train_prefix)], [str(prepared.valid_prefix)]
+        else:
+            if d.tokenizer is None:
+                raise ValueError("data.tokenizer is required with data.train_prefixes")
+            tok_path, train_prefixes = Path(d.tokenizer), list(d.train_prefixes)
+            valid_prefixes = list(d.valid_prefixes) or list(d.train_prefixes)
+        self.tokenizer = SentencePieceTokenizer(tok_path)
+        vocab = recipe.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
+        n_evals = t.steps // t.eval_interval + 2
+        cache = self.run_dir / "data" / "cache"
+        if self.rank == 0:
+            cache.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        build = partial(
+            build_datasets, self.tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed,
+            train_prefixes=train_prefixes, valid_prefixes=valid_prefixes, train_weights=d.train_weights,
+            train_samples=t.steps * t.global_batch_size,
+            valid_samples=n_evals * t.eval_iters * t.global_batch_size, cache_dir=cache,
+        )
+        if self.rank == 0:  # builds the index caches once
+            self.train_ds, self.valid_ds = build()
+        dist.barrier()
+        if self.rank != 0:
+            self.train_ds, self.valid_ds = build()
+
+        # ---- model, DDP, optimizer, schedules
+        self.use_te = transformer_engine_available()
+        self.config = build_transformer_config(
+            recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
+            precision=t.precision, use_te=self.use_te,
+        )
+        model = build_gpt_model(
+            recipe.model, self.config, self.vocab_size,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            use_te=self.use_te,
+        )
+        model.to(self.device)
+        self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
+        self.optimizer = build_optimizer(recipe, self.chunks)
+        self.scheduler = build_scheduler(recipe, self.optimizer)
+        self.qk = build_qk_scaling(recipe, self.optimizer, self.chunks)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+        self.metrics = MetricsWriter(self.run_dir, t.tensorboard, enabled=self.rank == 0)
+        self.step = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _iterator(self, dataset, step: int, dp_rank: int):
+        from slowqk.data.loader import micro_batches
+
+        t = self.recipe.train
+        for batch in micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size, dp_rank, self.layout.data):
+            yield _to_device(batch, self.device)
+
+    def _run_schedule(self, dataset, step: int, forward_only: bool) -> float:
+        """Forward(+backward) one global batch; the mean loss, the same on every rank."""
+        from megatron.core import parallel_state
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=self._iterator(dataset, step, dp_rank),
+            model=self.chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.recipe.model.seq_length,
+            micro_batch_size=self.recipe.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        # Loss lives on the last pipeline stage: average over micro-batches and DP, then share.
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage():
+            value[0] = sum(x["lm loss"].item() for x in losses) / len(losses)
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= self.layout.data
+        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+        return value.item()
+
+    def evaluate(self) -> float:
+        for c in self.chunks:
+            c.eval()
+        with torch.no_grad():
+            total = sum(
+                self._run_schedule(self.valid_ds, self._eval_round * self.recipe.train.eval_iters + i, True)
+                for i in range(self.recipe.train.eval_iters)
+            ) / self.recipe.train.eval_iters
+        for c in self.chunks:
+            c.train()
+        return total
+
+    @property
+    def _eval_round(self) -> int:
+        return 0  # the same validation batches every time: curves are comparable across steps
+
+    def train_step(self) -> dict:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mult_q = mult_k = 1.0
+        if self.qk is not None:
+            mult_q, mult_k = self.qk.set_step(self.step)
+        loss = self._run_schedule(self.train_ds, self.step, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        self.step += 1
+        return {
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "mult_q": mult_q,
+            "mult_k": mult_k,
+            "skipped": not ok,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        from slowqk.checkpoint import prune_checkpoints, save_checkpoint
+
+        path = save_checkpoint(
+            self.ckpt_root, self.step, self.chunks, self.optimizer, self.scheduler,
+            {"recipe": self.recipe.model_dump(mode="json"), "tokenizer_sha256": self.tokenizer.sha256},
+        )
+        prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last)
+        return path
+
+    def maybe_resume(self) -> bool:
+        from slowqk.checkpoint import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        if extra.get("tokenizer_sha256") != self.tokenizer.sha256:
+            raise ValueError(f"{path}: tokenizer sha256 differs from the recipe's tokenizer")
+        self.step = int(extra["step"])
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records of steps after the checkpoint, so a resumed log has no duplicates."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(path)
+        self.metrics.close()
+        from slowqk.metrics import MetricsWriter
+
+        self.metrics = MetricsWriter(self.run_dir, self.recipe.train.tensorboard, enabled=True)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, resume: bool = True) -> dict:
+        from tqdm import tqdm
+
+        r, t = self.recipe, self.recipe.train
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
+        resumed = self.maybe_resume() if resume else False
+        tokens_per_step = r.tokens_per_step
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar or self.quiet,
+                   desc=r.name, unit="step", dynamic_ncols=True, mininterval=2.0)
+        timer = _Timer()
+        train_time, history = 0.0, []
+        while self.step < t.steps:
+            rec = self.train_step()
+            dt = timer.lap()
+            train_time += dt
+            rec["tokens_per_s"] = tokens_per_step / dt
+            rec["tokens"] = self.step * tokens_per_step
+            history.append(rec["loss"])
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"non-finite loss {rec['loss']} at step {self.step}")
+            if self.step % t.eval_interval == 0 or self.step == t.steps:
+                rec["val_loss"] = self.evaluate()
+                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
+                timer.lap()  # evaluation is not training time
+            if self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps:
+                self.metrics.log(self.step, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                self.save()
+                timer.lap()
+        bar.close()
+        final = self.evaluate()
+        if t.save_interval:
+            self.save()
+        summary = {
+            "name": r.name,
+            "steps": self.step,
+            "resumed": resumed,
+            "final_val_loss": final,
+            "final_val_ppl": math.exp(min(final, 50.0)),
+            "train_seconds": train_time,
+            "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
+            "qk_enabled": self.qk is not None,
+        }
+        if self.rank == 0:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(self.run_dir / "summary.json")
+        self.metrics.close()
+        return summary
+
+
+def train(recipe: Recipe, resume: bool = True, quiet: bool = False) -> dict:
+    trainer = Trainer(recipe, quiet=quiet)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        shutdown()
