@@ -127,8 +127,19 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path
 
 
+def _init_empty_optimizer_states(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state to load into; give it placeholder state."""
+    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
+
+    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for opt in opts:
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str, Any]:
     """Load model, optimizer, scheduler and RNG state; return the checkpoint's ``extra``."""
+    _init_empty_optimizer_states(optimizer)
     template = _sharded_state(model_chunks, optimizer, is_loading=True)
     template["scheduler"] = None
     template["extra"] = None
@@ -136,6 +147,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     for i, chunk in enumerate(model_chunks):
         getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
     optimizer.load_state_dict(state["optimizer"])
+    # load_state_dict *adds* the saved step count to the current one
+    scheduler.num_steps = 0
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.is_file():

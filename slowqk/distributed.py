@@ -46,8 +46,9 @@ def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = Non
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from slowqk.patches import cpu_compat
+    from slowqk.patches import cpu_compat, megatron_fixes
 
+    megatron_fixes.apply()
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu_compat.apply()

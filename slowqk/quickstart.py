@@ -32,7 +32,7 @@ def format_table(summaries: dict[str, dict]) -> str:
                     f"{s['tokens_per_s']:>11.0f}{s['train_seconds']:>9.1f}")
     if {"control", "intervention"} <= summaries.keys():
         d = summaries["intervention"]["final_val_loss"] - summaries["control"]["final_val_loss"]
-        rows.append(f"intervention - control: val loss {d:+.4f} (one seed; see the study for error bars)")
+        rows.append(f"difference (intervention - control): val loss {d:+.4f} (one seed, no error bar)")
     return "\n".join(rows)
 
 

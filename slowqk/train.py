@@ -33,7 +33,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask) / mask.sum()
-    return loss, {"lm loss": loss.detach()}
+    # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):
@@ -197,13 +198,14 @@ class Trainer:
         if self.qk is not None:
             mult_q, mult_k = self.qk.set_step(self.step)
         loss = self._run_schedule(self.train_ds, self.step, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         self.step += 1
         return {
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "mult_q": mult_q,
             "mult_k": mult_k,
             "skipped": not ok,

@@ -1,0 +1,78 @@
+"""Recipe validation: bad recipes and overrides fail with a message naming the key and value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slowqk.cli import main
+from slowqk.config import RecipeError, load_recipe
+
+BAD_OVERRIDES = [
+    (["model.ffn=relu"], "model.ffn", "relu"),
+    (["model.norm=batchnorm"], "model.norm", "batchnorm"),
+    (["model.num_layers=0"], "model.num_layers", "0"),
+    (["model.hidden_size=100", "model.num_attention_heads=3"], "model.hidden_size", "100"),
+    (["model.num_query_groups=3"], "num_query_groups", "3"),
+    (["model.hidden_szie=64"], "hidden_szie", "did you mean 'hidden_size'"),
+    (["optimizer.name=lamb"], "optimizer.name", "lamb"),
+    (["optimizer.lr=-1"], "optimizer.lr", "-1"),
+    (["optimizer.min_lr=1.0"], "optimizer.min_lr", "1.0"),
+    (["qk.shape=sigmoid"], "qk.shape", "sigmoid"),
+    (["qk.layers.top=2"], "qk.layers", "exactly one"),
+    (["qk.unit=epochs"], "qk.unit", "epochs"),
+    (["qk.mult_q=abc"], "qk.mult_q", "abc"),
+    (["train.steps=ten"], "train.steps", "ten"),
+    (["parallel.tensor=0"], "parallel.tensor", "0"),
+    (["data.corpus=null"], "data", "data.corpus or data.train_prefixes"),
+    (["model=3"], "model", "3"),
+    (["model.ffn.kind=gelu"], "model.ffn", "is a value, not a section"),
+    (["novalue"], "novalue", "key.sub=value"),
+    (["seed=[1"], "seed", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,detail", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+def test_bad_override_names_key_and_value(overrides, key, detail, capsys) -> None:
+    code = main(["print-recipe", "tiny/gpt", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert key in err and detail in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_recipe_file(tmp_path, capsys) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("- a list\n- not a mapping\n")
+    assert main(["print-recipe", str(f)]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+    f.write_text("model: {ffn: [unclosed\n")
+    assert main(["print-recipe", str(f)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_unknown_recipe_lists_known(capsys) -> None:
+    assert main(["print-recipe", "tiny/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny/nope" in err and "tiny/gpt" in err
+
+
+def test_overrides_and_inheritance() -> None:
+    r = load_recipe("tiny/llama", ["qk.enabled=true", "qk.layers={indices: [1, 3]}", "train.steps=7"])
+    assert (r.model.ffn, r.model.norm, r.model.bias, r.model.position) == ("swiglu", "rmsnorm", False, "rope")
+    assert r.model.hidden_size == 128  # inherited from tiny/gpt
+    assert r.qk.enabled and r.qk.layers.indices == [1, 3] and r.train.steps == 7
+    with pytest.raises(RecipeError):
+        load_recipe("tiny/gpt", ["qk.layers={top: 2, top_fraction: 0.5}"])
+
+
+def test_print_recipe_subprocess_exit_code() -> None:
+    proc = subprocess.run([sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "model.ffn=relu"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "model.ffn" in proc.stderr and "relu" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "qk.enabled=true"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "enabled: true" in ok.stdout
