@@ -76,10 +76,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.ln1(x))
         y = self.ln2(x)
-        if self.mc.ffn == "swiglu":
-            y = F.silu(self.gate(y)) * self.up(y)
-        else:
-            y = F.gelu(self.up(y))
+        y = F.silu(self.gate(y)) * self.up(y) if self.mc.ffn == "swiglu" else F.gelu(self.up(y))
         return x + self.down(y)
 
 

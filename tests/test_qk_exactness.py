@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from multiproc import run_ranks
 
 STEPS = 5
@@ -62,9 +61,9 @@ def _relative_diffs(ref, after, floor: float) -> dict[str, float]:
 
 def _reference_worker(rank: int, world: int, case: dict) -> dict:
     from megatron.core import parallel_state
-
     from megatron_harness import VOCAB, build_stack, gather_full_state, train_step
     from reference_model import ReferenceGPT
+
     from slowqk.distributed import shutdown
 
     recipe = _recipe(case, distopt=False)
@@ -106,9 +105,9 @@ def _reference_worker(rank: int, world: int, case: dict) -> dict:
 
 def _distopt_worker(rank: int, world: int, case: dict) -> dict:
     from megatron.core import parallel_state
-
     from megatron_harness import build_stack, gather_full_state, train_step
     from reference_model import ReferenceGPT
+
     from slowqk.distributed import shutdown
 
     stacks = {}
@@ -120,7 +119,7 @@ def _distopt_worker(rank: int, world: int, case: dict) -> dict:
     dp_size = parallel_state.get_data_parallel_world_size()
     mb, mc = recipe.train.micro_batch_size, recipe.model
     for step, global_ids in _batches(dp_size, mb, mc.seq_length):
-        for model, chunks, opt, sched, qk in stacks.values():
+        for _model, chunks, opt, sched, qk in stacks.values():
             train_step(chunks, opt, sched, qk, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb])
     models = {}
     for distopt, (model, *_rest) in stacks.items():

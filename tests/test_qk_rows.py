@@ -1,0 +1,86 @@
+"""Only the selected layers' Q and K rows move at the reduced rate; everything else is untouched.
+
+One optimizer step from identical weights and data, with and without the patch: every element
+outside the selected Q/K rows is bitwise equal, and the selected rows moved by exactly
+``mult`` times the unpatched update (to fp32 rounding). With ``mult == 1`` the whole model is
+bitwise equal to the unpatched run over several steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+LAYERS = [1, 3]
+MULT_Q, MULT_K = 0.25, 0.5
+
+
+def _worker(rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, steps: int) -> dict:
+    from megatron.core import parallel_state
+    from megatron_harness import VOCAB, build_stack, gather_full_state, tiny_recipe, train_step
+
+    from slowqk.distributed import shutdown
+
+    def recipe(enabled: bool):
+        return tiny_recipe(
+            model={"num_query_groups": 2},
+            parallel={"distributed_optimizer": distopt},
+            qk={"enabled": enabled, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 10,
+                "ramp": 0, "mult_q": mult_q, "mult_k": mult_k},
+        )
+
+    patched = build_stack(recipe(True))
+    plain = build_stack(recipe(False), with_qk=False, init_from=patched[0])
+    before = gather_full_state(patched[0], False)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2 * dp, 17), generator=torch.Generator().manual_seed(step))
+        for _model, chunks, opt, sched, qk in (patched, plain):
+            train_step(chunks, opt, sched, qk, step, ids[2 * dp_rank : 2 * dp_rank + 2])
+    out = {"before": before, "patched": gather_full_state(patched[0], False),
+           "plain": gather_full_state(plain[0], False)}
+    shutdown()
+    return out
+
+
+def _qk_row_masks(name: str, shape: torch.Size, heads: int = 4, groups: int = 2, head_dim: int = 16):
+    """Boolean masks of the Q rows and K rows of a fused QKV weight/bias (megatron layout)."""
+    per_group = heads // groups
+    kinds = (["q"] * per_group * head_dim + ["k"] * head_dim + ["v"] * head_dim) * groups
+    q = torch.tensor([k == "q" for k in kinds])
+    k = torch.tensor([k == "k" for k in kinds])
+    if len(shape) == 2:
+        q, k = q[:, None].expand(shape), k[:, None].expand(shape)
+    return q, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distopt,world", [(False, 1), (True, 2)], ids=["fp32opt", "distopt-dp2"])
+def test_only_selected_qk_rows_are_scaled(distopt: bool, world: int) -> None:
+    res = run_ranks(_worker, world, distopt, MULT_Q, MULT_K, 1)[0]
+    before, patched, plain = res["before"], res["patched"], res["plain"]
+    scaled_any = False
+    for name in before:
+        d_patched = patched[name] - before[name]
+        d_plain = plain[name] - before[name]
+        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
+            q, k = _qk_row_masks(name, before[name].shape)
+            other = ~(q | k)
+            assert torch.equal(patched[name][other], plain[name][other]), f"{name}: V rows changed"
+            for mask, mult in ((q, MULT_Q), (k, MULT_K)):
+                torch.testing.assert_close(d_patched[mask], mult * d_plain[mask], rtol=1e-5, atol=1e-9)
+            scaled_any = scaled_any or bool((d_plain[q].abs() > 0).any())
+        else:
+            assert torch.equal(patched[name], plain[name]), f"{name} must get exactly the base update"
+    assert scaled_any
+
+
+@pytest.mark.slow
+def test_mult_one_is_bitwise_identical_to_unpatched() -> None:
+    res = run_ranks(_worker, 1, True, 1.0, 1.0, 3)[0]
+    for name in res["before"]:
+        assert torch.equal(res["patched"][name], res["plain"][name]), name
+    assert any(not torch.equal(res["patched"][n], res["before"][n]) for n in res["before"])
