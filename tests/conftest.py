@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,4 +6,5 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (as in CI), or wherever SLOWQK_SHARED_DIR points
+SHARED = Path(os.environ.get("SLOWQK_SHARED_DIR", REPO.parent / "shared"))

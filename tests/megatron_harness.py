@@ -39,7 +39,8 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
 
     init_distributed(recipe.parallel, recipe.seed)
     cfg = build_transformer_config(
-        recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline
+        recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
+        precision=recipe.train.precision,
     )
     if float64:
         from slowqk.patches import cpu_compat
@@ -47,6 +48,12 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
         cpu_compat.enable_float64_verification()
         cfg.params_dtype = torch.float64
     model = build_gpt_model(recipe.model, cfg, VOCAB)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    if recipe.train.precision == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(cfg, model)
     if float64:
         model = model.to(torch.float64)  # torch norms ignore params_dtype
     if init_from is not None:
@@ -91,7 +98,10 @@ def train_step(chunks, opt, sched, qk, step: int, ids: torch.Tensor) -> tuple[fl
     # entropy works in fp32 even for float64 models, which would defeat float64 verification.
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    logits = gather_from_tensor_model_parallel_region(chunks[0](inputs, pos, None))
+    device = next(chunks[0].parameters()).device
+    inputs, labels = inputs.to(device), labels.to(device)
+    pos = pos.to(device)
+    logits = gather_from_tensor_model_parallel_region(chunks[0](inputs, pos, None)).float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     loss.backward()
     for c in chunks:

@@ -16,9 +16,11 @@ LAYERS = [1, 3]
 MULT_Q, MULT_K = 0.25, 0.5
 
 
-def _worker(rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, steps: int) -> dict:
+def _worker(
+    rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, steps: int, precision: str = "fp32"
+) -> dict:
     from megatron.core import parallel_state
-    from megatron_harness import VOCAB, build_stack, gather_full_state, tiny_recipe, train_step
+    from megatron_harness import VOCAB, build_stack, tiny_recipe, train_step
 
     from slowqk.distributed import shutdown
 
@@ -26,22 +28,43 @@ def _worker(rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, 
         return tiny_recipe(
             model={"num_query_groups": 2},
             parallel={"distributed_optimizer": distopt},
+            train={"precision": precision},
             qk={"enabled": enabled, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 10,
                 "ramp": 0, "mult_q": mult_q, "mult_k": mult_k},
         )
 
     patched = build_stack(recipe(True))
     plain = build_stack(recipe(False), with_qk=False, init_from=patched[0])
-    before = gather_full_state(patched[0], False)
+    before = _main_params(patched[2], patched[1][0])
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     for step in range(steps):
         ids = torch.randint(0, VOCAB, (2 * dp, 17), generator=torch.Generator().manual_seed(step))
         for _model, chunks, opt, sched, qk in (patched, plain):
             train_step(chunks, opt, sched, qk, step, ids[2 * dp_rank : 2 * dp_rank + 2])
-    out = {"before": before, "patched": gather_full_state(patched[0], False),
-           "plain": gather_full_state(plain[0], False)}
+    out = {
+        "before": before,
+        "patched": _main_params(patched[2], patched[1][0]),
+        "plain": _main_params(plain[2], plain[1][0]),
+    }
     shutdown()
+    return out
+
+
+def _main_params(optimizer, ddp_model) -> dict[str, torch.Tensor]:
+    """Full fp32 main params by name: the values the optimizer updates (gathered over DP)."""
+    import torch.distributed as dist
+    from slowqk.patches.qk_lr_scaling import iter_main_params
+
+    held = {id(mp): (main, lo, hi) for _inner, mp, main, lo, hi in iter_main_params(optimizer)}
+    out = {}
+    for name, p in ddp_model.module.named_parameters():  # same order on every rank
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        if id(p) in held:
+            main, lo, hi = held[id(p)]
+            full[lo:hi] = main.detach().float().view(-1)
+        dist.all_reduce(full)  # each element is held by exactly one DP rank
+        out[name.removeprefix("module.")] = full.view(p.shape).cpu()
     return out
 
 
@@ -57,9 +80,14 @@ def _qk_row_masks(name: str, shape: torch.Size, heads: int = 4, groups: int = 2,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distopt,world", [(False, 1), (True, 2)], ids=["fp32opt", "distopt-dp2"])
-def test_only_selected_qk_rows_are_scaled(distopt: bool, world: int) -> None:
-    res = run_ranks(_worker, world, distopt, MULT_Q, MULT_K, 1)[0]
+@pytest.mark.parametrize(
+    "distopt,world,precision",
+    [(False, 1, "fp32"), (True, 2, "fp32"), (False, 1, "bf16"), (True, 2, "bf16")],
+    ids=["fp32opt", "distopt-dp2", "bf16-float16opt", "bf16-distopt-dp2"],
+)
+def test_only_selected_qk_rows_are_scaled(distopt: bool, world: int, precision: str) -> None:
+    """bf16 runs exercise the fp32 main params of the mixed-precision optimizers."""
+    res = run_ranks(_worker, world, distopt, MULT_Q, MULT_K, 1, precision)[0]
     before, patched, plain = res["before"], res["patched"], res["plain"]
     scaled_any = False
     for name in before:
