@@ -101,7 +101,9 @@ def train_step(chunks, opt, sched, qk, step: int, ids: torch.Tensor) -> tuple[fl
     device = next(chunks[0].parameters()).device
     inputs, labels = inputs.to(device), labels.to(device)
     pos = pos.to(device)
-    logits = gather_from_tensor_model_parallel_region(chunks[0](inputs, pos, None)).float()
+    logits = gather_from_tensor_model_parallel_region(chunks[0](inputs, pos, None))
+    if logits.dtype in (torch.bfloat16, torch.float16):  # keep float64 runs in float64
+        logits = logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     loss.backward()
     for c in chunks:

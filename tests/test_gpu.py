@@ -1,0 +1,55 @@
+"""GPU checks (skipped without CUDA): the Q/K patch under DDP + DistributedOptimizer with bf16
+params and fp32 main params, and a short gpt-125m run with the intervention on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SHARED
+from multiproc import run_ranks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_distributed_optimizer_bf16_scales_only_selected_rows_on_gpu() -> None:
+    from test_qk_rows import LAYERS, MULT_K, MULT_Q, _qk_row_masks, _worker
+
+    res = run_ranks(_worker, 1, True, MULT_Q, MULT_K, 1, "bf16")[0]
+    before, patched, plain = res["before"], res["patched"], res["plain"]
+    worst = 0.0
+    for name in before:
+        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
+            q, k = _qk_row_masks(name, before[name].shape)
+            for mask, mult in ((q, MULT_Q), (k, MULT_K)):
+                d_p, d_u = (patched[name] - before[name])[mask], (plain[name] - before[name])[mask]
+                worst = max(worst, ((d_p - mult * d_u).abs().max() / d_u.abs().max()).item())
+        else:
+            assert torch.equal(patched[name], plain[name]), name
+    print(f"max relative error of the scaled Q/K update (fp32 main params): {worst:.2e}")
+    assert worst < 1e-5
+
+
+def _train_125m(rank: int, world: int, qk: bool) -> dict:
+    from slowqk.config import load_recipe
+    from slowqk.train import train
+
+    recipe = load_recipe(
+        "gpt-125m-slowqk" if qk else "gpt-125m",
+        [f"data.corpus={SHARED / 'data/shakespeare/shakespeare_modern.txt'}", "data.tokenizer=null",
+         "data.train_prefixes=[]", "data.valid_prefixes=[]", "data.tokenizer_vocab_size=8192",
+         "train.steps=40", "train.global_batch_size=32", "train.eval_interval=20", "train.eval_iters=2",
+         "train.save_interval=null", "out_dir=runs/gpu-125m", "qk.unit=steps", "qk.hold=20", "qk.ramp=10"],
+    )
+    summary = train(recipe, quiet=True)
+    summary["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return summary
+
+
+def test_gpt_125m_short_run_on_gpu() -> None:
+    summary = run_ranks(_train_125m, 1, True)[0]
+    print(summary)
+    assert summary["steps"] == 40 and summary["final_val_loss"] < 9.0
