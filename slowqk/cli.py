@@ -42,14 +42,78 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.recipe, args.overrides, out=args.out, steps=args.steps)
 
 
+def _print_manifest(root: str, manifest: dict) -> None:
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards")
+    skipped = manifest.get("skipped", {})
+    if skipped.get("total"):
+        print(f"skipped {skipped['total']} bad records: {skipped['by_reason']}")
+        for line in skipped["examples"][:5]:
+            print(f"  {line}")
+    print(f"dataset: {root} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
+
+
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
     from slowqk.data.corpus import prepare_corpus
 
     prepared = prepare_corpus(args.corpus, args.out, valid_fraction=args.valid_fraction,
-                              vocab_size=args.vocab_size, tokenizer=args.tokenizer)
-    for split, entry in prepared.manifest["splits"].items():
-        print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens -> {args.out}/{entry['prefix']}")
-    print(f"tokenizer: {prepared.tokenizer_path} (sha256 {prepared.manifest['tokenizer']['sha256'][:12]})")
+                              vocab_size=args.vocab_size, tokenizer=args.tokenizer, progress=True)
+    _print_manifest(str(prepared.dataset_dir), prepared.manifest)
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from slowqk.data.sources import iter_documents
+    from slowqk.data.tokenizer import file_sha256, train_sentencepiece
+
+    def sample():
+        budget = args.sample_bytes
+        for path in args.inputs:
+            for text in iter_documents(path, args.text_field, skip_bad_lines=args.skip_bad_lines):
+                yield text
+                budget -= len(text.encode("utf-8"))
+                if budget <= 0:
+                    return
+
+    specials = [t for t in (args.special_tokens or "").split(",") if t]
+    texts = list(islice(sample(), args.sample_docs))
+    path = train_sentencepiece(texts, args.out, args.vocab_size, args.model_type, specials)
+    print(f"tokenizer: {path} ({args.model_type}, vocab {args.vocab_size}, trained on {len(texts)} documents, "
+          f"sha256 {file_sha256(path)[:12]})")
+    return 0
+
+
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from slowqk.data.shard import ShardOptions, build_shards, parse_split
+
+    options = ShardOptions(
+        text_field=args.text_field, docs_per_shard=args.docs_per_shard, split=parse_split(args.split),
+        valid_files=tuple(args.valid_files), test_files=tuple(args.test_files), seed=args.seed,
+        skip_bad_lines=args.skip_bad_lines,
+    )
+    inputs = [*args.inputs, *args.valid_files, *args.test_files]
+    manifest = build_shards(inputs, args.out, args.tokenizer, options, workers=args.workers,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    _print_manifest(args.out, manifest)
+    return 0
+
+
+def _cmd_data_verify(args: argparse.Namespace) -> int:
+    from slowqk.data.verify import verify_dataset
+
+    totals = verify_dataset(args.dataset)
+    for split, t in totals.items():
+        print(f"{split}: {t['documents']} documents, {t['tokens']} tokens: ok")
+    print(f"{args.dataset}: verified against its manifest")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from slowqk.data.verify import inspect_dataset
+
+    print(inspect_dataset(args.dataset, args.split, args.docs))
     return 0
 
 
@@ -80,7 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=None, help="override train.steps")
     sp.set_defaults(func=_cmd_quickstart)
 
-    sp = sub.add_parser("prepare-data", help="train a tokenizer and write train/valid indexed datasets")
+    sp = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tool", required=True)
+    tp = sp.add_parser("train", help="train a SentencePiece tokenizer on a sample of local corpora")
+    tp.add_argument("inputs", nargs="+", help=".jsonl/.json/.txt/.parquet files or saved dataset directories")
+    tp.add_argument("--out", required=True, help="output .model file")
+    tp.add_argument("--vocab-size", type=int, default=32000)
+    tp.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tp.add_argument("--special-tokens", default="", help="comma-separated extra symbols")
+    tp.add_argument("--text-field", default="text")
+    tp.add_argument("--sample-docs", type=int, default=1_000_000, help="at most this many documents (first in input order)")
+    tp.add_argument("--sample-bytes", type=int, default=1 << 30, help="and at most this many bytes")
+    tp.add_argument("--skip-bad-lines", action="store_true")
+    tp.set_defaults(func=_cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="tool", required=True)
+    dp = data.add_parser("shard", help="tokenize inputs into sharded megatron-core indexed datasets")
+    dp.add_argument("inputs", nargs="+", help=".jsonl/.json/.txt/.parquet files or saved dataset directories")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
+    dp.add_argument("--workers", type=int, default=1)
+    dp.add_argument("--docs-per-shard", type=int, default=100_000)
+    dp.add_argument("--split", default="1,0,0", help="train,valid,test proportions by document, e.g. 98,1,1")
+    dp.add_argument("--valid-files", nargs="*", default=[], help="held-out inputs for validation")
+    dp.add_argument("--test-files", nargs="*", default=[], help="held-out inputs for test")
+    dp.add_argument("--text-field", default="text")
+    dp.add_argument("--seed", type=int, default=1234, help="seeds the document-to-split assignment")
+    dp.add_argument("--skip-bad-lines", action="store_true", help="count and skip invalid JSON lines instead of failing")
+    dp.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
+    dp.add_argument("--quiet", action="store_true")
+    dp.set_defaults(func=_cmd_data_shard)
+    vp = data.add_parser("verify", help="re-read a dataset and check it against its manifest")
+    vp.add_argument("dataset")
+    vp.set_defaults(func=_cmd_data_verify)
+    ip = data.add_parser("inspect", help="decoded documents and statistics of a dataset")
+    ip.add_argument("dataset")
+    ip.add_argument("--split", default="train")
+    ip.add_argument("--docs", type=int, default=3)
+    ip.set_defaults(func=_cmd_data_inspect)
+
+    sp = sub.add_parser("prepare-data", help="one text corpus -> tokenizer + train/valid shards (the quickstart's data)")
     sp.add_argument("corpus", help="a UTF-8 text file; documents separated by blank lines")
     sp.add_argument("--out", required=True)
     sp.add_argument("--valid-fraction", type=float, default=0.1)
@@ -98,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"recipe error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # InputError and VerifyError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -131,8 +131,12 @@ class QKConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where tokens come from: indexed-dataset prefixes, or a text corpus prepared on first use."""
+    """Where tokens come from: a sharded dataset directory, indexed-dataset prefixes, or a text
+    corpus prepared on first use."""
 
+    dataset: str | list[str] | None = Field(
+        None, description="directory (or list, blended by train_weights) made by `slowqk data shard`"
+    )
     corpus: str | None = Field(None, description="a text file; tokenized into out_dir/data on first use")
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     tokenizer: str | None = Field(None, description="sentencepiece .model; None = train one")
@@ -143,13 +147,18 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if self.corpus is None and not self.train_prefixes:
-            raise ValueError("data needs either data.corpus or data.train_prefixes")
-        if self.train_weights is not None and len(self.train_weights) != len(self.train_prefixes):
+        sources = [x for x in ("dataset", "corpus") if getattr(self, x) is not None]
+        if self.train_prefixes:
+            sources.append("train_prefixes")
+        if len(sources) != 1:
             raise ValueError(
-                f"data.train_weights has {len(self.train_weights)} entries, "
-                f"data.train_prefixes has {len(self.train_prefixes)}"
+                f"data needs exactly one of data.dataset, data.corpus or data.train_prefixes; got {sources or 'none'}"
             )
+        if self.train_weights is not None:
+            what = "data.dataset" if self.dataset is not None else "data.train_prefixes"
+            n = len(self.dataset) if isinstance(self.dataset, list) else (1 if self.dataset else len(self.train_prefixes))
+            if len(self.train_weights) != n:
+                raise ValueError(f"data.train_weights has {len(self.train_weights)} entries, {what} has {n}")
         return self
 
 

@@ -20,7 +20,9 @@ def run_arm(recipe: str, overrides: list[str], out: Path, arm: str) -> dict:
     load_recipe(recipe, args)  # fail fast, with the recipe error, before starting a process
     cmd = [sys.executable, "-m", "slowqk.cli", "train", recipe, *args, "--no-resume"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
-    subprocess.run(cmd, check=True, env=env)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {arm} arm failed (exit code {proc.returncode}); its output is above")
     return json.loads((out / arm / "summary.json").read_text())
 
 
@@ -65,7 +67,11 @@ def run_quickstart(recipe: str, overrides: list[str], out: str, steps: int | Non
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
-    summaries = {arm: run_arm(recipe, overrides, out_dir, arm) for arm in ARMS}
+    try:
+        summaries = {arm: run_arm(recipe, overrides, out_dir, arm) for arm in ARMS}
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     table = format_table(summaries)
     png = plot_curves(out_dir, list(ARMS))
     (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))

@@ -55,9 +55,8 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from slowqk.data.corpus import prepare_corpus
         from slowqk.data.loader import build_datasets
-        from slowqk.data.tokenizer import SentencePieceTokenizer
+        from slowqk.data.tokenizer import load_tokenizer
         from slowqk.metrics import MetricsWriter
         from slowqk.models import (
             build_gpt_model,
@@ -83,23 +82,9 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // per_step
 
-        # ---- data (rank 0 prepares the corpus; the others wait and read it)
-        d = recipe.data
-        if d.corpus is not None:
-            data_dir = self.run_dir / "data"
-            if self.rank == 0:
-                prepare_corpus(d.corpus, data_dir, valid_fraction=d.valid_fraction,
-                               vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
-            dist.barrier()
-            prepared = prepare_corpus(d.corpus, data_dir, valid_fraction=d.valid_fraction,
-                                      vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
-            tok_path, train_prefixes, valid_prefixes = prepared.tokenizer_path, [str(prepared.train_prefix)], [str(prepared.valid_prefix)]
-        else:
-            if d.tokenizer is None:
-                raise ValueError("data.tokenizer is required with data.train_prefixes")
-            tok_path, train_prefixes = Path(d.tokenizer), list(d.train_prefixes)
-            valid_prefixes = list(d.valid_prefixes) or list(d.train_prefixes)
-        self.tokenizer = SentencePieceTokenizer(tok_path)
+        # ---- data (rank 0 prepares a corpus; the others wait and read it)
+        tok_path, train_prefixes, valid_prefixes, train_weights = self._resolve_data()
+        self.tokenizer = load_tokenizer(tok_path)
         vocab = recipe.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
         n_evals = t.steps // t.eval_interval + 2
@@ -109,7 +94,7 @@ class Trainer:
         dist.barrier()
         build = partial(
             build_datasets, self.tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed,
-            train_prefixes=train_prefixes, valid_prefixes=valid_prefixes, train_weights=d.train_weights,
+            train_prefixes=train_prefixes, valid_prefixes=valid_prefixes, train_weights=train_weights,
             train_samples=t.steps * t.global_batch_size,
             valid_samples=n_evals * t.eval_iters * t.global_batch_size, cache_dir=cache,
         )
@@ -143,6 +128,33 @@ class Trainer:
         self.step = 0
 
     # ------------------------------------------------------------------ helpers
+
+    def _resolve_data(self) -> tuple[Path, list[str], list[str], list[float] | None]:
+        """Tokenizer, train prefixes, validation prefixes and train blend weights."""
+        from slowqk.data.corpus import prepare_corpus
+        from slowqk.data.shard import blend, check_tokenizer, load_manifest
+
+        d = self.recipe.data
+        if d.train_prefixes:
+            if d.tokenizer is None:
+                raise ValueError("data.tokenizer is required with data.train_prefixes")
+            return Path(d.tokenizer), list(d.train_prefixes), list(d.valid_prefixes) or list(d.train_prefixes), d.train_weights
+        if d.corpus is not None:
+            kwargs = dict(valid_fraction=d.valid_fraction, vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
+            if self.rank == 0:
+                prepare_corpus(d.corpus, self.run_dir / "data", **kwargs)
+            dist.barrier()
+            roots = [prepare_corpus(d.corpus, self.run_dir / "data", **kwargs).dataset_dir]
+        else:
+            roots = [Path(x) for x in (d.dataset if isinstance(d.dataset, list) else [d.dataset])]
+        manifests = [load_manifest(r) for r in roots]
+        tok_path = Path(d.tokenizer) if d.tokenizer else roots[0] / manifests[0]["tokenizer"]["file"]
+        for root, manifest in zip(roots, manifests, strict=True):
+            check_tokenizer(tok_path, root, manifest)
+        train, weights = blend(roots, d.train_weights, "train")
+        has_valid = all("valid" in m["splits"] for m in manifests)
+        valid = blend(roots, None, "valid")[0] if has_valid else train
+        return tok_path, train, valid, weights
 
     def _iterator(self, dataset, step: int, dp_rank: int):
         from slowqk.data.loader import micro_batches

@@ -17,23 +17,21 @@ CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> dict:
-    """A tokenizer and train/valid shards from the first 4000 lines of tiny Shakespeare."""
+    """A sharded dataset (tokenizer inside) from the first 4000 lines of tiny Shakespeare."""
     from slowqk.data.corpus import prepare_corpus
 
     root = tmp_path_factory.mktemp("data")
     small = root / "corpus.txt"
     small.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:4000]))
     p = prepare_corpus(small, root / "prepared", vocab_size=512)
-    return {"tokenizer": str(p.tokenizer_path), "train": str(p.train_prefix), "valid": str(p.valid_prefix)}
+    return {"dataset": str(p.dataset_dir)}
 
 
 def _overrides(prepared: dict, run_dir: Path, **extra: str) -> list[str]:
     base = {
         "out_dir": str(run_dir),
         "data.corpus": "null",
-        "data.tokenizer": prepared["tokenizer"],
-        "data.train_prefixes": f"[{prepared['train']}]",
-        "data.valid_prefixes": f"[{prepared['valid']}]",
+        "data.dataset": prepared["dataset"],
         "model.num_layers": "4", "model.hidden_size": "64", "model.num_attention_heads": "4",
         "model.seq_length": "32",
         "train.steps": "6", "train.micro_batch_size": "2", "train.global_batch_size": "8",

@@ -25,9 +25,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def train_sentencepiece(
-    texts: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe"
+    texts: Iterable[str],
+    out_path: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    special_tokens: list[str] | None = None,
 ) -> Path:
     """Train a SentencePiece model on ``texts`` and write it atomically to ``out_path``."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer model type {model_type!r}: expected 'bpe' or 'unigram'")
     out_path = Path(out_path)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -40,7 +46,7 @@ def train_sentencepiece(
         # keep the text as it is: newlines and runs of spaces carry layout (verse, code)
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        user_defined_symbols=["\n"],
+        user_defined_symbols=["\n", *(special_tokens or [])],
         split_by_whitespace=True,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         num_threads=1,  # thread count changes the learned vocabulary; keep it reproducible
@@ -68,6 +74,10 @@ class SentencePieceTokenizer(_TokenizerBase):
     def tokenize(self, text: str) -> np.ndarray:
         return np.asarray(self.sp.encode(text), dtype=np.int32)
 
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # one call into C++ for the batch; single-threaded so a worker uses one core
+        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts, num_threads=1)]
+
     def detokenize(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -94,3 +104,62 @@ class SentencePieceTokenizer(_TokenizerBase):
     @property
     def bos(self) -> int:
         return self.sp.bos_id()
+
+
+class HFTokenizer(_TokenizerBase):
+    """A Hugging Face ``tokenizer.json`` (``tokenizers`` library) behind the same interface."""
+
+    def __init__(self, path: str | Path, eod_token: str | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.sha256 = file_sha256(path)
+        super().__init__(str(path), sha256=self.sha256)
+        self.tok = Tokenizer.from_file(str(path))
+        self.path = path
+        candidates = [eod_token] if eod_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+        ids = [self.tok.token_to_id(t) for t in candidates if t]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ValueError(f"{path}: no end-of-document token among {candidates}; pass one explicitly")
+        self._eod = ids[0]
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.tok.get_vocab()
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: t for t, i in self.tok.get_vocab().items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+
+def load_tokenizer(path: str | Path):
+    """A SentencePiece ``.model`` or a Hugging Face ``tokenizer.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not a SentencePiece model ({exc})") from None
