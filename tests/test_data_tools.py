@@ -93,7 +93,8 @@ def test_resume_after_killed_run(tmp_path, jsonl, tokenizer) -> None:
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "ds" / "manifest.json").exists()  # nothing claims to be complete
     done = sorted((tmp_path / "ds" / "train").glob("*.done.json"))
-    assert len(done) == 3
+    total = -(-json.loads(jsonl.read_text().splitlines()[-1])["id"] // 200)
+    assert 3 <= len(done) < total  # a worker may finish one more shard before the kill lands
     with pytest.raises(VerifyError, match="no manifest.json"):
         verify_dataset(tmp_path / "ds")
     resumed = subprocess.run(args, capture_output=True, text=True)
@@ -204,3 +205,24 @@ def test_blend_weights_follow_datasets_then_shard_sizes(tmp_path, jsonl, tokeniz
     assert parse_split("98,1,1") == pytest.approx((0.98, 0.01, 0.01))
     with pytest.raises(ValueError, match="comma-separated"):
         parse_split("a,b")
+
+
+def test_bulk_append_writes_the_same_bytes_as_add_document(tmp_path) -> None:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from slowqk.data import shard
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, size=int(n)).astype(np.uint16) for n in rng.integers(1, 50, size=200)]
+    slow = IndexedDatasetBuilder(str(tmp_path / "slow.bin"), dtype=np.uint16)
+    for d in docs:
+        slow.add_document(d, [len(d)])
+    slow.finalize(str(tmp_path / "slow.idx"))
+    fast = IndexedDatasetBuilder(str(tmp_path / "fast.bin"), dtype=np.uint16)
+    lengths = np.array([len(d) for d in docs])
+    shard.append_documents(fast, np.concatenate(docs[:120]), lengths[:120])  # two calls: offsets carry on
+    shard.append_documents(fast, np.concatenate(docs[120:]), lengths[120:])
+    fast.finalize(str(tmp_path / "fast.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"fast{ext}").read_bytes() == (tmp_path / f"slow{ext}").read_bytes()

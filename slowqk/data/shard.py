@@ -10,9 +10,10 @@ Layout of an output directory::
 
 Documents are numbered in input order; each goes to a split by a seeded hash of its number (or by
 held-out files), and each split is cut into shards of ``docs_per_shard`` documents. Shard contents
-therefore depend only on the inputs and options, never on the number of workers. A shard is
-written under temporary names and renamed when complete; an interrupted build resumes at the first
-shard without a ``.done`` record. ``manifest.json`` exists only for a complete build.
+therefore depend only on the inputs and options, never on the number of workers. ``workers``
+tokenizer processes run while the main process reads the inputs (0: all in this process). A shard
+is written under temporary names and renamed when complete; an interrupted build redoes only the
+shards without a ``.done`` record. ``manifest.json`` exists only for a complete build.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 from slowqk.data.sources import InputError, ReadStats, iter_documents
@@ -81,6 +83,30 @@ def assign_split(doc_index: int, seed: int, split: tuple[float, float, float]) -
 
 # --------------------------------------------------------------------------- workers
 
+
+def append_documents(builder, flat, lengths) -> None:
+    """Append documents (one sequence each) to an ``IndexedDatasetBuilder`` in one write.
+
+    Produces the same bytes as calling ``add_document(doc, [len(doc)])`` per document, which is
+    what happens on megatron-core versions whose builder internals differ from 0.16's.
+    """
+    fast = (
+        not getattr(builder, "multimodal", False)
+        and isinstance(getattr(builder, "sequence_lengths", None), list)
+        and isinstance(getattr(builder, "document_indices", None), list)
+        and hasattr(builder, "data_file")
+    )
+    if not fast:
+        start = 0
+        for n in lengths:
+            builder.add_document(flat[start : start + n], [int(n)])
+            start += int(n)
+        return
+    builder.data_file.write(flat.astype(builder.dtype, copy=False).tobytes(order="C"))
+    first = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(int(n) for n in lengths)
+    builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
+
 _TOKENIZER = None
 
 
@@ -104,14 +130,16 @@ def _write_shard(job: tuple[str, str, list[str]]) -> dict:
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
     tmp = f"{prefix}.tmp"
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    eod = np.asarray([tok.eod], dtype=np.int32)
-    n_tokens = max_id = 0
-    for ids in tok.tokenize_batch(texts):
-        doc = np.concatenate([ids, eod])
-        builder.add_document(doc, [len(doc)])
-        n_tokens += len(doc)
-        max_id = max(max_id, int(doc.max()))
+    docs = tok.tokenize_batch(texts)
+    eod = tok.eod
+    for ids in docs:
+        ids.append(eod)
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    flat = np.fromiter(chain.from_iterable(docs), dtype=dtype, count=int(lengths.sum()))
+    append_documents(builder, flat, lengths)
     builder.finalize(f"{tmp}.idx")
+    n_tokens = int(lengths.sum())
+    max_id = int(flat.max()) if flat.size else 0
     for ext in (".bin", ".idx"):
         with open(f"{tmp}{ext}", "rb+") as f:
             os.fsync(f.fileno())
@@ -259,12 +287,14 @@ def build_shards(
         return None
 
     jobs = _jobs(out, _documents(inputs, options, stats), options.docs_per_shard)
-    if workers <= 1:
+    if workers <= 0:  # in-process: no pipelining (debugging, or where processes are unwelcome)
         _init_worker(str(tokenizer_path))
         for job in jobs:
             record_entry(finished(job) or _write_shard(job))
     else:
-        ctx = mp.get_context("spawn")
+        # fork (where available) starts workers without re-importing torch/megatron; the pool is
+        # created before the input stream starts, so no reader threads exist yet
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
             pending: deque = deque()
             for job in jobs:

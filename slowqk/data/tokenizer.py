@@ -74,9 +74,9 @@ class SentencePieceTokenizer(_TokenizerBase):
     def tokenize(self, text: str) -> np.ndarray:
         return np.asarray(self.sp.encode(text), dtype=np.int32)
 
-    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         # one call into C++ for the batch; single-threaded so a worker uses one core
-        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts, num_threads=1)]
+        return self.sp.encode(texts, num_threads=1)
 
     def detokenize(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -129,8 +129,8 @@ class HFTokenizer(_TokenizerBase):
     def tokenize(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
-    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
