@@ -13,6 +13,9 @@ previous checkpoint as "latest".
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -24,7 +27,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from slowqk import faults
+
+log = logging.getLogger("slowqk.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
 LATEST = "latest"
+RECORD = "slowqk_checkpoint.json"
+HASH_LIMIT = 4 << 20  # files up to 4 MiB (metadata, common state, RNG) are hashed; others sized
 # Optimizer state in a canonical per-parameter layout: loadable at another TP/PP/DP layout.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -47,6 +60,53 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_record(ckpt_dir: Path, step: int) -> None:
+    """List every file of a finished checkpoint with its size (and sha256 when small)."""
+    files = {}
+    for p in sorted(ckpt_dir.rglob("*")):
+        if p.is_file() and p.name != RECORD:
+            size = p.stat().st_size
+            files[str(p.relative_to(ckpt_dir))] = {"bytes": size, "sha256": _sha256(p) if size <= HASH_LIMIT else None}
+    record = {"step": step, "files": files}
+    record["checksum"] = _record_checksum(record)
+    (ckpt_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict:
+    """Check a checkpoint against its record; raise CheckpointError naming what is wrong."""
+    path = ckpt_dir / RECORD
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {RECORD} (the save did not finish)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg})") from None
+    if record.get("checksum") != _record_checksum(record):
+        raise CheckpointError(f"{path}: checksum mismatch (the record was altered or truncated)")
+    for rel, info in record["files"].items():
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt_dir}: missing file {rel}")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)")
+        if info["sha256"] is not None and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: sha256 differs from the checkpoint record")
+    return record
 
 
 def _rng_state() -> dict[str, Any]:
@@ -106,25 +166,59 @@ def save_checkpoint(
     # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
     torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     dist.barrier()
+    faults.kill_in_save(step, rank)
     if rank == 0:
+        write_record(tmp, step)
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".old.tmp")
+        if final.exists():  # re-saving a step: move the old copy aside, never delete it first
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _write_atomic(ckpt_root / LATEST, final.name + "\n")
     dist.barrier()
     return final
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
+def _candidates(ckpt_root: Path) -> list[Path]:
+    """The checkpoint ``latest`` names first, then every other complete-looking one, newest first."""
+    found = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     pointer = ckpt_root / LATEST
-    if not pointer.is_file():
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text().strip()
+        if named in found:
+            found.remove(named)
+        found.insert(0, named)
+    return found
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that verifies; older ones are tried, with a warning, if it does not."""
+    if not ckpt_root.is_dir():
         return None
-    name = pointer.read_text().strip()
-    path = ckpt_root / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist in {ckpt_root}")
-    return path
+    problems = []
+    for path in _candidates(ckpt_root):
+        try:
+            if not path.is_dir():
+                raise CheckpointError(f"{ckpt_root / LATEST} names {path.name}, which does not exist")
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("skipping checkpoint: %s", exc)
+            continue
+        if problems:
+            log.warning("resuming from %s, an older checkpoint, because: %s", path.name, "; ".join(problems))
+        return path
+    if problems:
+        raise CheckpointError("no usable checkpoint in " + str(ckpt_root) + ":\n  " + "\n  ".join(problems))
+    return None
+
+
+def read_extra(path: Path) -> dict[str, Any]:
+    """The checkpoint's run information (recipe, step, tokenizer hash) without loading tensors."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    return load_common_state_dict(str(path))["extra"]
 
 
 def _init_empty_optimizer_states(optimizer) -> None:
@@ -156,9 +250,16 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     return state["extra"]
 
 
-def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int | None = None) -> None:
+    """Keep the newest ``keep_last`` and every multiple of ``keep_every`` (permanent); drop the rest
+    and any leftover ``.tmp`` directories of interrupted saves."""
     if dist.get_rank() != 0:
         return
+    for leftover in ckpt_root.glob("iter_*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
     done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep_last]:
+        step = int(old.name.split("_")[1])
+        if keep_every and step % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)

@@ -27,11 +27,25 @@ def _cmd_print_recipe(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from slowqk.train import train
+    from slowqk.checkpoint import CheckpointError
+    from slowqk.train import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Preempted, train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = train(recipe, resume=not args.no_resume, quiet=args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = train(recipe, resume=not args.no_resume, quiet=args.quiet,
+                        allow_recipe_change=args.allow_recipe_change)
+    except Preempted as exc:
+        if rank0:
+            print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rank0:
         print(json.dumps(summary))
     return 0
 
@@ -136,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(sp)
     sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--allow-recipe-change", action="store_true",
+                    help="resume even if the recipe changed in fields that alter the run (logged)")
     sp.set_defaults(func=_cmd_train)
 
     sp = sub.add_parser("quickstart", help="control vs intervention on the tiny recipe; table + plot")

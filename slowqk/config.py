@@ -172,6 +172,9 @@ class TrainConfig(_Strict):
     eval_iters: int = Field(4, ge=1)
     save_interval: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
+    keep_every: int | None = Field(None, ge=1, description="checkpoints at multiples of this are never pruned")
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -311,3 +314,32 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# Recipe fields that may change when a run resumes: they do not alter what is computed.
+RESUME_SAFE_PREFIXES = (
+    "name", "out_dir", "parallel.", "train.log_interval", "train.eval_interval", "train.eval_iters",
+    "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
+    "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_altering_changes(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for each change between two recipe dumps that alters the run."""
+    a, b = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
+            changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes

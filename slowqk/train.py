@@ -7,7 +7,10 @@ megatron-core; data parallel from its DDP (with or without the distributed optim
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -17,6 +20,51 @@ import torch.distributed as dist
 
 from slowqk.config import Recipe, recipe_to_yaml
 from slowqk.distributed import init_distributed, shutdown
+
+EXIT_PREEMPTED = 75  # a signal asked the run to stop; a checkpoint was saved; resume to continue
+EXIT_FORCED = 76  # a second signal: stopped at once, without a checkpoint
+EXIT_NONFINITE = 3  # too many non-finite steps; the last good checkpoint is kept
+
+log = logging.getLogger("slowqk.train")
+
+
+class Preempted(Exception):
+    """A stop signal was handled: the checkpoint is saved."""
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class RecipeChangedError(ValueError):
+    pass
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75. A second signal: exit 76 at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> _StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(EXIT_FORCED)
+        self.received = signum
+
+
+_INJECT_NAN = False
 
 
 class _Timer:
@@ -33,6 +81,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask) / mask.sum()
+    if _INJECT_NAN:  # fault injection (slowqk.faults): poison the loss and so the gradients
+        loss = loss * float("nan")
     # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
     return loss, {"lm loss": loss.detach().clone()}
 
@@ -126,6 +176,8 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.metrics = MetricsWriter(self.run_dir, t.tensorboard, enabled=self.rank == 0)
         self.step = 0
+        self.consecutive_skips = 0
+        self.total_skips = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -202,17 +254,46 @@ class Trainer:
     def _eval_round(self) -> int:
         return 0  # the same validation batches every time: curves are comparable across steps
 
+    def _grads_finite(self, loss: float) -> bool:
+        """The same verdict on every rank: loss and every local gradient finite everywhere."""
+        ok = math.isfinite(loss)
+        for chunk in self.chunks:
+            for buf in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+                ok = ok and bool(torch.isfinite(buf.grad_data).all())
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def train_step(self) -> dict:
+        global _INJECT_NAN
+        from slowqk import faults
+
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         mult_q = mult_k = 1.0
         if self.qk is not None:
             mult_q, mult_k = self.qk.set_step(self.step)
-        loss = self._run_schedule(self.train_ds, self.step, forward_only=False)
+        _INJECT_NAN = self.step in faults.nan_steps()
+        try:
+            loss = self._run_schedule(self.train_ds, self.step, forward_only=False)
+        finally:
+            _INJECT_NAN = False
         lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(1)
+        grad_norm, skipped = None, False
+        if self._grads_finite(loss):
+            ok, grad_norm, _ = self.optimizer.step()
+            skipped = not ok
+        else:
+            skipped = True  # no update: params, optimizer state and LR schedule stay as they were
+        if skipped:
+            self.consecutive_skips += 1
+            self.total_skips += 1
+            log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row)",
+                        self.step, self.consecutive_skips)
+        else:
+            self.consecutive_skips = 0
+            self.scheduler.step(1)
         self.step += 1
         return {
             "loss": loss,
@@ -220,7 +301,8 @@ class Trainer:
             "lr": lr,
             "mult_q": mult_q,
             "mult_k": mult_k,
-            "skipped": not ok,
+            "skipped": skipped,
+            "skipped_total": self.total_skips,
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -230,21 +312,40 @@ class Trainer:
 
         path = save_checkpoint(
             self.ckpt_root, self.step, self.chunks, self.optimizer, self.scheduler,
-            {"recipe": self.recipe.model_dump(mode="json"), "tokenizer_sha256": self.tokenizer.sha256},
+            {
+                "recipe": self.recipe.model_dump(mode="json"),
+                "tokenizer_sha256": self.tokenizer.sha256,
+                "consumed_samples": self.step * self.recipe.train.global_batch_size,
+                "skipped_total": self.total_skips,
+            },
         )
-        prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last)
+        prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.recipe.train.keep_every)
         return path
 
-    def maybe_resume(self) -> bool:
-        from slowqk.checkpoint import latest_checkpoint, load_checkpoint
+    def maybe_resume(self, allow_recipe_change: bool = False) -> bool:
+        from slowqk.checkpoint import latest_checkpoint, load_checkpoint, read_extra
+        from slowqk.config import run_altering_changes
 
         path = latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
-        extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
-        if extra.get("tokenizer_sha256") != self.tokenizer.sha256:
+        saved = read_extra(path)
+        changes = run_altering_changes(saved["recipe"], self.recipe.model_dump(mode="json"))
+        if changes and not allow_recipe_change:
+            raise RecipeChangedError(
+                f"{path}: the recipe differs from the checkpoint's in fields that alter the run: "
+                + "; ".join(changes) + " (pass --allow-recipe-change if intended)"
+            )
+        if changes:
+            log.warning("resuming %s with recipe changes: %s", path, "; ".join(changes))
+            if self.rank == 0:
+                with open(self.run_dir / "recipe_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"checkpoint": path.name, "changes": changes}) + "\n")
+        if saved.get("tokenizer_sha256") != self.tokenizer.sha256:
             raise ValueError(f"{path}: tokenizer sha256 differs from the recipe's tokenizer")
+        extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = int(extra["step"])
+        self.total_skips = int(extra.get("skipped_total", 0))
         if self.rank == 0:
             self._truncate_metrics(self.step)
         return True
@@ -265,43 +366,70 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self, resume: bool = True) -> dict:
+    def _stop_agreed(self, stop: _StopSignals) -> bool:
+        """True on every rank if any rank received a stop signal (they may arrive unevenly)."""
+        flag = torch.tensor([1.0 if stop.received is not None else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _loop(self, bar, timer: _Timer, history: list[float], stop: _StopSignals) -> None:
+        from slowqk import faults
+
+        t = self.recipe.train
+        tokens_per_step = self.recipe.tokens_per_step
+        self._train_time = 0.0
+        while self.step < t.steps:
+            rec = self.train_step()
+            dt = timer.lap()
+            self._train_time += dt
+            rec["tokens_per_s"] = tokens_per_step / dt
+            rec["tokens"] = self.step * tokens_per_step
+            if not rec["skipped"]:
+                history.append(rec["loss"])
+            if rec["skipped"] and (t.on_nonfinite == "stop" or self.consecutive_skips >= t.max_consecutive_skips):
+                self.metrics.log(self.step, rec)
+                raise NonFiniteError(
+                    f"non-finite loss or gradients at step {self.step - 1} ({self.consecutive_skips} in a row, "
+                    f"train.on_nonfinite={t.on_nonfinite}, max_consecutive_skips={t.max_consecutive_skips}); "
+                    "the last good checkpoint is kept"
+                )
+            if self.step % t.eval_interval == 0 or self.step == t.steps:
+                rec["val_loss"] = self.evaluate()
+                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
+                timer.lap()  # evaluation is not training time
+            if self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps or rec["skipped"]:
+                self.metrics.log(self.step, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self._stop_agreed(stop):
+                self.save()
+                raise Preempted(f"stop signal received; checkpoint saved at step {self.step}")
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                self.save()
+                timer.lap()
+            faults.kill_at_step(self.step, self.rank)
+
+    def run(self, resume: bool = True, allow_recipe_change: bool = False) -> dict:
         from tqdm import tqdm
 
         r, t = self.recipe, self.recipe.train
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
-        resumed = self.maybe_resume() if resume else False
+        resumed = self.maybe_resume(allow_recipe_change) if resume else False
         tokens_per_step = r.tokens_per_step
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar or self.quiet,
                    desc=r.name, unit="step", dynamic_ncols=True, mininterval=2.0)
         timer = _Timer()
-        train_time, history = 0.0, []
-        while self.step < t.steps:
-            rec = self.train_step()
-            dt = timer.lap()
-            train_time += dt
-            rec["tokens_per_s"] = tokens_per_step / dt
-            rec["tokens"] = self.step * tokens_per_step
-            history.append(rec["loss"])
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"non-finite loss {rec['loss']} at step {self.step}")
-            if self.step % t.eval_interval == 0 or self.step == t.steps:
-                rec["val_loss"] = self.evaluate()
-                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
-                timer.lap()  # evaluation is not training time
-            if self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps:
-                self.metrics.log(self.step, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
-            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
-                self.save()
-                timer.lap()
+        history: list[float] = []
+        start = self.step
+        with _StopSignals() as stop:
+            self._loop(bar, timer, history, stop)
         bar.close()
-        final = self.evaluate()
-        if t.save_interval:
+        train_time = self._train_time
+        if t.save_interval and self.step > start:
             self.save()
+        final = self.evaluate()
         summary = {
             "name": r.name,
             "steps": self.step,
@@ -310,6 +438,7 @@ class Trainer:
             "final_val_ppl": math.exp(min(final, 50.0)),
             "train_seconds": train_time,
             "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
+            "skipped_steps": self.total_skips,
             "qk_enabled": self.qk is not None,
         }
         if self.rank == 0:
@@ -320,9 +449,10 @@ class Trainer:
         return summary
 
 
-def train(recipe: Recipe, resume: bool = True, quiet: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False) -> dict:
     trainer = Trainer(recipe, quiet=quiet)
     try:
-        return trainer.run(resume=resume)
+        return trainer.run(resume=resume, allow_recipe_change=allow_recipe_change)
     finally:
+        trainer.metrics.close()
         shutdown()

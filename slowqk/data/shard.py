@@ -215,9 +215,11 @@ def _jobs(out: Path, docs: Iterator[tuple[str, str]], per_shard: int) -> Iterato
 
 def _fault_point(shards_done: int) -> None:
     """Fault injection for tests: SLOWQK_FAULT_KILL_AFTER_SHARDS=N kills the build (SIGKILL)."""
-    limit = os.environ.get("SLOWQK_FAULT_KILL_AFTER_SHARDS")
-    if limit is not None and shards_done >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
+    from slowqk import faults
+
+    limit = faults._env_int("SLOWQK_FAULT_KILL_AFTER_SHARDS")
+    if limit is not None and shards_done >= limit:
+        faults.kill_self()
 
 
 def build_shards(
