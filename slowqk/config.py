@@ -217,7 +217,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: key '{key}': {msg}")
         else:
             lines.append(f"{source}: key '{key}': got {got!r}; expected {msg}")
-    return "\n".join(lines)
+    return "; ".join(lines)  # one line, whatever the number of problems
 
 
 def _suggest(loc: tuple) -> str:

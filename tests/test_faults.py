@@ -1,0 +1,234 @@
+"""Fault tolerance, through real multi-process `slowqk train` runs: kill -9 at random steps, a kill
+while saving, stop signals, non-finite steps, recipe changes on resume, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SHARED
+from multiproc import _free_port
+
+CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
+STEPS = 12
+HOLD, RAMP = 5, 4  # the intervention holds for steps 0-4 and ramps over 5-8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from slowqk.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("data")
+    small = root / "corpus.txt"
+    small.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:3000]))
+    return str(prepare_corpus(small, root / "prepared", vocab_size=384).dataset_dir)
+
+
+def _args(dataset: str, run_dir: Path, **extra) -> list[str]:
+    base = {
+        "out_dir": str(run_dir), "data.corpus": "null", "data.dataset": dataset,
+        "model.num_layers": 4, "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32,
+        "train.steps": STEPS, "train.micro_batch_size": 2, "train.global_batch_size": 8,
+        "train.log_interval": 1, "train.eval_interval": 6, "train.eval_iters": 1,
+        "train.save_interval": 2, "train.keep_last": 3, "train.progress_bar": "false", "train.tensorboard": "false",
+        "optimizer.warmup_steps": 2,
+        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": HOLD, "qk.ramp": RAMP,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(args: list[str], nproc: int = 2, env: dict | None = None, flags: list[str] | None = None,
+           on_start=None, timeout: float = 300) -> list[int]:
+    """Run `slowqk train` as ``nproc`` ranks (torchrun-style env). When one rank dies, the others
+    are killed, as torchrun does. Returns the exit codes (negative: killed by that signal)."""
+    import tempfile
+
+    port = _free_port()
+    procs = []
+    logs = []
+    for rank in range(nproc):
+        e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
+        # a file, not a pipe: an unread pipe fills up and blocks the rank
+        logs.append(tempfile.TemporaryFile(mode="w+"))  # noqa: SIM115 - closed below
+        procs.append(subprocess.Popen([sys.executable, "-m", "slowqk.cli", "train", "tiny/gpt", *args,
+                                       "--quiet", *(flags or [])], env=e,
+                                      stdout=subprocess.DEVNULL, stderr=logs[-1], text=True))
+    if on_start is not None:
+        on_start(procs)
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        if time.time() > deadline or any(p.poll() not in (None, 0, 75) for p in procs):
+            time.sleep(1.0)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.05)
+    for p, log in zip(procs, logs, strict=True):
+        log.seek(0)
+        p.stderr_text = log.read()
+        log.close()
+    launch.last = procs
+    return [p.returncode for p in procs]
+
+
+def _losses(run_dir: Path) -> dict[int, tuple]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = (r["loss"], r.get("val_loss"), r["mult_q"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> dict[int, tuple]:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+@pytest.mark.slow
+def test_kill9_at_random_steps_resumes_bitwise(dataset, reference, tmp_path, fault_record) -> None:
+    rng = random.Random(2026)
+    kills = sorted(rng.sample(range(1, STEPS), 5))
+    assert any(k < HOLD for k in kills) and any(HOLD <= k < HOLD + RAMP for k in kills)  # mid-hold, mid-ramp
+    run = tmp_path / "run"
+    for k in kills:
+        codes = launch(_args(dataset, run), env={"SLOWQK_FAULT_KILL_AT_STEP": str(k)})
+        assert codes[0] == -signal.SIGKILL, (k, codes, launch.last[0].stderr_text[-2000:])
+    assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
+    got = _losses(run)
+    assert got == reference  # train loss, validation loss and Q multiplier of every step, bitwise
+    fault_record("kill -9 during training", f"SIGKILL of rank 0 (of 2) after steps {kills}, each run resumed",
+                 "losses after resume bitwise equal to an uninterrupted run, intervention across the kills",
+                 f"{len(got)}/{STEPS} steps bitwise equal (train and validation loss, multiplier)")
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_falls_back(dataset, reference, tmp_path, fault_record) -> None:
+    from slowqk.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+
+    run = tmp_path / "run"
+    codes = launch(_args(dataset, run), env={"SLOWQK_FAULT_KILL_IN_SAVE": "4"})
+    assert codes[0] == -signal.SIGKILL
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000002"
+    assert not (ckpts / "iter_0000004").exists() and (ckpts / "iter_0000004.tmp").is_dir()
+    with pytest.raises(CheckpointError, match="save did not finish"):
+        verify_checkpoint(ckpts / "iter_0000004.tmp")
+    assert latest_checkpoint(ckpts).name == "iter_0000002"
+    assert launch(_args(dataset, run)) == [0, 0]
+    assert _losses(run) == reference
+    assert not list(ckpts.glob("*.tmp"))  # leftovers of the interrupted save are cleaned up
+    fault_record("kill -9 inside a checkpoint save", "SIGKILL after the shards of step 4 were written",
+                 "latest stays at step 2; the partial save never looks complete; resume exact",
+                 "latest = iter_0000002; iter_0000004.tmp rejected; losses bitwise equal")
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_warning(dataset, tmp_path, caplog, fault_record) -> None:
+    from slowqk.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    assert launch(_args(dataset, run, **{"train.steps": 6}), nproc=1) == [0]
+    ckpts = run / "checkpoints"
+    newest = ckpts / "iter_0000006"
+    victim = max((p for p in newest.rglob("*") if p.is_file() and p.name.endswith(".distcp")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(ckpts).name == "iter_0000004"
+    assert "truncated" in caplog.text
+    (ckpts / "iter_0000004" / "slowqk_checkpoint.json").write_text("{}")
+    assert latest_checkpoint(ckpts).name == "iter_0000002"
+    fault_record("corrupt checkpoints", "newest shard file truncated; then the next one's record altered",
+                 "fall back to the newest good checkpoint, with a warning",
+                 "iter_6 -> iter_4 -> iter_2, warnings name the file")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(dataset, tmp_path, fault_record) -> None:
+    steps = 60
+    ref = tmp_path / "ref"
+    assert launch(_args(dataset, ref, **{"train.steps": steps, "train.save_interval": 20})) == [0, 0]
+    run = tmp_path / "run"
+
+    def terminate_midway(procs):
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.02)
+        for p in procs:  # as SLURM or torchrun forward it: to every rank
+            p.send_signal(signal.SIGTERM)
+
+    codes = launch(_args(dataset, run, **{"train.steps": steps, "train.save_interval": 20}), on_start=terminate_midway)
+    assert codes == [75, 75], (codes, launch.last[0].stderr_text[-2000:])
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 5 <= stopped_at < steps
+    assert launch(_args(dataset, run, **{"train.steps": steps, "train.save_interval": 20})) == [0, 0]
+    assert _losses(run) == _losses(ref)
+    fault_record("SIGTERM (preemption)", f"SIGTERM to both ranks mid-run (stopped after step {stopped_at})",
+                 "finish the step, checkpoint, exit 75; resume exact", f"exit codes 75/75; {steps}/{steps} steps bitwise equal")
+
+
+def test_second_signal_exits_at_once(dataset, tmp_path, fault_record) -> None:
+    run = tmp_path / "run"
+
+    def double(procs):
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            time.sleep(0.02)
+        procs[0].send_signal(signal.SIGTERM)
+        time.sleep(0.05)  # the same signal sent twice at once is delivered once
+        procs[0].send_signal(signal.SIGTERM)
+
+    codes = launch(_args(dataset, run, **{"train.steps": 500, "train.save_interval": 100}), nproc=1, on_start=double)
+    assert codes == [76]
+    fault_record("second signal", "two SIGTERMs in a row", "exit 76 at once, no checkpoint written", "exit 76")
+
+
+def test_nan_steps_are_skipped_then_stop_after_k(dataset, tmp_path, fault_record) -> None:
+    run = tmp_path / "skip"
+    assert launch(_args(dataset, run, **{"train.steps": 8}), nproc=2, env={"SLOWQK_FAULT_NAN_AT_STEPS": "3"}) == [0, 0]
+    summary = json.loads((run / "summary.json").read_text())
+    recs = {json.loads(x)["step"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert summary["skipped_steps"] == 1 and recs[4]["skipped"] and not recs[5]["skipped"]
+    assert recs[4]["lr"] == recs[5]["lr"]  # a skipped step does not advance the LR schedule
+
+    stop = tmp_path / "stop"
+    codes = launch(_args(dataset, stop, **{"train.steps": 10, "train.max_consecutive_skips": 3}), nproc=2,
+                   env={"SLOWQK_FAULT_NAN_AT_STEPS": "4,5,6"})
+    assert codes[0] == 3, launch.last[0].stderr_text[-2000:]
+    assert "non-finite" in launch.last[0].stderr_text
+    assert (stop / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+    first = tmp_path / "first"
+    codes = launch(_args(dataset, first, **{"train.on_nonfinite": "stop"}), nproc=1, env={"SLOWQK_FAULT_NAN_AT_STEPS": "2"})
+    assert codes == [3]
+    assert (first / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    fault_record("non-finite loss", "NaN loss at step 3 (skip policy); at steps 4-6 with max_consecutive_skips=3; "
+                 "at step 2 with on_nonfinite=stop", "skip and count; stop with exit 3 keeping the last good checkpoint",
+                 "1 skip counted, LR held; exit 3 after 3 in a row; exit 3 at once with stop")
+
+
+def test_changed_recipe_is_refused_on_resume(dataset, tmp_path, fault_record) -> None:
+    run = tmp_path / "run"
+    assert launch(_args(dataset, run, **{"train.steps": 4}), nproc=1) == [0]
+    codes = launch(_args(dataset, run, **{"train.steps": 6, "optimizer.lr": 0.01}), nproc=1)
+    err = launch.last[0].stderr_text
+    assert codes == [2] and "optimizer.lr: 0.003 -> 0.01" in err and "train.steps: 4 -> 6" in err and "Traceback" not in err
+    assert launch(_args(dataset, run, **{"train.steps": 6, "train.log_interval": 2}), nproc=1, flags=["--allow-recipe-change"]) == [0]
+    assert "train.steps" in (run / "recipe_changes.jsonl").read_text()
+    assert launch(_args(dataset, run, **{"train.steps": 6, "train.eval_interval": 3}), nproc=1) == [0]  # harmless change
+    fault_record("changed recipe on resume", "optimizer.lr and train.steps changed", "refused naming the fields; "
+                 "allowed and logged with --allow-recipe-change", "exit 2 naming both; resumed and logged with the flag")
