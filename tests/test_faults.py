@@ -194,6 +194,7 @@ def test_second_signal_exits_at_once(dataset, tmp_path, fault_record) -> None:
 
     codes = launch(_args(dataset, run, **{"train.steps": 500, "train.save_interval": 100}), nproc=1, on_start=double)
     assert codes == [76]
+    assert not (run / "checkpoints" / "latest").exists()
     fault_record("second signal", "two SIGTERMs in a row", "exit 76 at once, no checkpoint written", "exit 76")
 
 
