@@ -137,7 +137,6 @@ class Trainer:
         self.tokenizer = load_tokenizer(tok_path)
         vocab = recipe.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
-        n_evals = t.steps // t.eval_interval + 2
         cache = self.run_dir / "data" / "cache"
         if self.rank == 0:
             cache.mkdir(parents=True, exist_ok=True)
@@ -146,7 +145,7 @@ class Trainer:
             build_datasets, self.tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed,
             train_prefixes=train_prefixes, valid_prefixes=valid_prefixes, train_weights=train_weights,
             train_samples=t.steps * t.global_batch_size,
-            valid_samples=n_evals * t.eval_iters * t.global_batch_size, cache_dir=cache,
+            valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache,
         )
         if self.rank == 0:  # builds the index caches once
             self.train_ds, self.valid_ds = build()
@@ -239,20 +238,16 @@ class Trainer:
         return value.item()
 
     def evaluate(self) -> float:
+        """Mean loss over the first ``eval_iters`` validation batches: the same batches every
+        time, so validation curves are comparable across steps and runs."""
         for c in self.chunks:
             c.eval()
         with torch.no_grad():
-            total = sum(
-                self._run_schedule(self.valid_ds, self._eval_round * self.recipe.train.eval_iters + i, True)
-                for i in range(self.recipe.train.eval_iters)
-            ) / self.recipe.train.eval_iters
+            iters = self.recipe.train.eval_iters
+            total = sum(self._run_schedule(self.valid_ds, i, True) for i in range(iters)) / iters
         for c in self.chunks:
             c.train()
         return total
-
-    @property
-    def _eval_round(self) -> int:
-        return 0  # the same validation batches every time: curves are comparable across steps
 
     def _grads_finite(self, loss: float) -> bool:
         """The same verdict on every rank: loss and every local gradient finite everywhere."""
