@@ -50,6 +50,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from slowqk.distributed import LayoutError
+    from slowqk.launch import run
+
+    overrides = list(args.overrides)
+    if args.tp is not None:
+        overrides.append(f"parallel.tensor={args.tp}")
+    if args.pp is not None:
+        overrides.append(f"parallel.pipeline={args.pp}")
+    try:
+        return run(args.recipe, overrides, args.nproc, args.dry_run, ["--no-resume"] if args.no_resume else [])
+    except LayoutError as exc:
+        print(f"layout error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from slowqk.quickstart import run_quickstart
 
@@ -153,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-recipe-change", action="store_true",
                     help="resume even if the recipe changed in fields that alter the run (logged)")
     sp.set_defaults(func=_cmd_train)
+
+    sp = sub.add_parser("launch", help="train with torchrun on this machine (N processes, TP x PP x DP)")
+    recipe_args(sp)
+    sp.add_argument("--nproc", type=int, required=True, help="processes (= GPUs) on this machine")
+    sp.add_argument("--tp", type=int, default=None, help="tensor parallel size (else the recipe's)")
+    sp.add_argument("--pp", type=int, default=None, help="pipeline parallel size (else the recipe's)")
+    sp.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    sp.add_argument("--no-resume", action="store_true")
+    sp.set_defaults(func=_cmd_launch)
 
     sp = sub.add_parser("quickstart", help="control vs intervention on the tiny recipe; table + plot")
     recipe_args(sp, default="tiny/gpt")

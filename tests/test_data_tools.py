@@ -226,3 +226,9 @@ def test_bulk_append_writes_the_same_bytes_as_add_document(tmp_path) -> None:
     fast.finalize(str(tmp_path / "fast.idx"))
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"fast{ext}").read_bytes() == (tmp_path / f"slow{ext}").read_bytes()
+
+
+def test_too_small_vocabulary_is_a_clear_error(tmp_path, docs) -> None:
+    with pytest.raises(ValueError, match="tokenizer training failed \\(vocab_size=100\\): Vocabulary size is smaller"):
+        train_sentencepiece(docs[:500], tmp_path / "t.model", 100)
+    assert not (tmp_path / "t.model").exists()

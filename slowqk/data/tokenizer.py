@@ -36,6 +36,18 @@ def train_sentencepiece(
         raise ValueError(f"tokenizer model type {model_type!r}: expected 'bpe' or 'unigram'")
     out_path = Path(out_path)
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size, model_type, special_tokens)
+    except RuntimeError as exc:  # sentencepiece reports bad settings as RuntimeError
+        raise ValueError(f"tokenizer training failed (vocab_size={vocab_size}): {str(exc).split('] ')[-1]}") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return out_path
+
+
+def _train(texts, model, vocab_size: int, model_type: str, special_tokens: list[str] | None) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -52,11 +64,6 @@ def train_sentencepiece(
         num_threads=1,  # thread count changes the learned vocabulary; keep it reproducible
         minloglevel=2,
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return out_path
 
 
 class SentencePieceTokenizer(_TokenizerBase):

@@ -1,0 +1,52 @@
+"""Local multi-process launch through torchrun, with the parallel layout checked first."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+
+from slowqk.config import load_recipe
+from slowqk.distributed import LayoutError, check_layout
+
+
+def torchrun_command(recipe: str, overrides: list[str], nproc: int, extra: list[str] | None = None) -> list[str]:
+    """The torchrun command for ``nproc`` processes; raises LayoutError if the layout cannot fit."""
+    r = load_recipe(recipe, overrides)
+    if nproc < 1:
+        raise LayoutError(f"--nproc must be >= 1, got {nproc}")
+    data = check_layout(nproc, r.parallel.tensor, r.parallel.pipeline)
+    per_step = r.train.micro_batch_size * data
+    if r.train.global_batch_size % per_step:
+        raise LayoutError(
+            f"train.global_batch_size ({r.train.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size ({r.train.micro_batch_size}) x DP ({data}) = {per_step}"
+        )
+    if r.model.num_layers % r.parallel.pipeline:
+        raise LayoutError(f"model.num_layers ({r.model.num_layers}) does not split over parallel.pipeline ({r.parallel.pipeline})")
+    heads = r.model.num_query_groups or r.model.num_attention_heads
+    if r.model.num_attention_heads % r.parallel.tensor or (heads % r.parallel.tensor and r.parallel.tensor % heads):
+        raise LayoutError(
+            f"model.num_attention_heads ({r.model.num_attention_heads}) / query groups ({heads}) do not "
+            f"split over parallel.tensor ({r.parallel.tensor})"
+        )
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "slowqk.cli", "train", recipe,
+            *overrides, *(extra or [])]
+
+
+def describe(recipe: str, overrides: list[str], nproc: int) -> str:
+    r = load_recipe(recipe, overrides)
+    data = check_layout(nproc, r.parallel.tensor, r.parallel.pipeline)
+    return f"world {nproc} = TP {r.parallel.tensor} x PP {r.parallel.pipeline} x DP {data}"
+
+
+def run(recipe: str, overrides: list[str], nproc: int, dry_run: bool, extra: list[str] | None = None) -> int:
+    cmd = torchrun_command(recipe, overrides, nproc, extra)
+    print(f"# {describe(recipe, overrides, nproc)}", file=sys.stderr)
+    print(shlex.join(cmd))
+    if dry_run:
+        return 0
+    os.execv(cmd[0], cmd)  # replace this process: signals reach torchrun directly
+    return 0  # pragma: no cover

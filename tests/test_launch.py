@@ -1,0 +1,71 @@
+"""Local launch: layouts are checked before anything starts; --dry-run prints the exact command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED
+
+from slowqk.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv,layout,expect",
+    [
+        (["--nproc", "1"], "world 1 = TP 1 x PP 1 x DP 1", []),
+        (["--nproc", "2", "--tp", "2"], "world 2 = TP 2 x PP 1 x DP 1", ["parallel.tensor=2"]),
+        (["--nproc", "4", "--pp", "2"], "world 4 = TP 1 x PP 2 x DP 2", ["parallel.pipeline=2"]),
+        (["--nproc", "8", "--tp", "2", "--pp", "2"], "world 8 = TP 2 x PP 2 x DP 2", ["parallel.tensor=2", "parallel.pipeline=2"]),
+    ],
+)
+def test_dry_run_prints_the_command(argv, layout, expect, capsys) -> None:
+    assert main(["launch", *argv, "--dry-run", "tiny/gpt", "train.steps=5"]) == 0
+    out, err = capsys.readouterr()
+    cmd = shlex.split(out.strip())
+    assert cmd[0].endswith("torchrun") and "--standalone" in cmd
+    assert f"--nproc-per-node={argv[1]}" in cmd
+    assert cmd[cmd.index("-m") + 1 : cmd.index("-m") + 4] == ["slowqk.cli", "train", "tiny/gpt"]
+    assert "train.steps=5" in cmd and all(e in cmd for e in expect)
+    assert layout in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nproc", "3", "--tp", "2"], "world size 3 is not divisible by tensor (2) x pipeline (1)"),
+        (["--nproc", "4", "--tp", "8"], "world size 4 is not divisible by tensor (8)"),
+        (["--nproc", "4", "--pp", "3"], "not divisible by tensor (1) x pipeline (3)"),
+        (["--nproc", "3", "--pp", "3"], "model.num_layers (4) does not split over parallel.pipeline (3)"),
+        (["--nproc", "3", "--tp", "3"], "do not split over parallel.tensor (3)"),
+        (["--nproc", "4"], "train.global_batch_size (16) is not a multiple of train.micro_batch_size (8) x DP (4)"),
+        (["--nproc", "0"], "--nproc must be >= 1"),
+    ],
+)
+def test_bad_layouts_say_what_is_wrong(argv, message, capsys) -> None:
+    assert main(["launch", *argv, "--dry-run", "tiny/gpt"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_launch_runs_torchrun_for_real(tmp_path) -> None:
+    """`slowqk launch` execs torchrun, which starts two ranks (TP=2) that train and finish."""
+    corpus = tmp_path / "corpus.txt"
+    src = SHARED / "data" / "tinyshakespeare" / "input.txt"
+    corpus.write_text("".join(src.read_text().splitlines(keepends=True)[:2000]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "slowqk.cli", "launch", "--nproc", "2", "--tp", "2", "tiny/gpt",
+         f"data.corpus={corpus}", "data.tokenizer_vocab_size=512", f"out_dir={tmp_path / 'run'}",
+         "model.seq_length=32", "train.steps=4", "train.eval_interval=2", "train.eval_iters=1",
+         "train.micro_batch_size=2", "train.global_batch_size=4", "train.progress_bar=false",
+         "train.tensorboard=false"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_val_loss"] > 0
