@@ -13,10 +13,12 @@ previous checkpoint as "latest".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -214,11 +216,30 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside (megatron-core's included) refuses arbitrary pickled objects."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def read_extra(path: Path) -> dict[str, Any]:
     """The checkpoint's run information (recipe, step, tokenizer hash) without loading tensors."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-    return load_common_state_dict(str(path))["extra"]
+    with _weights_only_loads():
+        try:
+            return load_common_state_dict(str(path))["extra"]
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: refusing to load non-tensor objects from the checkpoint ({exc})") from None
 
 
 def _init_empty_optimizer_states(optimizer) -> None:
@@ -237,7 +258,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     template = _sharded_state(model_chunks, optimizer, is_loading=True)
     template["scheduler"] = None
     template["extra"] = None
-    state = dist_checkpointing.load(template, str(path))
+    with _weights_only_loads():
+        state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(model_chunks):
         getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
     optimizer.load_state_dict(state["optimizer"])

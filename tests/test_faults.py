@@ -233,3 +233,29 @@ def test_changed_recipe_is_refused_on_resume(dataset, tmp_path, fault_record) ->
     assert launch(_args(dataset, run, **{"train.steps": 6, "train.eval_interval": 3}), nproc=1) == [0]  # harmless change
     fault_record("changed recipe on resume", "optimizer.lr and train.steps changed", "refused naming the fields; "
                  "allowed and logged with --allow-recipe-change", "exit 2 naming both; resumed and logged with the flag")
+
+
+def test_pickled_code_in_a_checkpoint_is_never_run(dataset, tmp_path, fault_record) -> None:
+    """A checkpoint whose common state carries a pickled callable is refused, even with a valid record."""
+    import pickle
+
+    from slowqk.checkpoint import CheckpointError, latest_checkpoint, read_extra, write_record
+
+    run = tmp_path / "run"
+    assert launch(_args(dataset, run, **{"train.steps": 2}), nproc=1) == [0]
+    ckpt = latest_checkpoint(run / "checkpoints")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "common.pt").write_bytes(pickle.dumps({"extra": Payload()}))
+    write_record(ckpt, 2)  # an attacker can rewrite the record too: it is a checksum, not a signature
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_extra(ckpt)
+    codes = launch(_args(dataset, run, **{"train.steps": 4}), nproc=1)
+    assert codes == [2] and "refusing to load" in launch.last[0].stderr_text
+    assert not marker.exists()
+    fault_record("pickled code in a checkpoint", "common.pt replaced by a pickle that runs a shell command",
+                 "refused; nothing executed", "CheckpointError, exit 2, no side effect")
