@@ -1,0 +1,57 @@
+"""Attention-specialization estimators against analytic values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slowqk.diagnostics import attention_entropy, attention_max_prob, qk_relative_update
+from slowqk.qk.selection import FusedQKVLayout
+
+
+def _uniform_causal(batch: int, heads: int, seq: int) -> torch.Tensor:
+    mask = torch.ones(seq, seq).tril()
+    return (mask / mask.sum(-1, keepdim=True)).expand(batch, heads, seq, seq)
+
+
+def test_uniform_causal_attention_has_entropy_one_and_analytic_max_prob() -> None:
+    seq = 16
+    p = _uniform_causal(2, 3, seq)
+    torch.testing.assert_close(attention_entropy(p), torch.ones(3, dtype=torch.float64))
+    want = sum(1 / (i + 1) for i in range(seq)) / seq  # max weight at position i is 1/(i+1)
+    torch.testing.assert_close(attention_max_prob(p), torch.full((3,), want, dtype=torch.float64))
+
+
+def test_one_hot_attention_has_entropy_zero() -> None:
+    seq = 8
+    p = torch.zeros(1, 2, seq, seq)
+    p[..., torch.arange(seq), torch.arange(seq)] = 1.0  # attend to self
+    assert attention_entropy(p).abs().max() < 1e-9
+    assert attention_max_prob(p).tolist() == [1.0, 1.0]
+
+
+def test_entropy_of_two_equal_keys_matches_log2() -> None:
+    # every query attends equally to two keys: H = log 2, normalized by log(i + 1)
+    seq = 6
+    p = torch.zeros(1, 1, seq, seq)
+    for i in range(1, seq):
+        p[0, 0, i, 0] = p[0, 0, i, i] = 0.5
+    p[0, 0, 0, 0] = 1.0
+    want = sum(math.log(2) / math.log(i + 1) for i in range(1, seq)) / (seq - 1)
+    assert attention_entropy(p).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_qk_relative_update_reads_only_its_rows() -> None:
+    layout = FusedQKVLayout(num_query_groups=2, heads_per_group=2, head_dim=3)
+    w0 = torch.randn(layout.total_rows, 5, generator=torch.Generator().manual_seed(0))
+    w1 = w0.clone()
+    k_rows = torch.cat([torch.arange(a, b) for a, b in layout.global_rows("k")])
+    w1[k_rows] *= 1.5  # K moves by half its norm; Q and V untouched
+    v_rows = torch.cat([torch.arange(a, b) for a, b in layout.global_rows("v")])
+    w1[v_rows] += 10.0
+    got = qk_relative_update(w0, w1, layout)
+    assert got["q"] == 0.0 and got["k"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="do not match"):
+        qk_relative_update(w0[:-1], w1[:-1], layout)
