@@ -76,12 +76,17 @@ def build_transformer_config(
     )
 
 
-def layer_spec(model: ModelConfig, use_te: bool):
+def layer_spec(model: ModelConfig, use_te: bool, probe: bool = False):
     if use_te:
+        if probe:
+            raise ValueError("attention probes need the local spec (fused TE attention keeps no probabilities)")
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(
-        normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"
-    )
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
+    if probe:
+        from slowqk.probe import probed_layer_spec
+
+        spec = probed_layer_spec(spec)
+    return spec
 
 
 def build_gpt_model(
@@ -92,10 +97,11 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     use_te: bool = False,
+    probe: bool = False,
 ) -> GPTModel:
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, use_te),
+        transformer_layer_spec=layer_spec(model, use_te, probe),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

@@ -71,6 +71,7 @@ class Block(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
         mask = torch.ones(s, s, dtype=torch.bool).triu(1)
         probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        self.last_probs = probs.detach()
         return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,42 @@ def test_qk_relative_update_reads_only_its_rows() -> None:
     assert got["q"] == 0.0 and got["k"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="do not match"):
         qk_relative_update(w0[:-1], w1[:-1], layout)
+
+
+def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict:
+    from megatron_harness import VOCAB, gather_full_state, tiny_recipe
+    from reference_model import ReferenceGPT
+
+    from slowqk.distributed import init_distributed, shutdown
+    from slowqk.models import build_gpt_model, build_transformer_config
+    from slowqk.probe import attention_probs
+
+    recipe = tiny_recipe(model=model_overrides, parallel={"tensor": tp})
+    init_distributed(recipe.parallel, recipe.seed)
+    cfg = build_transformer_config(recipe.model, tensor_parallel=tp)
+    model = build_gpt_model(recipe.model, cfg, VOCAB, probe=True)
+    plain_keys = set(build_gpt_model(recipe.model, cfg, VOCAB).state_dict())
+    ids = torch.randint(0, VOCAB, (2, recipe.model.seq_length), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    probs = attention_probs(model, ids, pos)
+    ref = ReferenceGPT(recipe.model, VOCAB)
+    ref.load_megatron(gather_full_state(model, recipe.model.ffn == "swiglu"))
+    ref(ids)
+    worst = max((probs[i] - blk.last_probs).abs().max().item() for i, blk in enumerate(ref.blocks))
+    entropy = {i: attention_entropy(p).tolist() for i, p in probs.items()}
+    shutdown()
+    return {"worst": worst, "same_keys": set(model.state_dict()) == plain_keys, "entropy": entropy,
+            "shape": tuple(probs[0].shape)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,model", [(1, {}), (2, {"num_query_groups": 2, "position": "rope"})], ids=["tp1-mha", "tp2-gqa-rope"])
+def test_probed_attention_matches_the_reference(tp, model) -> None:
+    from multiproc import run_ranks
+
+    results = run_ranks(_probe_worker, tp, tp, model)
+    for res in results:
+        assert res["same_keys"]  # the probe changes no parameter or checkpoint key
+        assert res["shape"] == (2, 4, 16, 16)  # every head, gathered over TP
+        assert res["worst"] < 1e-5
+    assert results[0]["entropy"] == results[-1]["entropy"]  # same on every TP rank
