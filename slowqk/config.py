@@ -179,6 +179,13 @@ class TrainConfig(_Strict):
     tensorboard: bool = True
 
 
+class DiagnosticsConfig(_Strict):
+    """In-training probes of attention specialization (see slowqk.diagnostics for definitions)."""
+
+    interval: int = Field(0, ge=0, description="every this many steps; 0 = off")
+    probe_samples: int = Field(4, ge=1, description="fixed validation samples the probe runs on")
+
+
 class Recipe(_Strict):
     name: str = "run"
     seed: int = 1234
@@ -189,6 +196,7 @@ class Recipe(_Strict):
     qk: QKConfig = Field(default_factory=QKConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -320,7 +328,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 RESUME_SAFE_PREFIXES = (
     "name", "out_dir", "parallel.", "train.log_interval", "train.eval_interval", "train.eval_iters",
     "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
-    "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips",
+    "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
 )
 
 

@@ -164,6 +164,7 @@ class Trainer:
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             use_te=self.use_te,
+            probe=recipe.diagnostics.interval > 0,
         )
         model.to(self.device)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
@@ -174,6 +175,9 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
         self.metrics = MetricsWriter(self.run_dir, t.tensorboard, enabled=self.rank == 0)
+        from slowqk.monitor import Monitor
+
+        self.monitor = Monitor(self) if recipe.diagnostics.interval > 0 else None
         self.step = 0
         self.consecutive_skips = 0
         self.total_skips = 0
@@ -276,6 +280,8 @@ class Trainer:
             _INJECT_NAN = False
         lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
         grad_norm, skipped = None, False
+        if self.monitor is not None:
+            self.monitor.before_update(self.step)
         if self._grads_finite(loss):
             ok, grad_norm, _ = self.optimizer.step()
             skipped = not ok
@@ -290,6 +296,8 @@ class Trainer:
             self.consecutive_skips = 0
             self.scheduler.step(1)
         self.step += 1
+        if self.monitor is not None:
+            self.monitor.after_update(self.step)
         return {
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -346,14 +354,15 @@ class Trainer:
         return True
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop records of steps after the checkpoint, so a resumed log has no duplicates."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(path)
+        """Drop records of steps after the checkpoint, so resumed logs have no duplicates."""
+        for name in ("metrics.jsonl", "diagnostics.jsonl"):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.replace(path)
         self.metrics.close()
         from slowqk.metrics import MetricsWriter
 

@@ -63,6 +63,7 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
 
     from slowqk.distributed import init_distributed, shutdown
     from slowqk.models import build_gpt_model, build_transformer_config
+    from slowqk.monitor import probe_stats
     from slowqk.probe import attention_probs
 
     recipe = tiny_recipe(model=model_overrides, parallel={"tensor": tp})
@@ -73,6 +74,7 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
     ids = torch.randint(0, VOCAB, (2, recipe.model.seq_length), generator=torch.Generator().manual_seed(3))
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     probs = attention_probs(model, ids, pos)
+    stats = probe_stats(model, ids, pos)
     ref = ReferenceGPT(recipe.model, VOCAB)
     ref.load_megatron(gather_full_state(model, recipe.model.ffn == "swiglu"))
     ref(ids)
@@ -80,7 +82,7 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
     entropy = {i: attention_entropy(p).tolist() for i, p in probs.items()}
     shutdown()
     return {"worst": worst, "same_keys": set(model.state_dict()) == plain_keys, "entropy": entropy,
-            "shape": tuple(probs[0].shape)}
+            "shape": tuple(probs[0].shape), "stats": stats}
 
 
 @pytest.mark.slow
@@ -94,3 +96,74 @@ def test_probed_attention_matches_the_reference(tp, model) -> None:
         assert res["shape"] == (2, 4, 16, 16)  # every head, gathered over TP
         assert res["worst"] < 1e-5
     assert results[0]["entropy"] == results[-1]["entropy"]  # same on every TP rank
+    assert results[0]["stats"] == results[-1]["stats"]
+
+
+@pytest.mark.slow
+def test_probe_stats_tp2_equal_tp1_on_the_same_weights() -> None:
+    from multiproc import run_ranks
+
+    model = {"num_query_groups": 2}
+    tp1 = run_ranks(_probe_worker, 1, 1, model)[0]["stats"]
+    tp2 = run_ranks(_probe_worker, 2, 2, model)[0]["stats"]
+    assert tp1.keys() == tp2.keys() == {0, 1, 2, 3}
+    for layer, values in tp1.items():
+        for key, x in values.items():
+            torch.testing.assert_close(torch.tensor(tp2[layer][key]), torch.tensor(x), rtol=1e-5, atol=1e-7)
+
+
+def _train_worker(rank: int, world: int, overrides: list[str]) -> dict:
+    from slowqk.config import load_recipe
+    from slowqk.train import train
+
+    return train(load_recipe("tiny/gpt", overrides), quiet=True)
+
+
+def _overrides(corpus, run_dir, **extra) -> list[str]:
+    base = {
+        "out_dir": str(run_dir), "data.corpus": str(corpus), "data.tokenizer_vocab_size": 384,
+        "model.num_layers": 4, "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32,
+        "train.steps": 6, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.log_interval": 1,
+        "train.eval_interval": 3, "train.eval_iters": 1, "train.progress_bar": "false", "train.tensorboard": "false",
+        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": 3, "qk.ramp": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from conftest import SHARED
+
+    path = tmp_path_factory.mktemp("c") / "corpus.txt"
+    src = SHARED / "data" / "tinyshakespeare" / "input.txt"
+    path.write_text("".join(src.read_text().splitlines(keepends=True)[:2500]))
+    return path
+
+
+@pytest.mark.slow
+def test_diagnostics_do_not_change_training(small_corpus, tmp_path) -> None:
+    from multiproc import run_ranks
+
+    from slowqk.metrics import read_metrics
+    from slowqk.monitor import read_diagnostics
+
+    def losses(run):
+        return [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+
+    off, on, tp2 = tmp_path / "off", tmp_path / "on", tmp_path / "tp2"
+    run_ranks(_train_worker, 1, _overrides(small_corpus, off))
+    run_ranks(_train_worker, 1, _overrides(small_corpus, on, **{"diagnostics.interval": 2}))
+    run_ranks(_train_worker, 2, _overrides(small_corpus, tp2, **{"diagnostics.interval": 2, "parallel.tensor": 2}))
+    assert losses(on) == losses(off)  # the probe never changes the trajectory: bitwise
+
+    d1, d2 = read_diagnostics(on / "diagnostics.jsonl"), read_diagnostics(tp2 / "diagnostics.jsonl")
+    assert [r["step"] for r in d1] == [1, 3, 5] == [r["step"] for r in d2]
+    for rec in d1:
+        for layer in map(str, range(4)):
+            v = rec["layers"][layer]
+            assert 0.0 < v["entropy"] <= 1.0 and 0.0 < v["max_prob"] <= 1.0
+            assert len(v["entropy_per_head"]) == 4
+            assert v["residual_rms"] > 0 and v["attn_write_rms"] > 0 and v["ffn_write_rms"] > 0
+            assert v["dq_rel"] > 0 and v["dk_rel"] > 0
+    assert all(r["layers"].keys() == d1[0]["layers"].keys() for r in d2)  # TP=2 runs the probe too
