@@ -214,17 +214,18 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<recipe>"
+        shown = repr(key)  # quoted, with newlines and other control characters escaped
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'{_suggest(e['loc'])}")
+            lines.append(f"{source}: unknown key {shown}{_suggest(e['loc'])}")
             continue
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ").replace("\n", " ")
         got = e.get("input")
         if e["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
+            lines.append(f"{source}: missing required key {shown}")
         elif isinstance(got, dict):
-            lines.append(f"{source}: key '{key}': {msg}")
+            lines.append(f"{source}: key {shown}: {msg}")
         else:
-            lines.append(f"{source}: key '{key}': got {got!r}; expected {msg}")
+            lines.append(f"{source}: key {shown}: got {got!r}; expected {msg}")
     return "; ".join(lines)  # one line, whatever the number of problems
 
 

@@ -22,7 +22,7 @@ def _paths(d: dict, prefix=()) -> list[tuple]:
     return out
 
 
-PATHS = _paths(BASE) + [("model", "extra"), ("qk", "layers", "bogus"), ("nonsense",)]
+PATHS = _paths(BASE) + [("model", "extra"), ("qk", "layers", "bogus"), ("nonsense",), ("qk", "a:b\nc'd")]
 junk = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20), st.lists(st.integers(-5, 5), max_size=3),
@@ -30,7 +30,8 @@ junk = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same 300 examples every time (a failure reproduces)
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(PATHS), junk), min_size=1, max_size=4))
 def test_random_bad_recipes_give_one_line_naming_a_key(mutations) -> None:
     data = copy.deepcopy(BASE)
@@ -46,4 +47,4 @@ def test_random_bad_recipes_give_one_line_naming_a_key(mutations) -> None:
     except RecipeError as exc:
         msg = str(exc)
         assert "\n" not in msg and "Traceback" not in msg
-        assert re.search(r"key '[A-Za-z_.0-9]+'", msg), msg
+        assert re.search(r"key ('.*'|\".*\")", msg), msg
