@@ -139,10 +139,6 @@ class _Views:
     k_blocks: list[Block]
 
 
-def _block_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
-    return flat.as_strided((block.count, block.length), (block.stride, 1), flat.storage_offset() + block.offset)
-
-
 @dataclass
 class _Group:
     views: list[_Views] = field(default_factory=list)
@@ -200,7 +196,7 @@ class QKScaling:
         out = []
         for v in group.views:
             flat = v.main_param.data.view(-1)
-            out.extend(_block_view(flat, b) for b in (v.q_blocks if kind == "q" else v.k_blocks))
+            out.extend(b.view(flat) for b in (v.q_blocks if kind == "q" else v.k_blocks))
         return out
 
     def _make_pre(self, group: _Group):

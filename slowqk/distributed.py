@@ -21,12 +21,6 @@ class Layout:
     data: int
     rank: int
 
-    @property
-    def is_last_stage(self) -> bool:
-        from megatron.core import parallel_state
-
-        return parallel_state.is_pipeline_last_stage()
-
 
 class LayoutError(ValueError):
     pass

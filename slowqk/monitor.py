@@ -56,15 +56,11 @@ class Monitor:
         out: dict[int, dict[str, float]] = {}
         sums = []
         for t, w0 in zip(self.qkv, self._before, strict=True):
-            w1 = t.param.detach().float()
+            new, old = t.param.detach().float().reshape(-1), w0.reshape(-1)
             for kind in ("q", "k"):
                 blocks = t.layout.local_blocks(kind, row_len=t.row_len, tp_rank=t.tp_rank, tp_size=t.tp_size)
-                d = sum(float((w1.view(-1)[b.offset:].as_strided((b.count, b.length), (b.stride, 1)) -
-                               w0.view(-1)[b.offset:].as_strided((b.count, b.length), (b.stride, 1))).pow(2).sum())
-                        for b in blocks)
-                n = sum(float(w0.view(-1)[b.offset:].as_strided((b.count, b.length), (b.stride, 1)).pow(2).sum())
-                        for b in blocks)
-                sums += [d, n]
+                sums.append(sum(float((b.view(new) - b.view(old)).pow(2).sum()) for b in blocks))
+                sums.append(sum(float(b.view(old).pow(2).sum()) for b in blocks))
         totals = torch.tensor(sums, dtype=torch.float64, device=self.trainer.device)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:  # rows are split over TP ranks
             dist.all_reduce(totals, group=parallel_state.get_tensor_model_parallel_group())

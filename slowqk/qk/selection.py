@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Kind = Literal["q", "k", "v"]
 
 
@@ -54,6 +56,10 @@ class Block:
     @property
     def numel(self) -> int:
         return self.count * self.length
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """The block's elements of a flat (1-D, contiguous) tensor as a ``[count, length]`` view."""
+        return flat.as_strided((self.count, self.length), (self.stride, 1), flat.storage_offset() + self.offset)
 
 
 @dataclass(frozen=True)
