@@ -9,6 +9,19 @@ Definitions (documented so results can be compared across runs):
 - **Attention max-probability**: the mean over positions of ``max_j p_ij``.
 - **Relative update** of W_Q (W_K): ``||W_after - W_before||_F / ||W_before||_F`` over the Q (K)
   rows of a fused ``linear_qkv`` weight.
+- **lambda_Q, lambda_K** (our estimators of the paper's step-size factors; not its exact,
+  unpublished definitions): how far one optimizer step's update of W_Q (W_K) moves a layer's
+  attention logits, relative to their size. With ``X`` the input of ``linear_qkv`` on the probe
+  batch, ``S = Q K^T`` the pre-RoPE, unscaled logits over causal pairs ``j <= i`` and
+  ``dQ = X dW_Q^T + db_Q``::
+
+      lambda_Q = ||dQ K^T||_F / ||S||_F        lambda_K = ||Q dK^T||_F / ||S||_F
+
+  (the first-order change of ``S`` from each side, with ``Q``, ``K`` before the step).
+- **R_P / ||X||_F^2** at layer ``l`` (our estimator of the paper's residual-energy factor): the
+  energy the FFNs below ``l`` wrote into the residual stream, relative to the stream's energy where
+  it enters ``l``: ``sum_{m<l} ||f_m||_F^2 / ||X_l||_F^2``, from per-layer RMS values (all
+  tensors have the same size, so energies are RMS squared).
 """
 
 from __future__ import annotations
@@ -47,4 +60,54 @@ def qk_relative_update(
         rows = torch.cat([torch.arange(a, b) for a, b in layout.global_rows(kind)])
         w0, w1 = before[rows].double(), after[rows].double()
         out[kind] = float(torch.linalg.norm(w1 - w0) / torch.linalg.norm(w0))
+    return out
+
+
+def qk_logit_change_sums(
+    x: torch.Tensor,
+    w_before: torch.Tensor,
+    w_after: torch.Tensor,
+    b_before: torch.Tensor | None,
+    b_after: torch.Tensor | None,
+    *,
+    heads_per_group: int,
+    head_dim: int,
+) -> tuple[float, float, float]:
+    """``(||dQ K^T||^2, ||Q dK^T||^2, ||S||^2)`` summed over causal pairs, for the query groups in
+    ``w`` (a whole fused weight or one TP rank's rows: the sums add up across ranks).
+
+    ``x`` is ``[seq, batch, hidden]``; ``w`` is ``[groups * (heads_per_group + 2) * head_dim, hidden]``.
+    """
+    rows = (heads_per_group + 2) * head_dim
+    if w_before.shape != w_after.shape or w_before.shape[0] % rows or w_before.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight {tuple(w_before.shape)} is not a fused QKV of {rows}-row groups over hidden {x.shape[-1]}")
+    groups = w_before.shape[0] // rows
+    x = x.double()
+    q_rows = heads_per_group * head_dim
+
+    def project(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.einsum("sbh,rh->bsr", x, w.double())
+        if b is not None:
+            y = y + b.double()
+        y = y.view(*y.shape[:2], groups, rows)
+        q = y[..., :q_rows].reshape(*y.shape[:2], groups * heads_per_group, head_dim).transpose(1, 2)
+        k = y[..., q_rows : q_rows + head_dim].transpose(1, 2)  # [b, groups, s, d]
+        return q, k.repeat_interleave(heads_per_group, dim=1)
+
+    q0, k0 = project(w_before, b_before)
+    q1, k1 = project(w_after, b_after)
+    causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool, device=x.device).tril()
+
+    def energy(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a @ b.transpose(-1, -2))[..., causal].pow(2).sum())
+
+    return energy(q1 - q0, k0), energy(q0, k1 - k0), energy(q0, k0)
+
+
+def pathway_energy_ratio(ffn_write_rms: dict[int, float], residual_rms: dict[int, float]) -> dict[int, float]:
+    """``R_P / ||X||_F^2`` per layer (see the module doc) from per-layer RMS values."""
+    out, below = {}, 0.0
+    for layer in sorted(residual_rms):
+        out[layer] = below / residual_rms[layer] ** 2
+        below += ffn_write_rms.get(layer, 0.0) ** 2
     return out

@@ -9,6 +9,7 @@ TE imports and CUDA is present.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,12 @@ from slowqk.config import ModelConfig
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
-    """Pad the vocabulary so each tensor-parallel shard of the embedding has equal size."""
-    step = multiple * tensor_parallel
+    """Pad the vocabulary to a multiple of ``multiple`` that the tensor-parallel size divides.
+
+    Unlike Megatron-LM's ``multiple * TP`` this keeps the embedding shape the same across TP sizes
+    that divide ``multiple`` (1, 2, 4, 8 with the default 128), so checkpoints reshard between them.
+    """
+    step = math.lcm(multiple, tensor_parallel)
     return ((vocab_size + step - 1) // step) * step
 
 

@@ -1,10 +1,16 @@
-"""In-training diagnostics: attention specialization, residual energy and Q/K update sizes.
+"""In-training diagnostics: attention specialization, residual energy, Q/K update sizes, gradients.
 
 Every ``diagnostics.interval`` steps the monitor runs one eval-mode forward on a fixed probe batch
 (the first ``probe_samples`` validation samples: the training data order and RNG are untouched) and
 records, per layer: attention entropy and max-probability (mean and per head), the RMS of the
-residual stream entering the block and of the block's attention and FFN writes, and the relative
-update ``||dW||/||W||`` of W_Q and W_K made by that step's optimizer update.
+residual stream entering the block and of the block's attention and FFN writes, the relative
+update ``||dW||/||W||`` of W_Q and W_K made by that step's optimizer update, the gradient norm of
+the layer's parameters for that step (the one the optimizer saw, before clipping), and the
+estimators ``lambda_q``, ``lambda_k`` and ``pathway_energy`` (R_P / ||X||^2) defined in
+:mod:`slowqk.diagnostics`.
+
+Works under tensor, pipeline and data parallelism: each rank measures what it holds; sums are
+all-reduced, per-layer statistics gathered over the pipeline; global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,10 +18,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from slowqk.diagnostics import attention_entropy, attention_max_prob
+from slowqk.diagnostics import (
+    attention_entropy,
+    attention_max_prob,
+    pathway_energy_ratio,
+    qk_logit_change_sums,
+)
+
+SCALARS = ("entropy", "max_prob", "residual_rms", "attn_write_rms", "ffn_write_rms", "dq_rel", "dk_rel",
+           "grad_norm", "lambda_q", "lambda_k", "pathway_energy")
 
 
 def _rms(x) -> float:
@@ -23,77 +38,190 @@ def _rms(x) -> float:
     return float(t.detach().float().pow(2).mean().sqrt())
 
 
+def _qkv_input(linear_qkv, x: torch.Tensor) -> torch.Tensor:
+    """What ``linear_qkv``'s weight multiplies. Transformer Engine's fused LayerNorm-linear takes the
+    un-normalized stream, so apply its norm here."""
+    x = x.detach()
+    weight = getattr(linear_qkv, "layer_norm_weight", None)
+    if weight is None:
+        return x
+    eps = linear_qkv.config.layernorm_epsilon
+    if linear_qkv.config.normalization == "RMSNorm":
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * weight
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, getattr(linear_qkv, "layer_norm_bias", None), eps)
+
+
+def _probe_loss(output: torch.Tensor):
+    return output.float().sum() * 0.0, {}
+
+
 class Monitor:
     def __init__(self, trainer) -> None:
-        from megatron.core import parallel_state
+        from megatron.core.transformer.transformer_layer import TransformerLayer
 
         from slowqk.data.loader import collate
         from slowqk.patches.qk_lr_scaling import find_qkv_params
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("diagnostics.interval > 0 is not supported with parallel.pipeline > 1 yet")
         self.trainer = trainer
         self.interval = trainer.recipe.diagnostics.interval
+        self.num_layers = trainer.recipe.model.num_layers
         self.model = trainer.chunks[0].module
         n = trainer.recipe.diagnostics.probe_samples
         self.batch = {k: v.to(trainer.device) for k, v in collate(trainer.valid_ds, list(range(n))).items()}
-        all_layers = set(range(trainer.recipe.model.num_layers))
-        self.qkv = [t for t in find_qkv_params([self.model], all_layers) if t.row_len > 1]  # weights only
-        self._before: list[torch.Tensor] | None = None
+        qkv = find_qkv_params([self.model], set(range(self.num_layers)))
+        self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}
+        self.qkv_biases = {t.layer: t for t in qkv if t.row_len == 1}
+        self.layer_of_param = {
+            id(p): m.layer_number - 1
+            for m in self.model.modules() if isinstance(m, TransformerLayer) for p in m.parameters()
+        }
+        self._before: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._grad_sq: torch.Tensor | None = None
         self.path = trainer.run_dir / "diagnostics.jsonl"
         self.enabled_io = trainer.rank == 0
+        self._entropy_history: list[list[float]] = []
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
 
-    # -- Q/K update size: snapshot before the optimizer step of a diagnostic step
+    # -- reductions over the model-parallel ranks that split a layer or hold other layers
+    def _reduce_model_parallel(self, t: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+        return t
+
+    # -- before the optimizer step of a diagnostic step: snapshot Q/K, read the synced gradients
     def before_update(self, step: int) -> None:
-        self._before = [t.param.detach().float().clone() for t in self.qkv] if self.due(step) else None
+        if not self.due(step):
+            self._before = None
+            return
+        bias = {layer: t.param.detach().float().clone() for layer, t in self.qkv_biases.items()}
+        self._before = {layer: (t.param.detach().float().clone(), bias.get(layer))
+                        for layer, t in self.qkv_weights.items()}
+        self._grad_sq = self._layer_grad_sq()
 
-    def _qk_updates(self) -> dict[int, dict[str, float]]:
-        from megatron.core import parallel_state
+    def _layer_grad_sq(self) -> torch.Tensor:
+        """Squared gradient norm per layer, over all ranks (each element counted once)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.optimizer import DistributedOptimizer
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        out: dict[int, dict[str, float]] = {}
-        sums = []
-        for t, w0 in zip(self.qkv, self._before, strict=True):
-            new, old = t.param.detach().float().reshape(-1), w0.reshape(-1)
-            for kind in ("q", "k"):
-                blocks = t.layout.local_blocks(kind, row_len=t.row_len, tp_rank=t.tp_rank, tp_size=t.tp_size)
-                sums.append(sum(float((b.view(new) - b.view(old)).pow(2).sum()) for b in blocks))
-                sums.append(sum(float(b.view(old).pow(2).sum()) for b in blocks))
-        totals = torch.tensor(sums, dtype=torch.float64, device=self.trainer.device)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:  # rows are split over TP ranks
-            dist.all_reduce(totals, group=parallel_state.get_tensor_model_parallel_group())
-        for i, t in enumerate(self.qkv):
-            dq, nq, dk, nk = totals[4 * i : 4 * i + 4].tolist()
-            out[t.layer] = {"q": (dq / nq) ** 0.5, "k": (dk / nk) ** 0.5}
-        return out
+        from slowqk.patches.qk_lr_scaling import iter_main_params
+
+        sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.trainer.device)
+        sharded = False
+        for opt in getattr(self.trainer.optimizer, "chained_optimizers", [self.trainer.optimizer]):
+            sharded = sharded or isinstance(opt, DistributedOptimizer)
+        for _, model_param, _, lo, hi in iter_main_params(self.trainer.optimizer):
+            layer = self.layer_of_param.get(id(model_param))
+            if layer is None or not param_is_not_tensor_parallel_duplicate(model_param):
+                continue
+            # after the grad sync main_grad holds the reduced gradient over [lo, hi) (the shard
+            # this rank's optimizer owns under the distributed optimizer, else all of it)
+            g = model_param.main_grad.detach().reshape(-1)[lo:hi]
+            sq[layer] += g.double().pow(2).sum()
+        if sharded and ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=ps.get_data_parallel_group())
+        return self._reduce_model_parallel(sq)
+
+    def _qk_updates(self) -> torch.Tensor:
+        """Per layer ``[||dQ||^2, ||Q||^2, ||dK||^2, ||K||^2]`` over all TP/PP ranks."""
+        sums = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=self.trainer.device)
+        for layer, t in self.qkv_weights.items():
+            new, old = t.param.detach().float().reshape(-1), self._before[layer][0].reshape(-1)
+            for j, kind in enumerate(("q", "k")):
+                for b in t.layout.local_blocks(kind, row_len=t.row_len, tp_rank=t.tp_rank, tp_size=t.tp_size):
+                    sums[layer, 2 * j] += (b.view(new) - b.view(old)).double().pow(2).sum()
+                    sums[layer, 2 * j + 1] += b.view(old).double().pow(2).sum()
+        return self._reduce_model_parallel(sums)
+
+    def _logit_changes(self, qkv_inputs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per layer ``[||dQ K^T||^2, ||Q dK^T||^2, ||S||^2]`` over all TP/PP ranks."""
+        sums = torch.zeros(self.num_layers, 3, dtype=torch.float64, device=self.trainer.device)
+        for layer, t in self.qkv_weights.items():
+            w0, b0 = self._before[layer]
+            b1 = self.qkv_biases[layer].param.detach() if layer in self.qkv_biases else None
+            sums[layer] = torch.tensor(qk_logit_change_sums(
+                qkv_inputs[layer], w0, t.param.detach(), b0, b1,
+                heads_per_group=t.layout.heads_per_group, head_dim=t.layout.head_dim,
+            ), dtype=torch.float64)
+        return self._reduce_model_parallel(sums)
+
+    def _forward(self) -> None:
+        """The probe batch through the pipeline schedule (one micro-batch, forward only)."""
+        batch = self.batch
+
+        def step(data_iterator, model):
+            next(data_iterator)
+            return model(batch["tokens"], batch["position_ids"], None), _probe_loss
+
+        self.trainer.forward_backward(
+            forward_step_func=step, data_iterator=iter([batch]), model=self.trainer.chunks,
+            num_microbatches=1, seq_length=batch["tokens"].shape[1],
+            micro_batch_size=batch["tokens"].shape[0], forward_only=True,
+        )
 
     def after_update(self, step_done: int) -> dict | None:
         """Run after the optimizer step of step ``step_done - 1``; returns the record if due."""
+        from megatron.core import parallel_state as ps
+
         if self._before is None:
             return None
         updates = self._qk_updates()
-        self._before = None
-        layers = probe_stats(self.model, self.batch["tokens"], self.batch["position_ids"])
-        for layer, u in updates.items():
-            layers[layer]["dq_rel"], layers[layer]["dk_rel"] = u["q"], u["k"]
+        qkv_inputs: dict[int, torch.Tensor] = {}
+        layers = probe_stats(self.model, self.batch["tokens"], self.batch["position_ids"],
+                             forward=self._forward, qkv_inputs=qkv_inputs)
+        logits = self._logit_changes(qkv_inputs)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            parts: list[dict] = [{}] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(parts, layers, group=ps.get_pipeline_model_parallel_group())
+            layers = {k: v for part in parts for k, v in part.items()}
+        for layer, rec in layers.items():
+            dq, nq, dk, nk = updates[layer].tolist()
+            if nq > 0:
+                rec["dq_rel"], rec["dk_rel"] = (dq / nq) ** 0.5, (dk / nk) ** 0.5
+            lq, lk, s = logits[layer].tolist()
+            if s > 0:
+                rec["lambda_q"], rec["lambda_k"] = (lq / s) ** 0.5, (lk / s) ** 0.5
+            rec["grad_norm"] = float(self._grad_sq[layer]) ** 0.5
+        energy = pathway_energy_ratio({k: v["ffn_write_rms"] for k, v in layers.items()},
+                                      {k: v["residual_rms"] for k, v in layers.items()})
+        for layer, e in energy.items():
+            layers[layer]["pathway_energy"] = e
+        self._before = self._grad_sq = None
         record = {"step": step_done, "layers": {str(k): v for k, v in sorted(layers.items())}}
         if self.enabled_io:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            tb = self.trainer.metrics._tb
-            if tb is not None:
-                for layer, v in layers.items():
-                    for key in ("entropy", "max_prob", "residual_rms", "attn_write_rms", "ffn_write_rms", "dq_rel", "dk_rel"):
-                        if key in v:
-                            tb.add_scalar(f"diag/{key}/layer{layer:02d}", v[key], step_done)
+            self._write(record, layers, step_done)
         return record
+
+    def _write(self, record: dict, layers: dict[int, dict], step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tb = self.trainer.metrics._tb
+        if tb is None:
+            return
+        for layer, v in layers.items():
+            for key in SCALARS:
+                if key in v:
+                    tb.add_scalar(f"diag/{key}/layer{layer:02d}", v[key], step)
+        # a layer x probe image of the entropy so far (bright = diffuse attention, dark = sharp)
+        self._entropy_history.append([layers[i]["entropy"] for i in sorted(layers)])
+        image = np.asarray(self._entropy_history, dtype=np.float32).T[None].clip(0.0, 1.0)
+        tb.add_image("diag/entropy_layer_x_probe", image, step, dataformats="CHW")
 
 
 @torch.no_grad()
-def probe_stats(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> dict[int, dict]:
-    """Per-layer attention and residual statistics from one eval-mode forward (all TP ranks agree)."""
+def probe_stats(
+    model, tokens: torch.Tensor, position_ids: torch.Tensor, forward=None,
+    qkv_inputs: dict[int, torch.Tensor] | None = None,
+) -> dict[int, dict]:
+    """Per-layer attention and residual statistics from one eval-mode forward, for the layers this
+    rank holds (all TP ranks agree). ``forward``: see :func:`slowqk.probe.attention_probs`. When
+    ``qkv_inputs`` is given it receives each layer's ``linear_qkv`` input."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from slowqk.probe import attention_probs
@@ -113,8 +241,11 @@ def probe_stats(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> dict
                 with_kwargs=True))
             hooks.append(module.self_attention.register_forward_hook(recorder(rec, "attn_write_rms")))
             hooks.append(module.mlp.register_forward_hook(recorder(rec, "ffn_write_rms")))
+            if qkv_inputs is not None:
+                hooks.append(module.self_attention.linear_qkv.register_forward_pre_hook(
+                    lambda m, args, layer=module.layer_number - 1: qkv_inputs.__setitem__(layer, _qkv_input(m, args[0]))))
     try:
-        probs = attention_probs(model, tokens, position_ids)
+        probs = attention_probs(model, tokens, position_ids, forward)
     finally:
         for h in hooks:
             h.remove()

@@ -7,6 +7,8 @@ are kept. The module tree and state dict are unchanged, so checkpoints stay stan
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import nn
@@ -42,10 +44,15 @@ def probed_layer_spec(spec):
 
 
 @torch.no_grad()
-def attention_probs(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """One eval-mode forward; ``{global layer index: probs [batch, heads (all TP ranks), q, k]}``.
+def attention_probs(
+    model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor, forward: Callable[[], object] | None = None
+) -> dict[int, torch.Tensor]:
+    """One eval-mode forward; ``{global layer index: probs [batch, heads (all TP ranks), q, k]}``
+    for the layers this rank holds.
 
-    Leaves the training RNG untouched (no dropout in eval mode) and restores the train/eval mode.
+    ``forward`` runs the forward pass (default: ``model(tokens, position_ids, None)``); under
+    pipeline parallelism pass one that drives the pipeline schedule. Leaves the training RNG
+    untouched (no dropout in eval mode) and restores the train/eval mode.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -63,7 +70,10 @@ def attention_probs(model: nn.Module, tokens: torch.Tensor, position_ids: torch.
     try:
         for r in recorders.values():
             r.record = True
-        model(tokens, position_ids, None)
+        if forward is None:
+            model(tokens, position_ids, None)
+        else:
+            forward()
     finally:
         for r in recorders.values():
             r.record = False

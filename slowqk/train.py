@@ -318,6 +318,7 @@ class Trainer:
             {
                 "recipe": self.recipe.model_dump(mode="json"),
                 "tokenizer_sha256": self.tokenizer.sha256,
+                "padded_vocab_size": self.vocab_size,
                 "consumed_samples": self.step * self.recipe.train.global_batch_size,
                 "skipped_total": self.total_skips,
             },
@@ -346,6 +347,14 @@ class Trainer:
                     f.write(json.dumps({"checkpoint": path.name, "changes": changes}) + "\n")
         if saved.get("tokenizer_sha256") != self.tokenizer.sha256:
             raise ValueError(f"{path}: tokenizer sha256 differs from the recipe's tokenizer")
+        saved_vocab = saved.get("padded_vocab_size", self.vocab_size)
+        if saved_vocab != self.vocab_size:
+            raise ValueError(
+                f"{path}: the checkpoint's padded vocabulary has {saved_vocab} rows, this layout pads to "
+                f"{self.vocab_size} (model.make_vocab_size_divisible_by={self.recipe.model.make_vocab_size_divisible_by}, "
+                f"parallel.tensor={self.recipe.parallel.tensor}); resume with a tensor-parallel size that divides "
+                f"{saved_vocab} and make_vocab_size_divisible_by"
+            )
         extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = int(extra["step"])
         self.total_skips = int(extra.get("skipped_total", 0))
