@@ -1,4 +1,4 @@
-"""Command line: ``slowqk train | print-recipe | quickstart | prepare-data``."""
+"""Command line: ``slowqk train | launch | experiment | print-recipe | quickstart | tokenizer | data | prepare-data``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,21 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_run(args: argparse.Namespace) -> int:
+    from slowqk.experiments import load_grid, run_grid
+
+    return run_grid(load_grid(args.grid, args.overrides), jobs=args.jobs, dry_run=args.dry_run)
+
+
+def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
+    from slowqk.summary import write_summary
+
+    table, files = write_summary(args.grid_dir, args.out)
+    print(table)
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slowqk", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the command and exit")
     sp.add_argument("--no-resume", action="store_true")
     sp.set_defaults(func=_cmd_launch)
+
+    ex = sub.add_parser("experiment", help="grids of arms x variants x seeds, and their summary").add_subparsers(
+        dest="tool", required=True)
+    ep = ex.add_parser("run", help="run every unfinished run of a grid file (see slowqk.experiments)")
+    ep.add_argument("grid", help="grid YAML (e.g. recipes/study/grid.yaml)")
+    ep.add_argument("overrides", nargs="*", help="key=value for every run; key=[a,b] adds a sweep axis")
+    ep.add_argument("--jobs", type=int, default=1, help="runs at a time (local processes)")
+    ep.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
+    ep.set_defaults(func=_cmd_experiment_run)
+    es = ex.add_parser("summarize", help="table with paired 95%% CIs and plots for a grid directory")
+    es.add_argument("grid_dir")
+    es.add_argument("--out", default=None, help="output directory (default <grid_dir>/summary)")
+    es.set_defaults(func=_cmd_experiment_summarize)
 
     sp = sub.add_parser("quickstart", help="control vs intervention on the tiny recipe; table + plot")
     recipe_args(sp, default="tiny/gpt")
@@ -235,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_dependencies()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options (`... --jobs 2 key=value`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except RecipeError as exc:

@@ -1,0 +1,207 @@
+"""Experiment grids: arms x model variants x seeds (x sweep points), run as local processes.
+
+A grid file (YAML)::
+
+    name: study
+    out_dir: runs/study
+    seeds: [1, 2, 3]
+    overrides: {train.steps: 600}          # every run
+    control: control                        # the arm paired differences are taken against
+    arms:
+      control: {qk.enabled: false}
+      slowqk: {qk.enabled: true}
+    variants:
+      gpt: {recipe: tiny/gpt}
+      llama: {recipe: tiny/llama, seeds: [1, 2]}   # a variant may use fewer seeds
+    sweep: {qk.mult_q: [0.1, 0.25]}         # optional: every non-control arm x each point
+
+Each run lives in ``<out_dir>/<variant>/<arm>/seed<k>/`` with its resolved recipe; a run whose
+``summary.json`` records all its steps is skipped, and an interrupted one resumes from its latest
+checkpoint. Command-line overrides with a list value (``qk.mult_q=[0.1,0.5]``) join the sweep;
+other overrides apply to every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from slowqk.config import RecipeError, _Strict, load_recipe, parse_override, resolve_recipe_path
+
+
+class Variant(_Strict):
+    recipe: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] | None = None
+
+
+class Grid(_Strict):
+    name: str
+    out_dir: str
+    seeds: list[int] = Field(min_length=1)
+    arms: dict[str, dict[str, Any]] = Field(min_length=1)
+    control: str = "control"
+    variants: dict[str, Variant] = Field(min_length=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    arm: str
+    seed: int
+    recipe: str
+    overrides: tuple[str, ...]
+    run_dir: str
+
+
+def _as_override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+
+
+def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
+    path = resolve_recipe_path(str(path))
+    try:
+        grid = Grid.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "<top>"
+        raise RecipeError(f"{path}: key {where!r}: {first['msg']}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    if grid.control not in grid.arms:
+        raise RecipeError(f"{path}: control arm {grid.control!r} is not among arms {sorted(grid.arms)}")
+    for text in cli_overrides or []:
+        parts, value = parse_override(text)
+        key = ".".join(parts)
+        if isinstance(value, list):
+            grid.sweep = {**grid.sweep, key: value}
+        else:
+            grid.overrides = {**grid.overrides, key: value}
+    for key, values in grid.sweep.items():
+        if not values:
+            raise RecipeError(f"{path}: sweep {key!r} has no values")
+    return grid
+
+
+def _sweep_points(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(sweep)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _point_name(arm: str, point: dict[str, Any]) -> str:
+    if not point:
+        return arm
+    return arm + "[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) + "]"
+
+
+def expand(grid: Grid) -> list[Run]:
+    """Every run of the grid, each validated as a recipe (so a bad grid fails before any run)."""
+    out = Path(grid.out_dir)
+    runs: list[Run] = []
+    for vname, variant in grid.variants.items():
+        for arm, arm_overrides in grid.arms.items():
+            points = [{}] if arm == grid.control else _sweep_points(grid.sweep)
+            for point in points:
+                name = _point_name(arm, point)
+                for seed in variant.seeds or grid.seeds:
+                    run_dir = out / vname / name / f"seed{seed}"
+                    merged = {**grid.overrides, **variant.overrides, **arm_overrides, **point}
+                    overrides = tuple(
+                        [_as_override(k, v) for k, v in merged.items()]
+                        + [f"seed={seed}", f"out_dir={run_dir}", f"name={vname}-{name}-seed{seed}"]
+                    )
+                    try:
+                        load_recipe(variant.recipe, list(overrides))
+                    except RecipeError as exc:
+                        raise RecipeError(f"grid {grid.name!r}, run {vname}/{name}/seed{seed}: {exc}") from None
+                    runs.append(Run(vname, name, seed, variant.recipe, overrides, str(run_dir)))
+    return runs
+
+
+def is_finished(run: Run) -> bool:
+    summary = Path(run.run_dir) / "summary.json"
+    if not summary.is_file():
+        return False
+    steps = load_recipe(run.recipe, list(run.overrides)).train.steps
+    try:
+        return json.loads(summary.read_text()).get("steps") == steps
+    except json.JSONDecodeError:
+        return False
+
+
+def _shared_corpora(grid_dir: Path, runs: list[Run]) -> list[Run]:
+    """Prepare each distinct bundled-corpus dataset once and point the runs at it (the tokenizer
+    and shards would otherwise be rebuilt in every run directory)."""
+    from slowqk.data.corpus import prepare_corpus
+
+    prepared: dict[str, Path] = {}
+    out = []
+    for run in runs:
+        d = load_recipe(run.recipe, list(run.overrides)).data
+        if d.corpus is None:
+            out.append(run)
+            continue
+        key = json.dumps([str(d.corpus), d.valid_fraction, d.tokenizer_vocab_size, d.tokenizer])
+        if key not in prepared:
+            where = grid_dir / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
+            prepared[key] = prepare_corpus(d.corpus, where, valid_fraction=d.valid_fraction,
+                                           vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer).dataset_dir
+        extra = ("data.corpus=null", f"data.dataset={prepared[key]}")
+        out.append(Run(run.variant, run.arm, run.seed, run.recipe, run.overrides + extra, run.run_dir))
+    return out
+
+
+def _train(run: Run, threads: int) -> tuple[Run, int, float]:
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "slowqk.cli", "train", run.recipe, *run.overrides,
+           "train.progress_bar=false", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "ab") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return run, code, time.perf_counter() - start
+
+
+def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False) -> int:
+    """Run every unfinished run of ``grid``; ``jobs`` processes at a time. Returns an exit code."""
+    runs = expand(grid)
+    grid_dir = Path(grid.out_dir)
+    todo = [r for r in runs if not is_finished(r)]
+    print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
+    if dry_run:
+        for r in todo:
+            print("  slowqk train", r.recipe, " ".join(r.overrides))
+        return 0
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    record = {"grid": grid.model_dump(mode="json"), "runs": [asdict(r) for r in runs]}
+    tmp = grid_dir / "grid.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(grid_dir / "grid.json")
+    todo = _shared_corpora(grid_dir, todo)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    failed = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for run, code, seconds in pool.map(lambda r: _train(r, threads), todo):
+            status = "ok" if code == 0 else f"FAILED (exit {code}; log: {Path(run.run_dir) / 'train.log'})"
+            print(f"  {run.variant}/{run.arm}/seed{run.seed}: {status} in {seconds:.0f} s", flush=True)
+            if code != 0:
+                failed.append(run)
+    print(f"grid {grid.name}: {len(todo) - len(failed)} runs done, {len(failed)} failed, "
+          f"{time.perf_counter() - start:.0f} s wall")
+    return 1 if failed else 0

@@ -1,0 +1,301 @@
+"""Turn a finished grid into a table a researcher can trust, and plots.
+
+Per variant and arm: final validation loss and perplexity (mean, sample std over seeds) and
+downstream scores when a run has them (``<run>/eval/results.json``). Per variant and non-control
+arm: the **paired** difference ``arm - control`` over the seeds both have, with a two-sided 95%
+Student-t confidence interval ``mean +- t_{0.975, n-1} * sd / sqrt(n)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slowqk.metrics import read_metrics
+
+
+@dataclass
+class RunResult:
+    variant: str
+    arm: str
+    seed: int
+    run_dir: Path
+    final_val_loss: float
+    val_curve: list[tuple[int, float]]
+    downstream: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interval:
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; nan for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+
+
+def paired_interval(differences: list[float], confidence: float = 0.95) -> Interval:
+    """Student-t confidence interval of the mean paired difference."""
+    from scipy.stats import t
+
+    n = len(differences)
+    if n == 0:
+        raise ValueError("no paired runs: nothing to compare")
+    mean, std = mean_std(differences)
+    if n < 2:
+        return Interval(n, mean, std, math.nan, math.nan)
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return Interval(n, mean, std, mean - half, mean + half)
+
+
+def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
+    """``(grid, results, missing)``: the grid record, every finished run, and unfinished run dirs."""
+    grid_dir = Path(grid_dir)
+    record_path = grid_dir / "grid.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path}: not a grid directory (run `slowqk experiment run` first)")
+    record = json.loads(record_path.read_text())
+    results, missing = [], []
+    for run in record["runs"]:
+        run_dir = Path(run["run_dir"])
+        summary = run_dir / "summary.json"
+        if not summary.is_file():
+            missing.append(str(run_dir))
+            continue
+        s = json.loads(summary.read_text())
+        curve = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+        downstream = {}
+        evals = run_dir / "eval" / "results.json"
+        if evals.is_file():
+            downstream = {k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()}
+        results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream))
+    return record["grid"], results, missing
+
+
+def summarize(grid: dict, results: list[RunResult]) -> dict:
+    control = grid["control"]
+    by = defaultdict(dict)
+    for r in results:
+        by[(r.variant, r.arm)][r.seed] = r
+    rows, pairs = [], []
+    for (variant, arm), seeds in by.items():
+        losses = [r.final_val_loss for r in seeds.values()]
+        m, s = mean_std(losses)
+        ppl_m, ppl_s = mean_std([math.exp(x) for x in losses])
+        row = {"variant": variant, "arm": arm, "n": len(losses), "val_loss_mean": m, "val_loss_std": s,
+               "val_ppl_mean": ppl_m, "val_ppl_std": ppl_s}
+        tasks = sorted({k for r in seeds.values() for k in r.downstream})
+        row["downstream"] = {k: mean_std([r.downstream[k] for r in seeds.values() if k in r.downstream])[0] for k in tasks}
+        rows.append(row)
+        if arm != control and (variant, control) in by:
+            base = by[(variant, control)]
+            common = sorted(set(seeds) & set(base))
+            if not common:
+                continue
+            diffs = [seeds[k].final_val_loss - base[k].final_val_loss for k in common]
+            ppl_diffs = [math.exp(seeds[k].final_val_loss) - math.exp(base[k].final_val_loss) for k in common]
+            ci, ppl_ci = paired_interval(diffs), paired_interval(ppl_diffs)
+            pairs.append({"variant": variant, "arm": arm, "control": control, "seeds": common,
+                          "val_loss_diff": diffs, "mean": ci.mean, "std": ci.std, "ci95": [ci.low, ci.high],
+                          "ppl_mean": ppl_ci.mean, "ppl_ci95": [ppl_ci.low, ppl_ci.high]})
+    return {"rows": rows, "pairs": pairs}
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_markdown(summary: dict) -> str:
+    tasks = sorted({k for r in summary["rows"] for k in r["downstream"]})
+    head = ["variant", "arm", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", *tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        cells = [r["variant"], r["arm"], str(r["n"]),
+                 f"{_fmt(r['val_loss_mean'])} ± {_fmt(r['val_loss_std'])}",
+                 f"{_fmt(r['val_ppl_mean'], 2)} ± {_fmt(r['val_ppl_std'], 2)}",
+                 *[_fmt(r["downstream"].get(t)) for t in tasks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (arm - control, same seed), 95% Student-t confidence interval:", "",
+              "| variant | arm | pairs | Δ val loss mean [95% CI] | Δ val ppl mean [95% CI] | CI excludes 0 |",
+              "|---|---|---|---|---|---|"]
+    for p in summary["pairs"]:
+        lo, hi = p["ci95"]
+        sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
+        lines.append(f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, {_fmt(hi)}] | "
+                     f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | {sig} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _group(results: list[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
+    out: dict[str, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        out[r.variant][r.arm].append(r)
+    return out
+
+
+def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
+    plt = _plt()
+    groups = _group(results)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (variant, arms) in zip(axes[0], sorted(groups.items()), strict=True):
+        for arm, runs in sorted(arms.items()):
+            steps = [s for s, _ in runs[0].val_curve]
+            curves = np.array([[v for _, v in r.val_curve] for r in runs if len(r.val_curve) == len(steps)])
+            mean = curves.mean(0)
+            ax.plot(steps, mean, label=f"{arm} (n={len(curves)})")
+            if len(curves) > 1:
+                sd = curves.std(0, ddof=1)
+                ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+        ax.set_title(f"{variant}: validation loss (mean ± sd)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_paired_differences(summary: dict, path: Path) -> Path:
+    plt = _plt()
+    pairs = summary["pairs"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) + 2), 4))
+    for i, p in enumerate(pairs):
+        ax.scatter([i] * len(p["val_loss_diff"]), p["val_loss_diff"], color="grey", s=14, zorder=2)
+        lo, hi = p["ci95"]
+        if not math.isnan(lo):
+            ax.errorbar([i], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", color="C3", capsize=5, zorder=3)
+        else:
+            ax.scatter([i], [p["mean"]], color="C3", zorder=3)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(pairs)), [f"{p['variant']}\n{p['arm']}" for p in pairs], fontsize=8)
+    ax.set_ylabel("Δ final val loss (arm - control)")
+    ax.set_title("paired differences per seed (grey), mean and 95% CI (red)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _diagnostic_series(runs: list[RunResult], key: str) -> tuple[list[int], np.ndarray] | None:
+    """``(steps, [seed, step, layer])`` of a per-layer diagnostic over the runs that have it."""
+    from slowqk.monitor import read_diagnostics
+
+    series, steps = [], None
+    for r in runs:
+        path = r.run_dir / "diagnostics.jsonl"
+        if not path.is_file():
+            continue
+        recs = read_diagnostics(path)
+        s = [x["step"] for x in recs]
+        if steps is not None and s != steps:
+            continue
+        steps = s
+        layers = sorted(recs[0]["layers"], key=int)
+        series.append([[x["layers"][k].get(key, math.nan) for k in layers] for x in recs])
+    if not series:
+        return None
+    return steps, np.asarray(series, dtype=np.float64)
+
+
+def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path) -> list[Path]:
+    plt = _plt()
+    paths = []
+    for variant, arms in sorted(_group(results).items()):
+        data = {arm: _diagnostic_series(runs, "entropy") for arm, runs in sorted(arms.items())}
+        data = {k: v for k, v in data.items() if v is not None}
+        if not data:
+            continue
+        means = {arm: arr.mean(0).T for arm, (_, arr) in data.items()}  # [layer, probe]
+        lo = min(float(np.nanmin(m)) for m in means.values())
+        hi = max(float(np.nanmax(m)) for m in means.values())
+        fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data) + 1.5, 3.4), squeeze=False,
+                                 constrained_layout=True)
+        for ax, (arm, (steps, arr)) in zip(axes[0], data.items(), strict=True):
+            img = ax.imshow(means[arm], aspect="auto", origin="lower", vmin=lo, vmax=hi, cmap="viridis",
+                            extent=(steps[0], steps[-1], -0.5, arr.shape[2] - 0.5), interpolation="nearest")
+            ax.set_title(f"{variant} / {arm} (n={arr.shape[0]})", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("layer")
+            ax.set_yticks(range(arr.shape[2]))
+        fig.colorbar(img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)")
+        path = out_dir / f"entropy_{variant}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -> Path | None:
+    """lambda_Q, lambda_K and R_P/||X||^2 over time, averaged over the upper layers and seeds."""
+    plt = _plt()
+    groups = _group(results)
+    keys = ("lambda_q", "lambda_k", "pathway_energy")
+    fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.2 * len(groups)), squeeze=False)
+    drew = False
+    for row, (variant, arms) in zip(axes, sorted(groups.items()), strict=True):
+        for ax, key in zip(row, keys, strict=True):
+            for arm, runs in sorted(arms.items()):
+                got = _diagnostic_series(runs, key)
+                if got is None:
+                    continue
+                steps, arr = got
+                upper = arr[:, :, int(arr.shape[2] * upper_from):]
+                ax.plot(steps, np.nanmean(upper, axis=(0, 2)), label=arm)
+                drew = True
+            ax.set_title(f"{variant}: {key} (upper layers)")
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    if drew:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path if drew else None
+
+
+def write_summary(grid_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+    """Table (markdown + JSON) and plots for a grid directory; returns the table and the files."""
+    grid, results, missing = collect(grid_dir)
+    if not results:
+        raise ValueError(f"{grid_dir}: no finished runs")
+    out = Path(out_dir or Path(grid_dir) / "summary")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(grid, results)
+    table = format_markdown(summary)
+    if missing:
+        table += f"\n{len(missing)} runs unfinished and left out: {', '.join(missing)}\n"
+    (out / "summary.md").write_text(table)
+    (out / "summary.json").write_text(json.dumps({**summary, "missing": missing}, indent=2))
+    files = [out / "summary.md", out / "summary.json",
+             plot_loss_curves(results, out / "loss_curves.png"),
+             plot_paired_differences(summary, out / "paired_differences.png") if summary["pairs"] else None,
+             *plot_entropy_heatmaps(results, out),
+             plot_lambda(results, out / "lambda.png")]
+    return table, [f for f in files if f is not None]
