@@ -1,0 +1,109 @@
+"""Experiment grids (expansion, skipping, sweeps) and the summary statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from slowqk.config import RecipeError
+from slowqk.experiments import expand, load_grid, run_grid
+from slowqk.summary import RunResult, paired_interval, summarize, write_summary
+
+
+def _grid_file(tmp_path: Path, **extra) -> Path:
+    grid = {
+        "name": "g", "out_dir": str(tmp_path / "out"), "seeds": [1, 2],
+        "arms": {"control": {"qk.enabled": False}, "slowqk": {"qk.enabled": True}},
+        "variants": {"gpt": {"recipe": "tiny/gpt"}, "llama": {"recipe": "tiny/llama", "seeds": [7]}},
+    }
+    grid.update(extra)
+    path = tmp_path / "grid.json"  # JSON is YAML
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def test_paired_interval_matches_a_hand_computed_example() -> None:
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.975, df=2) = 4.302653, se = 0.1 / sqrt(3)
+    ci = paired_interval([0.1, 0.2, 0.3])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # = 0.2484138
+    assert (ci.n, ci.mean, ci.std) == (3, pytest.approx(0.2), pytest.approx(0.1))
+    assert ci.low == pytest.approx(0.2 - half, abs=1e-9) and ci.high == pytest.approx(0.2 + half, abs=1e-9)
+    assert ci.low == pytest.approx(-0.0484138, abs=1e-7)
+    one = paired_interval([0.5])
+    assert one.mean == 0.5 and math.isnan(one.low) and math.isnan(one.high)
+    with pytest.raises(ValueError, match="no paired runs"):
+        paired_interval([])
+
+
+def test_summary_pairs_by_seed_and_only_common_seeds() -> None:
+    def run(arm, seed, loss):
+        return RunResult("gpt", arm, seed, Path("."), loss, [(10, loss)])
+
+    results = [run("control", 1, 3.0), run("control", 2, 3.2), run("control", 3, 3.4),
+               run("slowqk", 2, 3.1), run("slowqk", 3, 3.2), run("slowqk", 9, 1.0)]
+    s = summarize({"control": "control"}, results)
+    pair, = s["pairs"]
+    assert pair["seeds"] == [2, 3]
+    assert pair["val_loss_diff"] == pytest.approx([-0.1, -0.2])
+    assert pair["mean"] == pytest.approx(-0.15)
+    rows = {r["arm"]: r for r in s["rows"]}
+    assert rows["control"]["n"] == 3 and rows["control"]["val_loss_mean"] == pytest.approx(3.2)
+    assert rows["control"]["val_loss_std"] == pytest.approx(0.2)
+
+
+def test_grid_expansion_sweeps_non_control_arms(tmp_path) -> None:
+    grid = load_grid(_grid_file(tmp_path), ["train.steps=5", "qk.mult_q=[0.1,0.5]"])
+    runs = expand(grid)
+    names = sorted({(r.variant, r.arm) for r in runs})
+    assert names == [("gpt", "control"), ("gpt", "slowqk[mult_q=0.1]"), ("gpt", "slowqk[mult_q=0.5]"),
+                     ("llama", "control"), ("llama", "slowqk[mult_q=0.1]"), ("llama", "slowqk[mult_q=0.5]")]
+    assert len(runs) == 3 * 2 + 3 * 1  # llama uses its own seed list
+    r = next(x for x in runs if x.arm == "slowqk[mult_q=0.5]" and x.seed == 2)
+    assert {"train.steps=5", "qk.mult_q=0.5", "qk.enabled=true", "seed=2"} <= set(r.overrides)
+    assert r.run_dir == str(tmp_path / "out" / "gpt" / "slowqk[mult_q=0.5]" / "seed2")
+
+
+@pytest.mark.parametrize("extra, cli, match", [
+    ({"control": "baseline"}, [], "control arm 'baseline' is not among arms"),
+    ({}, ["train.stepz=3"], "run gpt/control/seed1: .*stepz"),
+    ({"seeds": []}, [], "key 'seeds'"),
+    ({}, ["qk.mult_q=[]"], "sweep 'qk.mult_q' has no values"),
+])
+def test_bad_grids_name_the_problem(tmp_path, extra, cli, match) -> None:
+    with pytest.raises(RecipeError, match=match):
+        expand(load_grid(_grid_file(tmp_path, **extra), cli))
+
+
+@pytest.mark.slow
+def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
+    from conftest import SHARED
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:2000]))
+    small = {"train.steps": 4, "train.eval_interval": 2, "train.eval_iters": 1, "model.num_layers": 2,
+             "model.hidden_size": 32, "model.seq_length": 32, "data.corpus": str(corpus),
+             "data.tokenizer_vocab_size": 384, "diagnostics.interval": 2, "train.tensorboard": False}
+    path = _grid_file(tmp_path, overrides=small, variants={"gpt": {"recipe": "tiny/gpt"}})
+    grid = load_grid(path)
+    assert run_grid(grid, jobs=2) == 0
+    out = tmp_path / "out"
+    for arm in ("control", "slowqk"):
+        for seed in (1, 2):
+            run = out / "gpt" / arm / f"seed{seed}"
+            assert json.loads((run / "summary.json").read_text())["steps"] == 4
+            assert (run / "recipe.yaml").is_file() and (run / "diagnostics.jsonl").is_file()
+    assert len(list((out / "data").iterdir())) == 1  # the corpus was prepared once for all runs
+    capsys.readouterr()
+    assert run_grid(load_grid(path), jobs=2) == 0
+    assert "4 finished, 0 to run" in capsys.readouterr().out
+
+    table, files = write_summary(out)
+    assert "| gpt | slowqk | 2 |" in table
+    names = {f.name for f in files}
+    assert {"summary.md", "loss_curves.png", "paired_differences.png", "entropy_gpt.png", "lambda.png"} <= names
+    assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
+    pair, = json.loads((out / "summary" / "summary.json").read_text())["pairs"]
+    assert pair["seeds"] == [1, 2] and pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
