@@ -137,11 +137,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _sharded_model_state(model_chunks) -> dict:
+    return {
+        f"model{i}": getattr(chunk, "module", chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        for i, chunk in enumerate(model_chunks)
+    }
+
+
 def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
-    model_sd = {}
-    for i, chunk in enumerate(model_chunks):
-        module = getattr(chunk, "module", chunk)
-        model_sd[f"model{i}"] = module.sharded_state_dict(metadata=SHARDING_METADATA)
+    model_sd = _sharded_model_state(model_chunks)
     merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
     return {
         **model_sd,
@@ -150,9 +154,15 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any]
+    ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any],
+    files: dict[str, Path] | None = None,
 ) -> Path:
-    """Save a complete checkpoint for ``step`` (number of optimizer steps done)."""
+    """Save a complete checkpoint for ``step`` (number of optimizer steps done); with
+    ``optimizer=None`` a weights-only one (``train.init_from`` loads it, e.g. an HF import).
+
+    ``files`` (name inside the checkpoint -> source path) are copied in and covered by the
+    record's checksums, e.g. the tokenizer, so a checkpoint is self-contained for export.
+    """
     rank = dist.get_rank()
     final = ckpt_root / _iter_name(step)
     tmp = ckpt_root / (_iter_name(step) + ".tmp")
@@ -161,12 +171,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict()
+    if optimizer is None:
+        state = _sharded_model_state(model_chunks)
+    else:
+        state = _sharded_state(model_chunks, optimizer, is_loading=False)
+        state["scheduler"] = scheduler.state_dict()
     state["extra"] = {**extra, "step": step}
     dist_checkpointing.save(state, str(tmp))
     # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
     torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    if rank == 0:
+        for name, src in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
     dist.barrier()
     faults.kill_in_save(step, rank)
     if rank == 0:
@@ -270,6 +287,17 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state["extra"]
+
+
+def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
+    """Only the model weights of a checkpoint (any TP/PP layout; resharded on load); returns its
+    ``extra``. For ``train.init_from`` and for reading a model back outside training."""
+    verify_checkpoint(path)
+    with _weights_only_loads():
+        state = dist_checkpointing.load(_sharded_model_state(model_chunks), str(path))
+    for i, chunk in enumerate(model_chunks):
+        getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
+    return read_extra(path)
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int | None = None) -> None:

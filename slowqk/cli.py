@@ -162,6 +162,33 @@ def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from slowqk.hf.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from slowqk.hf.importer import import_rank, recipe_for
+
+    recipe = recipe_for(__import__("pathlib").Path(args.hf_dir), load_recipe(args.recipe, args.overrides), args.tp, args.pp)
+    world = args.tp * args.pp
+    if world > 1 and "WORLD_SIZE" not in os.environ:  # one process per rank, through torchrun
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "slowqk.cli", "import-hf", args.hf_dir, args.out, "--recipe", args.recipe,
+               "--tp", str(args.tp), "--pp", str(args.pp), *args.overrides]
+        return subprocess.run(cmd).returncode
+    path = import_rank(args.hf_dir, recipe, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"imported {args.hf_dir} -> {path} (TP={args.tp}, PP={args.pp}); continue with train.init_from={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slowqk", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("grid_dir")
     es.add_argument("--out", default=None, help="output directory (default <grid_dir>/summary)")
     es.set_defaults(func=_cmd_experiment_summarize)
+
+    sp = sub.add_parser("export-hf", help="checkpoint (any TP/PP) -> Hugging Face model directory")
+    sp.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    sp.add_argument("out")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.set_defaults(func=_cmd_export_hf)
+
+    sp = sub.add_parser("import-hf", help="Hugging Face GPT-2/LLaMA directory -> weights-only checkpoint at TP x PP")
+    sp.add_argument("hf_dir")
+    sp.add_argument("out", help="checkpoint root to create (iter_0000000 + latest)")
+    sp.add_argument("--recipe", required=True, help="recipe whose non-architecture settings to record")
+    sp.add_argument("--tp", type=int, default=1)
+    sp.add_argument("--pp", type=int, default=1)
+    sp.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    sp.set_defaults(func=_cmd_import_hf)
 
     sp = sub.add_parser("quickstart", help="control vs intervention on the tiny recipe; table + plot")
     recipe_args(sp, default="tiny/gpt")

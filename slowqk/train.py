@@ -319,9 +319,12 @@ class Trainer:
                 "recipe": self.recipe.model_dump(mode="json"),
                 "tokenizer_sha256": self.tokenizer.sha256,
                 "padded_vocab_size": self.vocab_size,
+                "vocab_size": self.recipe.model.vocab_size or self.tokenizer.vocab_size,
+                "tokenizer_file": f"tokenizer/{self.tokenizer.path.name}",
                 "consumed_samples": self.step * self.recipe.train.global_batch_size,
                 "skipped_total": self.total_skips,
             },
+            files={f"tokenizer/{self.tokenizer.path.name}": self.tokenizer.path},
         )
         prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.recipe.train.keep_every)
         return path

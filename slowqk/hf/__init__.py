@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: export, import."""
