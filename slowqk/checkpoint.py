@@ -289,6 +289,19 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     return state["extra"]
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run / checkpoints directory (its ``latest``)."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected a checkpoint directory or a run with checkpoints/latest)")
+
+
 def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
     """Only the model weights of a checkpoint (any TP/PP layout; resharded on load); returns its
     ``extra``. For ``train.init_from`` and for reading a model back outside training."""

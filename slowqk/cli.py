@@ -11,6 +11,14 @@ import warnings
 from slowqk.config import RecipeError, load_recipe, recipe_to_yaml
 
 
+def _default_shared(rel: str) -> str:
+    """A path under the shared data directory beside the repository, if it is there."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("SLOWQK_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
+    return str(root / rel) if (root / rel).exists() else ""
+
+
 def _quiet_dependencies() -> None:
     # CPU runs trigger "Apex / Transformer Engine not installed" notices on every import.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE|apex).*")
@@ -168,6 +176,15 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
+    if args.check_val:
+        from slowqk.hf.validate import compare_validation
+
+        r = compare_validation(args.checkpoint, out)
+        print(f"validation loss on {r['tokens']} tokens: slowqk {r['slowqk']:.6f} (ppl {r['slowqk_ppl']:.4f}), "
+              f"exported HF model {r['hf']:.6f} (ppl {r['hf_ppl']:.4f}), |diff| {r['abs_diff']:.2e}")
+        if args.dtype == "float32" and r["abs_diff"] > 1e-4:
+            print("error: the exported model disagrees with the checkpoint", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -186,6 +203,28 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     path = import_rank(args.hf_dir, recipe, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"imported {args.hf_dir} -> {path} (TP={args.tp}, PP={args.pp}); continue with train.init_from={args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from slowqk.evaluate import evaluate, format_results
+
+    if args.compare:
+        records = {p: json.loads(Path(p).read_text()) for p in args.compare}
+        print(format_results(records))
+        return 0
+    if not args.model:
+        print("error: give a model directory (or --compare RESULT.json ...)", file=sys.stderr)
+        return 2
+    out = args.out or str(Path(args.model) / "eval_results.json")
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    record = evaluate(args.model, out, tasks=tasks, eval_data=args.eval_data or None, corpus=args.corpus or None,
+                      include_path=args.include_path, limit=args.limit, batch_size=args.batch_size)
+    print(format_results({out: record}))
+    print(f"results: {out}")
     return 0
 
 
@@ -240,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sp.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--check-val", action="store_true",
+                    help="also compute the validation loss with SlowQK and with the exported model (needs the run's data)")
     sp.set_defaults(func=_cmd_export_hf)
 
     sp = sub.add_parser("import-hf", help="Hugging Face GPT-2/LLaMA directory -> weights-only checkpoint at TP x PP")
@@ -250,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pp", type=int, default=1)
     sp.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
     sp.set_defaults(func=_cmd_import_hf)
+
+    sp = sub.add_parser("evaluate", help="lm-evaluation-harness on an exported model, offline, local tasks")
+    sp.add_argument("model", nargs="?", help="Hugging Face model directory (from export-hf)")
+    sp.add_argument("--tasks", default=None, help="comma-separated task names (default: every local task)")
+    sp.add_argument("--eval-data", default=os.environ.get("SLOWQK_EVAL_DATA", _default_shared("data/eval")),
+                    help="directory of <task>_<split>.jsonl files in lm-eval's layout ('' for none; env SLOWQK_EVAL_DATA)")
+    sp.add_argument("--corpus", default=_default_shared("data/tinyshakespeare/input.txt"),
+                    help="corpus whose validation part makes the shakespeare_* tasks ('' for none)")
+    sp.add_argument("--include-path", default=None, help="an extra directory of lm-eval task YAMLs")
+    sp.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--out", default=None, help="results JSON (default <model>/eval_results.json)")
+    sp.add_argument("--compare", nargs="+", default=None, metavar="RESULT", help="print result files side by side")
+    sp.set_defaults(func=_cmd_evaluate)
 
     sp = sub.add_parser("quickstart", help="control vs intervention on the tiny recipe; table + plot")
     recipe_args(sp, default="tiny/gpt")

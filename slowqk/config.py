@@ -171,6 +171,9 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(50, ge=1)
     eval_iters: int = Field(4, ge=1)
     save_interval: int | None = Field(None, ge=1)
+    init_from: str | None = Field(
+        None, description="start from these weights (a checkpoint or checkpoint root, e.g. from import-hf); "
+        "fresh optimizer, step 0; ignored when the run resumes from its own checkpoint")
     keep_last: int = Field(2, ge=1)
     keep_every: int | None = Field(None, ge=1, description="checkpoints at multiples of this are never pruned")
     on_nonfinite: Literal["skip", "stop"] = "skip"

@@ -167,6 +167,10 @@ class Trainer:
             probe=recipe.diagnostics.interval > 0,
         )
         model.to(self.device)
+        from slowqk.checkpoint import latest_checkpoint
+
+        if t.init_from and latest_checkpoint(self.ckpt_root) is None:
+            self._init_weights(model, t.init_from)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)
@@ -183,6 +187,24 @@ class Trainer:
         self.total_skips = 0
 
     # ------------------------------------------------------------------ helpers
+
+    def _init_weights(self, model, source: str) -> None:
+        """Load weights only (before DDP and the optimizer copy them into their buffers)."""
+        from slowqk.checkpoint import load_model_weights, read_extra, resolve_checkpoint
+
+        path = resolve_checkpoint(source)
+        saved = read_extra(path)
+        if saved.get("tokenizer_sha256") != self.tokenizer.sha256:
+            raise ValueError(f"train.init_from={source}: the checkpoint's tokenizer differs from this run's "
+                             "(use its tokenizer: data.tokenizer=<checkpoint>/tokenizer/...)")
+        if saved.get("padded_vocab_size", self.vocab_size) != self.vocab_size:
+            raise ValueError(f"train.init_from={source}: {saved['padded_vocab_size']} embedding rows, this run has {self.vocab_size}")
+        mine, theirs = self.recipe.model.model_dump(mode="json"), saved["recipe"]["model"]
+        diff = [f"model.{k}: {theirs.get(k)!r} (checkpoint) vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diff:
+            raise ValueError(f"train.init_from={source}: architecture differs: " + "; ".join(diff))
+        load_model_weights(path, [model])
+        log.info("initialized weights from %s", path)
 
     def _resolve_data(self) -> tuple[Path, list[str], list[str], list[float] | None]:
         """Tokenizer, train prefixes, validation prefixes and train blend weights."""

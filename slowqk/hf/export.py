@@ -15,26 +15,12 @@ from pathlib import Path
 
 import torch
 
+from slowqk.checkpoint import resolve_checkpoint
 from slowqk.config import ModelConfig, Recipe
-from slowqk.hf.mapping import hf_config, iter_hf_tensors, rules
+from slowqk.hf.mapping import expected_shape, hf_config, iter_hf_tensors, rules
 from slowqk.hf.reader import CheckpointReader, CheckpointReadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run / checkpoints directory (its ``latest``)."""
-    from slowqk.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if (root / "latest").is_file():
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found
-    raise CheckpointReadError(f"{path}: no checkpoint here (expected a checkpoint directory or a run with checkpoints/latest)")
 
 
 def _parse_size(text: str | int) -> int:
@@ -159,10 +145,21 @@ def export_checkpoint(
         raise CheckpointReadError(f"{tok_file}: sha256 differs from the checkpoint's tokenizer_sha256")
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eod")
 
+    # The checkpoint's tensors must be exactly what its recipe describes (before anything is written).
+    padded = int(extra.get("padded_vocab_size") or reader.shape("embedding.word_embeddings.weight")[0])
     expected = {r.key for r in key_rules}
     for key in reader.tensor_keys():
-        if key.startswith(("embedding.", "decoder.", "output_layer.")) and key not in expected and "_extra_state" not in key:
-            raise CheckpointReadError(f"{reader.path}: tensor {key!r} has no place in the {type(hf_config(model, vocab, bos, eos)).__name__} layout")
+        if not key.startswith(("embedding.", "decoder.", "output_layer.")) or "_extra_state" in key:
+            continue
+        if key not in expected:
+            raise CheckpointReadError(f"{reader.path}: tensor {key!r} has no place in the "
+                                      f"{type(hf_config(model, vocab, bos, eos)).__name__} layout of the checkpoint's recipe")
+        want = expected_shape(key, model, padded)
+        if reader.shape(key) != want:
+            raise CheckpointReadError(f"{reader.path}: tensor {key!r} has shape {reader.shape(key)}, the checkpoint's "
+                                      f"recipe implies {want} (a checkpoint from a different recipe?)")
+    if vocab > padded:
+        raise CheckpointReadError(f"{reader.path}: vocab_size {vocab} exceeds the embedding's {padded} rows")
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,8 +174,6 @@ def export_checkpoint(
                 stacked = _zero_bias_for(rule.key, reader)
             else:
                 raise CheckpointReadError(f"{reader.path}: tensor {rule.key!r} is missing from the checkpoint")
-            if rule.key.endswith("position_embeddings.weight") and stacked.shape[0] != model.seq_length:
-                raise CheckpointReadError(f"{reader.path}: {rule.key} has {stacked.shape[0]} rows, the recipe says seq_length {model.seq_length}")
             for name, tensor in iter_hf_tensors(rule, stacked, vocab):
                 writer.add(name, tensor.to(target).contiguous())
             del stacked

@@ -219,6 +219,36 @@ def rules(model: ModelConfig) -> list[Rule]:
     return out
 
 
+def expected_shape(key: str, model: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
+    """The global shape a checkpoint of ``model`` stores under ``key``."""
+    d = Dims.of(model)
+    fc1 = d.ffn * (2 if model.ffn == "swiglu" else 1)
+    qkv = (d.heads + 2 * d.groups) * d.head_dim
+    per_layer = {
+        "self_attention.linear_qkv.layer_norm_weight": (d.hidden,),
+        "self_attention.linear_qkv.layer_norm_bias": (d.hidden,),
+        "self_attention.linear_qkv.weight": (qkv, d.hidden),
+        "self_attention.linear_qkv.bias": (qkv,),
+        "self_attention.linear_proj.weight": (d.hidden, d.heads * d.head_dim),
+        "self_attention.linear_proj.bias": (d.hidden,),
+        "mlp.linear_fc1.layer_norm_weight": (d.hidden,),
+        "mlp.linear_fc1.layer_norm_bias": (d.hidden,),
+        "mlp.linear_fc1.weight": (fc1, d.hidden),
+        "mlp.linear_fc1.bias": (fc1,),
+        "mlp.linear_fc2.weight": (d.hidden, d.ffn),
+        "mlp.linear_fc2.bias": (d.hidden,),
+    }
+    if key.startswith("decoder.layers."):
+        return (d.num_layers, *per_layer[key.removeprefix("decoder.layers.")])
+    return {
+        "embedding.word_embeddings.weight": (padded_vocab, d.hidden),
+        "embedding.position_embeddings.weight": (model.seq_length, d.hidden),
+        "output_layer.weight": (padded_vocab, d.hidden),
+        "decoder.final_layernorm.weight": (d.hidden,),
+        "decoder.final_layernorm.bias": (d.hidden,),
+    }[key]
+
+
 def hf_names(rule: Rule, layer: int | None) -> list[str]:
     return [n.format(i=layer) for n in rule.hf]
 

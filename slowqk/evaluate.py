@@ -1,0 +1,174 @@
+"""Downstream evaluation of an exported model with lm-evaluation-harness, fully offline.
+
+Tasks come from local task YAMLs over local JSONL, generated into ``<out>/tasks``:
+
+- ``<name>_local`` for each standard set found in the eval data directory (files named
+  ``<task>_<split>.jsonl`` in lm-eval's field layout: lambada_openai, hellaswag, arc_easy,
+  arc_challenge, piqa, openbookqa). Each YAML ``include``s lm-eval's own task definition and only
+  points it at the local file, so prompts and metrics are the stock ones.
+- ``shakespeare_lastword`` (LAMBADA's definition over held-out Shakespeare passages, the last word
+  to predict) and ``shakespeare_ppl`` (rolling log-likelihood perplexity), both from the
+  validation part of the bundled corpus, i.e. text the tiny recipes never train on.
+
+Any other task directory can be added with ``include_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STOCK = {  # task -> (lm-eval task yaml relative to lm_eval/tasks, split the local file holds)
+    "lambada_openai": ("lambada/lambada_openai.yaml", "test"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+    "arc_easy": ("arc/arc_easy.yaml", "test"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
+    "piqa": ("piqa/piqa.yaml", "validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
+}
+SHAKESPEARE = ("shakespeare_lastword", "shakespeare_ppl")
+PRIMARY = ("acc_norm", "acc", "word_perplexity", "perplexity")
+
+
+def _lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def shakespeare_documents(corpus: Path, valid_fraction: float = 0.1, min_words: int = 8) -> list[str]:
+    """Held-out passages: the validation documents of :func:`slowqk.data.corpus.split_corpus`."""
+    from slowqk.data.corpus import split_corpus
+
+    _, valid = split_corpus(corpus.read_text(encoding="utf-8"), valid_fraction)
+    return [d for d in valid if len(d.split()) >= min_words]
+
+
+def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> list[str]:
+    """Write task YAMLs (and the Shakespeare JSONL) into ``task_dir``; returns the task names."""
+    task_dir.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    if eval_data is not None:
+        if not eval_data.is_dir():
+            raise FileNotFoundError(f"eval data directory not found: {eval_data}")
+        stock_dir = _lm_eval_tasks_dir()
+        for task, (rel, split) in STOCK.items():
+            data = eval_data / f"{task}_{split}.jsonl"
+            if not data.is_file():
+                continue
+            spec = {
+                "include": str(stock_dir / rel), "task": f"{task}_local", "dataset_path": "json",
+                "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
+                "training_split": None, "validation_split": split if split == "validation" else None,
+                "test_split": split if split == "test" else None, "fewshot_split": None,
+            }
+            (task_dir / f"{task}_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+            names.append(f"{task}_local")
+    if corpus is not None:
+        if not corpus.is_file():
+            raise FileNotFoundError(f"corpus not found: {corpus}")
+        docs = shakespeare_documents(corpus)
+        last = task_dir / "shakespeare_lastword.jsonl"
+        with open(last, "w") as f:  # LAMBADA layout: the target is the passage's last word, no punctuation
+            for d in docs:
+                text = re.sub(r"\W+$", "", " ".join(d.split()))
+                f.write(json.dumps({"text": text}) + "\n")
+        rolling = task_dir / "shakespeare_ppl.jsonl"
+        with open(rolling, "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        (task_dir / "shakespeare_lastword.yaml").write_text(yaml.safe_dump({
+            "include": str(_lm_eval_tasks_dir() / STOCK["lambada_openai"][0]), "task": "shakespeare_lastword",
+            "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(last.resolve())}}, "test_split": "test",
+        }, sort_keys=False))
+        (task_dir / "shakespeare_ppl.yaml").write_text(yaml.safe_dump({
+            "task": "shakespeare_ppl", "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(rolling.resolve())}}, "test_split": "test",
+            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+            "metadata": {"version": 1.0},
+        }, sort_keys=False))
+        names += list(SHAKESPEARE)
+    return names
+
+
+def _primary(metrics: dict[str, float]) -> tuple[str, float] | None:
+    for name in PRIMARY:
+        if name in metrics:
+            return name, metrics[name]
+    return None
+
+
+def evaluate(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    eval_data: str | Path | None = None,
+    corpus: str | Path | None = None,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Run lm-eval on ``model_dir`` (a Hugging Face directory) and write ``out`` (JSON)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    task_dir = out.parent / (out.stem + "_tasks")
+    available = write_tasks(task_dir, Path(eval_data) if eval_data else None, Path(corpus) if corpus else None)
+    chosen = tasks or available
+    include = [str(task_dir)] + ([str(include_path)] if include_path else [])
+    manager = TaskManager(include_path=include)
+    unknown = [t for t in chosen if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; available here: {sorted(available)}")
+    raw = simple_evaluate(
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=chosen, task_manager=manager,
+        limit=limit, batch_size=batch_size, device="cpu", log_samples=False,
+    )
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in raw["results"].items():
+        clean = {}
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if isinstance(value, int | float) and not name.endswith("_stderr") and name not in ("alias", "sample_len"):
+                clean[name] = float(value)
+        results[task] = clean
+    scores = {t: p[1] for t, m in results.items() if (p := _primary(m))}
+    record = {"model": str(model_dir), "limit": limit, "tasks": results, "scores": scores,
+              "primary_metric": {t: p[0] for t, m in results.items() if (p := _primary(m))},
+              "n_samples": {t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(out)
+    return record
+
+
+def format_results(records: dict[str, dict]) -> str:
+    """Side-by-side table of one or more result files (columns: runs; rows: task/metric)."""
+    rows = sorted({(t, m) for r in records.values() for t, ms in r["tasks"].items() for m in ms})
+    names = list(records)
+    width = max([len("task / metric")] + [len(f"{t} / {m}") for t, m in rows])
+    head = f"{'task / metric':<{width}}" + "".join(f"{n[-18:]:>20}" for n in names)
+    lines = [head, "-" * len(head)]
+    for t, m in rows:
+        cells = []
+        for n in names:
+            v = records[n]["tasks"].get(t, {}).get(m)
+            cells.append(f"{'-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}':>20}")
+        lines.append(f"{t + ' / ' + m:<{width}}" + "".join(cells))
+    return "\n".join(lines)
