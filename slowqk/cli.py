@@ -222,7 +222,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.model) / "eval_results.json")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     record = evaluate(args.model, out, tasks=tasks, eval_data=args.eval_data or None, corpus=args.corpus or None,
-                      include_path=args.include_path, limit=args.limit, batch_size=args.batch_size)
+                      include_path=args.include_path, limit=args.limit, batch_size=args.batch_size,
+                      max_length=args.max_length)
     print(format_results({out: record}))
     print(f"results: {out}")
     return 0
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--include-path", default=None, help="an extra directory of lm-eval task YAMLs")
     sp.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--max-length", type=int, default=None,
+                    help="context window for lm-eval (default: the model's; RoPE models may go beyond their training length)")
     sp.add_argument("--out", default=None, help="results JSON (default <model>/eval_results.json)")
     sp.add_argument("--compare", nargs="+", default=None, metavar="RESULT", help="print result files side by side")
     sp.set_defaults(func=_cmd_evaluate)

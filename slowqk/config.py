@@ -189,6 +189,17 @@ class DiagnosticsConfig(_Strict):
     probe_samples: int = Field(4, ge=1, description="fixed validation samples the probe runs on")
 
 
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The model fields that decide the weights' shapes and meaning (what init_from must match)."""
+    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "norm", "bias", "position", "tie_embeddings"]
+    out = {k: getattr(model, k) for k in keys}
+    out["num_query_groups"] = model.num_query_groups or model.num_attention_heads
+    out["ffn_hidden_size"] = model.ffn_size
+    if model.position == "learned":
+        out["seq_length"] = model.seq_length  # rows of the position embedding
+    return out
+
+
 class Recipe(_Strict):
     name: str = "run"
     seed: int = 1234

@@ -116,6 +116,7 @@ def evaluate(
     include_path: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval on ``model_dir`` (a Hugging Face directory) and write ``out`` (JSON)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,7 +137,8 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; available here: {sorted(available)}")
     raw = simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=chosen, task_manager=manager,
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
+        tasks=chosen, task_manager=manager,
         limit=limit, batch_size=batch_size, device="cpu", log_samples=False,
     )
     results: dict[str, dict[str, float]] = {}

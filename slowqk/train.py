@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from slowqk.config import Recipe, recipe_to_yaml
+from slowqk.config import ModelConfig, Recipe, architecture, recipe_to_yaml
 from slowqk.distributed import init_distributed, shutdown
 
 EXIT_PREEMPTED = 75  # a signal asked the run to stop; a checkpoint was saved; resume to continue
@@ -199,8 +199,8 @@ class Trainer:
                              "(use its tokenizer: data.tokenizer=<checkpoint>/tokenizer/...)")
         if saved.get("padded_vocab_size", self.vocab_size) != self.vocab_size:
             raise ValueError(f"train.init_from={source}: {saved['padded_vocab_size']} embedding rows, this run has {self.vocab_size}")
-        mine, theirs = self.recipe.model.model_dump(mode="json"), saved["recipe"]["model"]
-        diff = [f"model.{k}: {theirs.get(k)!r} (checkpoint) vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        mine, theirs = architecture(self.recipe.model), architecture(ModelConfig.model_validate(saved["recipe"]["model"]))
+        diff = [f"model.{k}: {theirs[k]!r} (checkpoint) vs {v!r}" for k, v in mine.items() if theirs[k] != v]
         if diff:
             raise ValueError(f"train.init_from={source}: architecture differs: " + "; ".join(diff))
         load_model_weights(path, [model])

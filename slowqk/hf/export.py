@@ -153,7 +153,7 @@ def export_checkpoint(
             continue
         if key not in expected:
             raise CheckpointReadError(f"{reader.path}: tensor {key!r} has no place in the "
-                                      f"{type(hf_config(model, vocab, bos, eos)).__name__} layout of the checkpoint's recipe")
+                                      f"{type(hf_config(model, padded, bos, eos)).__name__} layout of the checkpoint's recipe")
         want = expected_shape(key, model, padded)
         if reader.shape(key) != want:
             raise CheckpointReadError(f"{reader.path}: tensor {key!r} has shape {reader.shape(key)}, the checkpoint's "
@@ -174,11 +174,11 @@ def export_checkpoint(
                 stacked = _zero_bias_for(rule.key, reader)
             else:
                 raise CheckpointReadError(f"{reader.path}: tensor {rule.key!r} is missing from the checkpoint")
-            for name, tensor in iter_hf_tensors(rule, stacked, vocab):
+            for name, tensor in iter_hf_tensors(rule, stacked):
                 writer.add(name, tensor.to(target).contiguous())
             del stacked
         writer.finish()
-        config = hf_config(model, vocab, bos, eos)
+        config = hf_config(model, padded, bos, eos)  # padded rows kept: see slowqk.hf.mapping
         config.dtype = dtype
         config.save_pretrained(str(tmp))
         from transformers import GenerationConfig

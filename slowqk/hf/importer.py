@@ -53,6 +53,7 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         return {
             "num_layers": config["num_hidden_layers"], "hidden_size": hidden, "num_attention_heads": heads,
             "num_query_groups": None if kv == heads else kv, "ffn_hidden_size": config["intermediate_size"],
+            "seq_length": config.get("max_position_embeddings", 2048),  # RoPE: training may use a shorter one
             "ffn": "swiglu", "norm": "rmsnorm", "position": "rope", "bias": bool(config.get("attention_bias")),
             "norm_epsilon": config.get("rms_norm_eps", 1e-6), "rotary_base": float(theta),
             "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "vocab_size": config["vocab_size"],
@@ -64,6 +65,8 @@ def recipe_for(hf_dir: Path, recipe: Recipe, tensor: int, pipeline: int) -> Reci
     config = json.loads((hf_dir / "config.json").read_text())
     data = recipe.model_dump(mode="json")
     data["model"].update(model_overrides_from_hf(config))
+    # no extra padding: zero rows would take part in the softmax and change the model's probabilities
+    data["model"]["make_vocab_size_divisible_by"] = 1
     data["parallel"].update(tensor=tensor, pipeline=pipeline)
     return build_recipe(data, f"{hf_dir}/config.json + recipe {recipe.name!r}")
 
@@ -178,6 +181,9 @@ def import_rank(hf_dir: str | Path, recipe: Recipe, out: str | Path) -> Path:
     init_distributed(recipe.parallel, recipe.seed)
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
+    if padded != vocab:
+        raise ValueError(f"{hf_dir}: vocab_size {vocab} does not split over tensor parallel size {recipe.parallel.tensor}; "
+                         "padding rows would change the model's probabilities (import at a TP size that divides it)")
     cfg = build_transformer_config(recipe.model, tensor_parallel=recipe.parallel.tensor,
                                    pipeline_parallel=recipe.parallel.pipeline)
     model = build_gpt_model(recipe.model, cfg, padded, pre_process=parallel_state.is_pipeline_first_stage(),

@@ -13,7 +13,9 @@ Conventions that matter:
 - RoPE: megatron-core's default (non-interleaved, ``rotate_half``) is LLaMA's in ``transformers``;
   no row permutation is needed (that permutation exists for Meta's original interleaved weights).
 - GPT-2's ``Conv1D`` stores ``[in, out]``: weights are transposed.
-- The padded embedding rows (vocabulary padding) are dropped on export and zero-filled on import.
+- The embedding keeps its padded rows (megatron-core pads the vocabulary for TP): those rows take
+  part in the softmax during training, so dropping them would change every probability. The HF
+  ``vocab_size`` is the padded size; the tokenizer never emits the extra ids.
 """
 
 from __future__ import annotations
@@ -253,10 +255,8 @@ def hf_names(rule: Rule, layer: int | None) -> list[str]:
     return [n.format(i=layer) for n in rule.hf]
 
 
-def iter_hf_tensors(rule: Rule, stacked: torch.Tensor, vocab_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """The HF tensors one megatron checkpoint tensor maps to (vocabulary padding dropped)."""
-    if rule.key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        stacked = stacked[:vocab_size]
+def iter_hf_tensors(rule: Rule, stacked: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors one megatron checkpoint tensor maps to."""
     if not rule.layered:
         yield from zip(hf_names(rule, None), rule.to_hf(stacked), strict=True)
         return

@@ -1,0 +1,270 @@
+"""Hugging Face export / import, checked by logits against megatron-core's own model, and lm-eval."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED
+from multiproc import run_ranks
+
+pytestmark = pytest.mark.slow
+CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
+LAYOUTS = {"tp1": {}, "tp2": {"parallel.tensor": 2}, "pp2": {"parallel.pipeline": 2}}
+
+
+def _train_worker(rank: int, world: int, recipe: str, overrides: list[str]) -> dict:
+    from slowqk.config import load_recipe
+    from slowqk.train import train
+
+    return train(load_recipe(recipe, overrides), quiet=True)
+
+
+def _train(root: Path, dataset: str, name: str, recipe: str, world: int, **extra) -> Path:
+    base = {
+        "out_dir": str(root / name), "data.corpus": "null", "data.dataset": dataset,
+        "model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32,
+        "train.steps": 2, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.eval_iters": 2,
+        "train.save_interval": 2, "train.progress_bar": "false", "train.tensorboard": "false",
+        "optimizer.warmup_steps": 1,
+    }
+    base.update(extra)
+    run_ranks(_train_worker, world, recipe, [f"{k}={v}" for k, v in base.items()])
+    return root / name / "checkpoints" / "iter_0000002"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Trained 2-step checkpoints: GPT and LLaMA (GQA) at TP1, TP2, PP2; GPT without biases."""
+    from slowqk.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("hf")
+    small = root / "corpus.txt"
+    small.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:3000]))
+    dataset = str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
+    out = {}
+    for fam, recipe in (("gpt", "tiny/gpt"), ("llama", "tiny/llama")):
+        for layout, extra in LAYOUTS.items():
+            out[f"{fam}-{layout}"] = _train(root, dataset, f"{fam}-{layout}", recipe, 1 if layout == "tp1" else 2, **extra)
+    out["gpt-nobias"] = _train(root, dataset, "gpt-nobias", "tiny/gpt", 1, **{"model.bias": "false"})
+    return out
+
+
+def _megatron_logits(rank: int, world: int, ckpt: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of megatron-core's model with the checkpoint loaded by megatron-core (TP1, resharded)."""
+    from slowqk.checkpoint import load_model_weights, read_extra
+    from slowqk.config import Recipe
+    from slowqk.distributed import init_distributed
+    from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
+
+    extra = read_extra(Path(ckpt))
+    recipe = Recipe.model_validate(extra["recipe"])
+    recipe.parallel.tensor = recipe.parallel.pipeline = 1
+    init_distributed(recipe.parallel, 0)
+    padded = padded_vocab_size(extra["vocab_size"], recipe.model.make_vocab_size_divisible_by, 1)
+    model = build_gpt_model(recipe.model, build_transformer_config(recipe.model), padded)
+    load_model_weights(Path(ckpt), [model])
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    return logits.float()  # all padded rows: the export keeps them
+
+
+def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("case", ["gpt-tp1", "gpt-tp2", "gpt-pp2", "llama-tp1", "llama-tp2", "llama-pp2", "gpt-nobias"])
+def test_exported_logits_equal_megatron_logits(checkpoints, tmp_path, case) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    ckpt = checkpoints[case]
+    out = export_checkpoint(ckpt, tmp_path / "hf", max_shard_size="100KB")  # several shards + index
+    assert (out / "model.safetensors.index.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == (["GPT2LMHeadModel"] if case.startswith("gpt") else ["LlamaForCausalLM"])
+    if case.startswith("llama"):
+        assert config["num_key_value_heads"] == 2 < config["num_attention_heads"]  # GQA
+    vocab = config["vocab_size"]
+    assert vocab == 512  # the 400-token vocabulary padded to a multiple of 128
+    ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    ours = run_ranks(_megatron_logits, 1, str(ckpt), ids)[0]
+    theirs = _hf_logits(out, ids)
+    assert ours.shape == theirs.shape == (2, 32, vocab)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def _import(hf_dir: Path, out: Path, recipe: str, tp: int, pp: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "slowqk.cli", "import-hf", str(hf_dir), str(out), "--recipe", recipe,
+           "--tp", str(tp), "--pp", str(pp)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("fam, tp, pp", [("llama", 2, 1), ("gpt", 1, 2)])
+def test_import_then_export_is_bitwise_identical(checkpoints, tmp_path, fam, tp, pp) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    first = export_checkpoint(checkpoints[f"{fam}-tp1"], tmp_path / "first")
+    proc = _import(first, tmp_path / "imported", f"tiny/{fam}", tp, pp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = export_checkpoint(tmp_path / "imported", tmp_path / "second")
+    assert filecmp.cmp(first / "model.safetensors", second / "model.safetensors", shallow=False)
+    assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
+
+
+def _train_from_import(rank: int, world: int, imported: str, dataset: str, out: str) -> dict:
+    from slowqk.config import load_recipe
+    from slowqk.train import train
+
+    tok = next(Path(imported, "iter_0000000", "tokenizer").iterdir())
+    overrides = [f"train.init_from={imported}", "data.corpus=null", f"data.dataset={dataset}",
+                 f"data.tokenizer={tok}", f"out_dir={out}", "train.steps=1", "train.eval_iters=1",
+                 "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",
+                 "model.vocab_size=512", "train.micro_batch_size=2", "train.global_batch_size=4",
+                 "train.progress_bar=false", "train.tensorboard=false", "train.save_interval=1",
+                 # an update far below fp32 resolution: the weights must come out exactly as loaded
+                 "optimizer.lr=1e-30", "optimizer.min_lr=0", "optimizer.weight_decay=0", "optimizer.warmup_steps=0"]
+    return train(load_recipe("tiny/llama", overrides), quiet=True)
+
+
+def test_continue_pretraining_from_an_import(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    first = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "first")
+    assert _import(first, tmp_path / "imported", "tiny/llama", 1, 1).returncode == 0
+    dataset = str(next(checkpoints["llama-tp1"].parents[2].glob("prepared/dataset")))
+    run_ranks(_train_from_import, 1, str(tmp_path / "imported"), dataset, str(tmp_path / "run"))
+    again = export_checkpoint(tmp_path / "run", tmp_path / "again")
+    assert filecmp.cmp(first / "model.safetensors", again / "model.safetensors", shallow=False)
+
+
+def test_validation_loss_of_slowqk_and_exported_model_agree(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    ckpt = checkpoints["llama-tp2"]
+    hf = export_checkpoint(ckpt, tmp_path / "hf")
+    r = run_ranks(_compare_worker, 1, str(ckpt), str(hf))[0]
+    assert r["tokens"] == 2 * 4 * 32
+    assert r["abs_diff"] <= 1e-4, r
+
+
+def _compare_worker(rank: int, world: int, ckpt: str, hf: str) -> dict:
+    from slowqk.hf.validate import compare_validation
+
+    return compare_validation(ckpt, hf)
+
+
+@pytest.mark.parametrize("overrides, part", [
+    ({"model.ffn": "swiglu"}, "model.ffn=swiglu"),
+    ({"model.norm": "rmsnorm"}, "model.norm=rmsnorm"),
+    ({"model.position": "rope", "model.ffn": "swiglu"}, "model.position=rope"),
+])
+def test_unexpressible_mixes_are_refused_naming_the_part(overrides, part) -> None:
+    from slowqk.config import load_recipe
+    from slowqk.hf.mapping import UnsupportedArchitecture, rules
+
+    with pytest.raises(UnsupportedArchitecture, match=part.replace(".", r"\.")):
+        rules(load_recipe("tiny/gpt", [f"{k}={v}" for k, v in overrides.items()]).model)
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints_give_clear_errors_and_leave_nothing(checkpoints, tmp_path) -> None:
+    from slowqk.checkpoint import write_record
+    from slowqk.hf.export import export_checkpoint
+    from slowqk.hf.reader import CheckpointReadError
+
+    src = checkpoints["gpt-tp2"]
+    shard = sorted(src.glob("*.distcp"))[0].name
+
+    missing = _broken_copy(src, tmp_path / "missing")
+    (missing / shard).unlink()
+    truncated = _broken_copy(src, tmp_path / "truncated")
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) // 2])
+    # a checkpoint whose tensors belong to another recipe (record rewritten, so only the shapes disagree)
+    other = _broken_copy(src, tmp_path / "other")
+    common = torch.load(other / "common.pt", weights_only=True)
+    common["extra"]["recipe"]["model"]["ffn_hidden_size"] = 128
+    torch.save(common, other / "common.pt")
+    write_record(other, 2)
+
+    cases = [(missing, f"missing file {shard}"), (truncated, "bytes, expected"),
+             (other, r"linear_fc1.weight.* has shape \(2, 256, 64\), the checkpoint's recipe implies \(2, 128, 64\)")]
+    for ckpt, match in cases:
+        dest = tmp_path / f"out-{ckpt.name}"
+        with pytest.raises(CheckpointReadError, match=match):
+            export_checkpoint(ckpt, dest)
+        assert not dest.exists() and not dest.with_name(dest.name + ".tmp").exists()
+
+
+def _lie_about_header(path: Path) -> None:
+    """Claim the first tensor is 4x larger than the bytes it has."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [4 * header[name]["shape"][0], *header[name]["shape"][1:]]
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+def test_bad_hf_directories_give_clear_errors_and_leave_nothing(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    good = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "good")
+    lie = _broken_copy(good, tmp_path / "lie")
+    _lie_about_header(lie / "model.safetensors")
+    fewer = _broken_copy(good, tmp_path / "fewer")
+    cfg = json.loads((fewer / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3  # the config promises a layer the weights do not have
+    (fewer / "config.json").write_text(json.dumps(cfg))
+    for hf, match in ((lie, "model.safetensors: not a readable safetensors file"),
+                      (fewer, "HF tensor 'model.layers.2.input_layernorm.weight' is missing")):
+        dest = tmp_path / f"imp-{hf.name}"
+        proc = _import(hf, dest, "tiny/llama", 1, 1)
+        assert proc.returncode != 0
+        assert match in proc.stderr, proc.stderr[-2000:]
+        assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_evaluate_command_scores_every_task(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    hf = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "hf")
+    out = tmp_path / "eval" / "results.json"
+    # RoPE: a window past the 32-token training length so every continuation fits
+    cmd = [sys.executable, "-m", "slowqk.cli", "evaluate", str(hf), "--limit", "3", "--out", str(out), "--max-length", "320"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    expected = {"shakespeare_lastword", "shakespeare_ppl", "lambada_openai_local", "hellaswag_local",
+                "arc_easy_local", "arc_challenge_local", "piqa_local", "openbookqa_local"}
+    assert set(record["tasks"]) == expected
+    for task, metrics in record["tasks"].items():
+        for name, value in metrics.items():
+            if name.startswith("acc"):
+                assert 0.0 <= value <= 1.0, (task, name, value)
+            else:
+                assert 1.0 < value < float("inf") or name == "bits_per_byte" and 0.0 < value < 20.0, (task, name, value)
+        assert task in record["scores"]
+    assert "shakespeare_ppl / word_perplexity" in proc.stdout
+    compare = subprocess.run([sys.executable, "-m", "slowqk.cli", "evaluate", "--compare", str(out), str(out)],
+                             cwd=REPO, capture_output=True, text=True)
+    assert compare.returncode == 0 and compare.stdout.count("arc_easy_local / acc ") == 1
