@@ -15,7 +15,9 @@ all-reduced, per-layer statistics gathered over the pipeline; global rank 0 writ
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,15 @@ class Monitor:
         self.path = trainer.run_dir / "diagnostics.jsonl"
         self.enabled_io = trainer.rank == 0
         self._entropy_history: list[list[float]] = []
+        self.seconds = 0.0  # time spent in the monitor (part of the training time)
+
+    @contextlib.contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0

@@ -303,7 +303,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
         grad_norm, skipped = None, False
         if self.monitor is not None:
-            self.monitor.before_update(self.step)
+            with self.monitor.timed():
+                self.monitor.before_update(self.step)
         if self._grads_finite(loss):
             ok, grad_norm, _ = self.optimizer.step()
             skipped = not ok
@@ -319,7 +320,8 @@ class Trainer:
             self.scheduler.step(1)
         self.step += 1
         if self.monitor is not None:
-            self.monitor.after_update(self.step)
+            with self.monitor.timed():
+                self.monitor.after_update(self.step)
         return {
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -478,6 +480,7 @@ class Trainer:
             "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
             "skipped_steps": self.total_skips,
             "qk_enabled": self.qk is not None,
+            "diagnostics_seconds": self.monitor.seconds if self.monitor is not None else 0.0,
         }
         if self.rank == 0:
             tmp = self.run_dir / "summary.json.tmp"

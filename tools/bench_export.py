@@ -55,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = tmp / "tokenizer.model"
-        train_sentencepiece([CORPUS.read_text()], tokenizer, args.vocab)
+        train_sentencepiece([x for x in CORPUS.read_text().splitlines() if x.strip()], tokenizer, args.vocab)
         subprocess.run([sys.executable, __file__, "--recipe", args.recipe, "--make-checkpoint", str(tokenizer),
                         str(tmp / "ckpt"), *args.overrides], check=True, stdout=subprocess.DEVNULL)
         ckpt = tmp / "ckpt" / "iter_0000000"
