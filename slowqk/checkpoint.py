@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,8 @@ def save_checkpoint(
         state = _sharded_state(model_chunks, optimizer, is_loading=False)
         state["scheduler"] = scheduler.state_dict()
     state["extra"] = {**extra, "step": step}
-    dist_checkpointing.save(state, str(tmp))
+    with _stop_signals_deferred():
+        dist_checkpointing.save(state, str(tmp))
     # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
     torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
@@ -234,6 +236,20 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 @contextlib.contextmanager
+def _stop_signals_deferred():
+    """Block SIGTERM/SIGUSR1 while megatron-core saves or loads: the helper processes it starts
+    (a spawned multiprocessing manager, forked writers) inherit the mask, so a stop signal sent to
+    every process of a job (Slurm's --signal, scancel) cannot kill them mid-write. The main process
+    gets the signal when the call returns, and the training loop stops at the next step."""
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def _weights_only_loads():
     """Every torch.load inside (megatron-core's included) refuses arbitrary pickled objects."""
     key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -275,7 +291,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     template = _sharded_state(model_chunks, optimizer, is_loading=True)
     template["scheduler"] = None
     template["extra"] = None
-    with _weights_only_loads():
+    with _weights_only_loads(), _stop_signals_deferred():
         state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(model_chunks):
         getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
@@ -306,7 +322,7 @@ def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
     """Only the model weights of a checkpoint (any TP/PP layout; resharded on load); returns its
     ``extra``. For ``train.init_from`` and for reading a model back outside training."""
     verify_checkpoint(path)
-    with _weights_only_loads():
+    with _weights_only_loads(), _stop_signals_deferred():
         state = dist_checkpointing.load(_sharded_model_state(model_chunks), str(path))
     for i, chunk in enumerate(model_chunks):
         getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])

@@ -229,6 +229,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from slowqk.distributed import LayoutError
+    from slowqk.slurm import SlurmJob, submit
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+                   job_name=args.job_name, signal_seconds=args.signal_seconds, container_image=args.container_image)
+    try:
+        return submit(args.recipe, args.overrides, job, dry_run=args.dry_run)
+    except LayoutError as exc:
+        print(f"layout error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slowqk", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -273,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("grid_dir")
     es.add_argument("--out", default=None, help="output directory (default <grid_dir>/summary)")
     es.set_defaults(func=_cmd_experiment_summarize)
+
+    sp = sub.add_parser("submit", help="submit a recipe to SLURM (launch/slurm/slowqk.sbatch), layout checked")
+    recipe_args(sp)
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (one rank each); 0 = CPU ranks")
+    sp.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU)")
+    sp.add_argument("--cpus-per-task", type=int, default=None)
+    sp.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    sp.add_argument("--partition", default=None)
+    sp.add_argument("--account", default=None)
+    sp.add_argument("--job-name", default=None, help="default: the recipe's name")
+    sp.add_argument("--signal-seconds", type=int, default=180, help="SIGUSR1 this long before the time limit")
+    sp.add_argument("--container-image", default=None, help="run the ranks in this image (pyxis/enroot)")
+    sp.add_argument("--dry-run", action="store_true", help="print the sbatch command and exit")
+    sp.set_defaults(func=_cmd_submit)
 
     sp = sub.add_parser("export-hf", help="checkpoint (any TP/PP) -> Hugging Face model directory")
     sp.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")

@@ -7,15 +7,14 @@ import shlex
 import shutil
 import sys
 
-from slowqk.config import load_recipe
+from slowqk.config import Recipe, load_recipe
 from slowqk.distributed import LayoutError, check_layout
 
 
-def torchrun_command(recipe: str, overrides: list[str], nproc: int, extra: list[str] | None = None) -> list[str]:
-    """The torchrun command for ``nproc`` processes; raises LayoutError if the layout cannot fit."""
-    r = load_recipe(recipe, overrides)
+def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
+    """The data-parallel size of ``r`` on ``nproc`` ranks; LayoutError naming what does not fit."""
     if nproc < 1:
-        raise LayoutError(f"--nproc must be >= 1, got {nproc}")
+        raise LayoutError(f"{what} must be >= 1, got {nproc}")
     data = check_layout(nproc, r.parallel.tensor, r.parallel.pipeline)
     per_step = r.train.micro_batch_size * data
     if r.train.global_batch_size % per_step:
@@ -31,6 +30,12 @@ def torchrun_command(recipe: str, overrides: list[str], nproc: int, extra: list[
             f"model.num_attention_heads ({r.model.num_attention_heads}) / query groups ({heads}) do not "
             f"split over parallel.tensor ({r.parallel.tensor})"
         )
+    return data
+
+
+def torchrun_command(recipe: str, overrides: list[str], nproc: int, extra: list[str] | None = None) -> list[str]:
+    """The torchrun command for ``nproc`` processes; raises LayoutError if the layout cannot fit."""
+    check_world(load_recipe(recipe, overrides), nproc)
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     return [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "slowqk.cli", "train", recipe,
             *overrides, *(extra or [])]

@@ -1,0 +1,163 @@
+"""SLURM for real: a one-machine cluster (munged + slurmctld + slurmd on localhost, CPU only) in a
+temporary directory; the tiny recipe submitted with 2 tasks through launch/slurm/slowqk.sbatch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED
+
+pytestmark = pytest.mark.slow
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
+
+
+def _find(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = [d for d in DAEMONS if _find(d) is None]
+    if missing:
+        pytest.skip(f"Slurm/munge not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the throwaway Slurm cluster runs its daemons as root")
+    root = tmp_path_factory.mktemp("slurm")
+    for d in ("state", "spool", "log", "munge"):
+        (root / d).mkdir()
+    (root / "munge").chmod(0o700)
+    key, sock = root / "munge" / "munge.key", root / "munge" / "munge.socket"
+    subprocess.run([_find("mungekey"), "--create", "--keyfile", str(key), "--force"], check=True)
+    key.chmod(0o600)
+    subprocess.run([_find("munged"), "--force", "--key-file", str(key), "--socket", str(sock),
+                    "--pid-file", str(root / "munge" / "munged.pid"), "--log-file", str(root / "munge" / "munged.log"),
+                    "--seed-file", str(root / "munge" / "seed")], check=True)
+    host = socket.gethostname().split(".")[0]
+    conf = root / "slurm.conf"
+    conf.write_text(f"""ClusterName=slowqktest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+MpiDefault=none
+NodeName={host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        subprocess.run([_find("slurmctld"), "-f", str(conf)], check=True, env=env)
+        subprocess.run([_find("slurmd"), "-f", str(conf)], check=True, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            if "idle" in out:
+                break
+            time.sleep(1)
+        else:
+            pytest.skip(f"Slurm did not come up in 60 s: {(root / 'log' / 'slurmctld.log').read_text()[-800:]}")
+        yield {"env": env, "root": root}
+    finally:
+        for pidfile in (root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"):
+            if pidfile.is_file():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pidfile.read_text().split()[0]), 15)
+
+
+def _submit(cluster, workdir: Path, job_name: str, steps: int, dataset: str) -> int:
+    env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
+    cmd = [sys.executable, "-m", "slowqk.cli", "submit", "tiny/gpt", "--tasks-per-node", "2", "--cpus-per-task", "1",
+           "--job-name", job_name, "--time", "15", f"train.steps={steps}", "data.corpus=null", f"data.dataset={dataset}",
+           "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "train.save_interval=10",
+           "train.eval_interval=50", "train.eval_iters=1", "train.tensorboard=false"]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.strip().split()[-1])  # "Submitted batch job N"
+
+
+def _job_state(cluster, job: int) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], env=cluster["env"], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(cluster, job: int, timeout: float = 600) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = _job_state(cluster, job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return info
+        time.sleep(2)
+    raise AssertionError(f"job {job} still {info.get('JobState')} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from slowqk.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("slurmdata")
+    small = root / "corpus.txt"
+    small.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:3000]))
+    return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
+
+
+def test_sbatch_job_trains_with_two_tasks(cluster, dataset, tmp_path) -> None:
+    job = _submit(cluster, tmp_path, "sq", 20, dataset)
+    info = _wait(cluster, job)
+    run = tmp_path / "runs" / f"sq-{job}"
+    log = (tmp_path / "logs" / f"sq-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert f"job {job} (restart 0): 2 ranks" in log
+    assert (run / "logs" / "rank0.log").is_file() and (run / "logs" / "rank1.log").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path) -> None:
+    job = _submit(cluster, tmp_path, "pre", 200, dataset)
+    run = tmp_path / "runs" / f"pre-{job}"
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "latest").is_file():  # let it get going
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(1)
+    # what Slurm's --signal=USR1@N does before the time limit: every process of the step gets it
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster["env"], check=True)
+    info = _wait(cluster, job)
+    log = (tmp_path / "logs" / f"pre-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "ranks checkpointed on a stop signal; requeueing" in log and f"job {job} (restart 1)" in log
+    rank0 = (run / "logs" / "rank0.log").read_text()
+    assert "stop signal received; checkpoint saved at step" in rank0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 200 and summary["resumed"] is True
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 200  # no step logged twice after the resume
