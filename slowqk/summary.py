@@ -28,6 +28,7 @@ class RunResult:
     final_val_loss: float
     val_curve: list[tuple[int, float]]
     downstream: dict[str, float] = field(default_factory=dict)
+    upper_entropy: float | None = None  # final probe, mean over the upper half of the layers
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,17 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> Inter
     return Interval(n, mean, std, mean - half, mean + half)
 
 
+def _final_upper_entropy(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    if not lines:
+        return None
+    layers = json.loads(lines[-1])["layers"]
+    upper = [v["entropy"] for k, v in layers.items() if int(k) >= len(layers) / 2]
+    return float(np.mean(upper)) if upper else None
+
+
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
     """``(grid, results, missing)``: the grid record, every finished run, and unfinished run dirs."""
     grid_dir = Path(grid_dir)
@@ -79,7 +91,8 @@ def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
         evals = run_dir / "eval" / "results.json"
         if evals.is_file():
             downstream = {k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()}
-        results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream))
+        results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream,
+                                 _final_upper_entropy(run_dir / "diagnostics.jsonl")))
     return record["grid"], results, missing
 
 
@@ -106,9 +119,15 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
             diffs = [seeds[k].final_val_loss - base[k].final_val_loss for k in common]
             ppl_diffs = [math.exp(seeds[k].final_val_loss) - math.exp(base[k].final_val_loss) for k in common]
             ci, ppl_ci = paired_interval(diffs), paired_interval(ppl_diffs)
-            pairs.append({"variant": variant, "arm": arm, "control": control, "seeds": common,
-                          "val_loss_diff": diffs, "mean": ci.mean, "std": ci.std, "ci95": [ci.low, ci.high],
-                          "ppl_mean": ppl_ci.mean, "ppl_ci95": [ppl_ci.low, ppl_ci.high]})
+            pair = {"variant": variant, "arm": arm, "control": control, "seeds": common,
+                    "val_loss_diff": diffs, "mean": ci.mean, "std": ci.std, "ci95": [ci.low, ci.high],
+                    "ppl_mean": ppl_ci.mean, "ppl_ci95": [ppl_ci.low, ppl_ci.high]}
+            ent = [(seeds[k].upper_entropy, base[k].upper_entropy) for k in common]
+            if all(a is not None and b is not None for a, b in ent):
+                e = paired_interval([a - b for a, b in ent])
+                pair["upper_entropy"] = {"control": float(np.mean([b for _, b in ent])), "arm": float(np.mean([a for a, _ in ent])),
+                                         "diff": e.mean, "ci95": [e.low, e.high]}
+            pairs.append(pair)
     return {"rows": rows, "pairs": pairs}
 
 
@@ -134,6 +153,17 @@ def format_markdown(summary: dict) -> str:
         sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
         lines.append(f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, {_fmt(hi)}] | "
                      f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | {sig} |")
+    with_entropy = [p for p in summary["pairs"] if "upper_entropy" in p]
+    if with_entropy:
+        lines += ["", "Final attention entropy of the upper half of the layers (normalized; diagnostics' last probe), "
+                  "paired difference arm - control with 95% CI:", "",
+                  "| variant | arm | control | arm | Δ [95% CI] | CI excludes 0 |", "|---|---|---|---|---|---|"]
+        for p in with_entropy:
+            e = p["upper_entropy"]
+            lo, hi = e["ci95"]
+            sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
+            lines.append(f"| {p['variant']} | {p['arm']} | {e['control']:.3f} | {e['arm']:.3f} | "
+                         f"{e['diff']:+.3f} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] | {sig} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,3 +107,4 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
     pair, = json.loads((out / "summary" / "summary.json").read_text())["pairs"]
     assert pair["seeds"] == [1, 2] and pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
+    assert 0.0 < pair["upper_entropy"]["control"] <= 1.0 and "Final attention entropy" in table
