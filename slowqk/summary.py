@@ -179,6 +179,17 @@ def _plt():
     return plt
 
 
+def _style(ax, title: str, ylabel: str | None = None, log: bool = False) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _group(results: list[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
     out: dict[str, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
@@ -199,11 +210,7 @@ def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
             if len(curves) > 1:
                 sd = curves.std(0, ddof=1)
                 ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
-        ax.set_title(f"{variant}: validation loss (mean ± sd)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _style(ax, f"{variant}: validation loss (mean ± sd)", "loss (nats/token)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -298,11 +305,7 @@ def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -
                 upper = arr[:, :, int(arr.shape[2] * upper_from):]
                 ax.plot(steps, np.nanmean(upper, axis=(0, 2)), label=arm)
                 drew = True
-            ax.set_title(f"{variant}: {key} (upper layers)")
-            ax.set_xlabel("step")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _style(ax, f"{variant}: {key} (upper layers)", log=True)
     fig.tight_layout()
     if drew:
         fig.savefig(path, dpi=110)
