@@ -69,3 +69,29 @@ def test_launch_runs_torchrun_for_real(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_val_loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "recipe,argv,layout,expect",
+    [
+        ("llama-350m", ["--nodes", "2", "--gpus-per-node", "8"], "16 ranks = 2 nodes x 8 = TP 1 x PP 1 x DP 16",
+         ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8"]),
+        ("tiny/gpt", ["--nodes", "1", "--tasks-per-node", "4", "--time", "1:00:00", "parallel.tensor=2"],
+         "4 ranks = 1 nodes x 4 = TP 2 x PP 1 x DP 2", ["--ntasks-per-node=4", "--time=1:00:00"]),
+    ],
+)
+def test_submit_dry_run_fills_sbatch_from_the_layout(recipe, argv, layout, expect, capsys) -> None:
+    assert main(["submit", recipe, *argv, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    cmd = shlex.split(out.strip())
+    assert cmd[0] == "sbatch" and "--signal=USR1@180" in cmd and all(e in cmd for e in expect)
+    script = next(c for c in cmd if c.endswith("slowqk.sbatch"))
+    assert cmd[cmd.index(script) + 1] == recipe and os.path.isfile(script)
+    assert layout in err
+
+
+def test_submit_refuses_a_layout_that_does_not_fit(capsys) -> None:
+    assert main(["submit", "tiny/gpt", "--nodes", "1", "--tasks-per-node", "3", "parallel.tensor=2", "--dry-run"]) == 2
+    assert "world size 3 is not divisible by tensor (2)" in capsys.readouterr().err
+    assert main(["submit", "tiny/gpt", "--nodes", "2", "--gpus-per-node", "8", "--dry-run"]) == 2
+    assert "train.global_batch_size (16) is not a multiple of train.micro_batch_size (8) x DP (16)" in capsys.readouterr().err
