@@ -63,7 +63,8 @@ def find_qkv_params(model_chunks: Iterable[torch.nn.Module], layers: set[int]) -
             )
             tp_size, tp_rank = _tp_size_rank()
             weight = attn.linear_qkv.weight
-            found.append(QKVParam(weight, layer, layout, weight.shape[1], tp_rank, tp_size))
+            shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the full shape aside
+            found.append(QKVParam(weight, layer, layout, shape[1], tp_rank, tp_size))
             bias = getattr(attn.linear_qkv, "bias", None)
             if isinstance(bias, torch.nn.Parameter):
                 found.append(QKVParam(bias, layer, layout, 1, tp_rank, tp_size))
@@ -96,6 +97,9 @@ def iter_main_params(
         FP32Optimizer,
     )
 
+    if type(megatron_optimizer).__name__.startswith("DeepSpeedZeroOptimizer"):
+        yield from _iter_deepspeed_partitions(megatron_optimizer)
+        return
     if isinstance(megatron_optimizer, ChainedOptimizer):
         for opt in megatron_optimizer.chained_optimizers:
             yield from iter_main_params(opt)
@@ -128,6 +132,39 @@ def iter_main_params(
                 yield inner, p, p, 0, p.numel()
     else:
         raise TypeError(f"unsupported optimizer type {type(megatron_optimizer).__name__}")
+
+
+def _iter_deepspeed_partitions(opt) -> Iterator[tuple[torch.optim.Optimizer, torch.nn.Parameter, torch.Tensor, int, int]]:
+    """DeepSpeed ZeRO: each rank's fp32 partition is one flat tensor per param group.
+
+    Stages 1/2 flatten the group's parameters in order and give rank r the elements
+    ``[r * size, (r + 1) * size)`` of that flat buffer. Stage 3 partitions every parameter: rank r
+    holds elements ``[r * n, (r + 1) * n)`` of each (``n = ds_tensor.ds_numel``), and its fp32 flat
+    partition concatenates those pieces. Yields views of the flat partition, one per parameter piece.
+    """
+    import torch.distributed as dist
+
+    inner = opt.optimizer
+    if type(opt).__name__ == "DeepSpeedZeroOptimizer_Stage3":
+        rank = dist.get_rank(group=opt.dp_process_group)
+        for params, flat in zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat, strict=True):
+            off = 0
+            for p in params:
+                part = p.ds_tensor.ds_numel
+                lo, hi = rank * part, min((rank + 1) * part, p.ds_numel)
+                if lo < hi:
+                    yield inner, p, flat.data[off : off + hi - lo], lo, hi
+                off += part
+        return
+    for i, params in enumerate(opt.round_robin_bit16_groups):
+        rank = dist.get_rank(group=opt.real_dp_process_group[i])
+        size = opt.partition_size[i]
+        start, flat, off = rank * size, opt.single_partition_of_fp32_groups[i], 0
+        for p in params:
+            lo, hi = max(off, start), min(off + p.numel(), start + size)
+            if lo < hi:
+                yield inner, p, flat.data[lo - start : hi - start], lo - off, hi - off
+            off += p.numel()
 
 
 @dataclass

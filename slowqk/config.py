@@ -75,6 +75,9 @@ class ParallelConfig(_Strict):
     pipeline: int = Field(1, ge=1)
     distributed_optimizer: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    engine: Literal["megatron", "deepspeed"] = Field(
+        "megatron", description="data-parallel engine: megatron-core DDP/optimizers, or DeepSpeed ZeRO (TP=PP=1)")
+    zero_stage: int = Field(1, ge=1, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed)")
 
 
 class OptimizerConfig(_Strict):

@@ -1,0 +1,157 @@
+"""DeepSpeed as the data-parallel engine for the same megatron-core models (ZeRO stages 1, 2, 3).
+
+The model, data, learning-rate schedule and Q/K intervention are SlowQK's; DeepSpeed replaces
+megatron-core's DDP and optimizer. Supported: TP = PP = 1 (megatron-core's tensor/pipeline
+parallelism needs its own DDP and schedules); fp32, or bf16 where DeepSpeed supports it. The Q/K
+patch hooks the torch optimizer inside DeepSpeed's ZeRO optimizer and knows which elements of
+each flat fp32 partition are Q and K rows (see ``patches/qk_lr_scaling.iter_main_params``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from slowqk.config import Recipe
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """megatron-core's default grouping: no weight decay on biases and 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    # wd_mult: megatron-core's scheduler sets weight_decay = schedule x wd_mult on every group
+    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+
+
+def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
+    t, o = recipe.train, recipe.optimizer
+    cfg = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1 << 30,
+    }
+    if o.clip_grad:
+        cfg["gradient_clipping"] = o.clip_grad
+    if t.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
+    """Train ``recipe`` with DeepSpeed ZeRO ``stage``; returns the summary (also written to the run)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    from slowqk.data.loader import build_datasets, micro_batches
+    from slowqk.data.tokenizer import load_tokenizer
+    from slowqk.distributed import init_distributed
+    from slowqk.metrics import MetricsWriter
+    from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
+    from slowqk.optim import build_scheduler, qk_schedules, selected_layers
+    from slowqk.patches import qk_lr_scaling
+    from slowqk.train import Trainer
+
+    if recipe.parallel.tensor != 1 or recipe.parallel.pipeline != 1:
+        raise ValueError("the DeepSpeed engine runs megatron-core models at parallel.tensor=1, parallel.pipeline=1 "
+                         f"(got {recipe.parallel.tensor} x {recipe.parallel.pipeline}); use the megatron engine for TP/PP")
+    if stage not in (1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+    unsupported = [k for k, on in (("train.save_interval", recipe.train.save_interval),
+                                   ("diagnostics.interval", recipe.diagnostics.interval),
+                                   ("train.init_from", recipe.train.init_from)) if on]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not available with parallel.engine=deepspeed yet "
+                         "(checkpoints, diagnostics and init_from are megatron-engine features)")
+    layout = init_distributed(recipe.parallel, recipe.seed)
+    t = recipe.train
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    run_dir = recipe.run_dir
+    shim = SimpleNamespace(recipe=recipe, rank=layout.rank, run_dir=run_dir)
+    tok_path, train_prefixes, valid_prefixes, weights = Trainer._resolve_data(shim)
+    tokenizer = load_tokenizer(tok_path)
+    vocab = padded_vocab_size(recipe.model.vocab_size or tokenizer.vocab_size, recipe.model.make_vocab_size_divisible_by, 1)
+    cache = run_dir / "data" / "cache"
+    if layout.rank == 0:
+        cache.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    kwargs = dict(seq_length=recipe.model.seq_length, seed=recipe.seed, train_prefixes=train_prefixes,
+                  valid_prefixes=valid_prefixes, train_weights=weights, train_samples=t.steps * t.global_batch_size,
+                  valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache)
+    if layout.rank == 0:
+        train_ds, valid_ds = build_datasets(tokenizer, **kwargs)
+    dist.barrier()
+    if layout.rank != 0:
+        train_ds, valid_ds = build_datasets(tokenizer, **kwargs)
+
+    config = build_transformer_config(recipe.model, precision=t.precision)
+    model = build_gpt_model(recipe.model, config, vocab).to(device)
+    o = recipe.optimizer
+    if o.name != "adamw":
+        raise ValueError(f"optimizer.name={o.name!r}: the DeepSpeed engine is wired for adamw")
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))
+    scheduler = build_scheduler(recipe, ds_optimizer)
+    qk = None
+    if recipe.qk.enabled:
+        sq, sk = qk_schedules(recipe)
+        qk = qk_lr_scaling.register(ds_optimizer, [model], selected_layers(recipe), sq, sk)
+
+    def mean_loss(batch) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].float()
+        return (out.float() * mask).sum() / mask.sum()
+
+    def across_dp(value: float) -> float:
+        v = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(v)
+        return v.item() / layout.data
+
+    def evaluate() -> float:
+        engine.eval()
+        with torch.no_grad():
+            per_iter = []
+            for i in range(t.eval_iters):
+                losses = [mean_loss(b).item() for b in micro_batches(valid_ds, i, t.global_batch_size, t.micro_batch_size,
+                                                                   dist.get_rank(), layout.data)]
+                per_iter.append(across_dp(sum(losses) / len(losses)))
+        engine.train()
+        return sum(per_iter) / len(per_iter)
+
+    metrics = MetricsWriter(run_dir, t.tensorboard, enabled=layout.rank == 0)
+    if layout.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    for step in range(t.steps):
+        mult_q, mult_k = qk.set_step(step) if qk is not None else (1.0, 1.0)
+        lr = ds_optimizer.param_groups[0]["lr"]
+        losses = []
+        for batch in micro_batches(train_ds, step, t.global_batch_size, t.micro_batch_size, dist.get_rank(), layout.data):
+            loss = mean_loss(batch)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            losses.append(loss.item())
+        scheduler.step(1)
+        rec = {"loss": across_dp(sum(losses) / len(losses)), "lr": lr, "mult_q": mult_q, "mult_k": mult_k}
+        if (step + 1) % t.eval_interval == 0 or step + 1 == t.steps:
+            rec["val_loss"] = evaluate()
+        if (step + 1) % t.log_interval == 0 or "val_loss" in rec or step + 1 == t.steps:
+            metrics.log(step + 1, rec)
+    final = evaluate()
+    metrics.close()
+    summary = {"name": recipe.name, "engine": f"deepspeed-zero{stage}", "steps": t.steps, "final_val_loss": final,
+               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": qk is not None}
+    if layout.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

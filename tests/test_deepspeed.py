@@ -1,0 +1,142 @@
+"""DeepSpeed ZeRO 1/2/3 as the data-parallel engine: the same losses as the megatron-core path, and
+the Q/K patch moving exactly the selected rows by the multiplier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from conftest import SHARED
+
+    from slowqk.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("ds")
+    small = root / "corpus.txt"
+    small.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:3000]))
+    return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
+
+
+def _overrides(dataset: str, out: Path, **extra) -> list[str]:
+    base = {
+        "out_dir": str(out), "data.corpus": "null", "data.dataset": dataset, "model.num_layers": 2,
+        "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32, "train.steps": 6,
+        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.log_interval": 1, "train.eval_interval": 3,
+        "train.eval_iters": 1, "train.tensorboard": "false", "train.progress_bar": "false", "optimizer.warmup_steps": 2,
+        "optimizer.eps": 1e-3,  # Adam amplifies rounding on tiny gradients; see the Q/K exactness notes
+        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": 3, "qk.ramp": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _megatron(rank: int, world: int, overrides: list[str]) -> dict:
+    from slowqk.config import load_recipe
+    from slowqk.train import train
+
+    return train(load_recipe("tiny/gpt", [*overrides, "parallel.distributed_optimizer=true"]), quiet=True)
+
+
+def _deepspeed(rank: int, world: int, overrides: list[str], stage: int) -> dict:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from slowqk.config import load_recipe
+    from slowqk.ds_engine import train_deepspeed
+
+    return train_deepspeed(load_recipe("tiny/gpt", overrides), stage)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    from slowqk.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_matches_the_megatron_path(dataset, tmp_path, stage) -> None:
+    run_ranks(_megatron, 2, _overrides(dataset, tmp_path / "megatron"))
+    run_ranks(_deepspeed, 2, _overrides(dataset, tmp_path / "ds"), stage)
+    ref, got = _losses(tmp_path / "megatron"), _losses(tmp_path / "ds")
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in ref:  # same model, data, schedule and Q/K intervention; only the engine differs
+        assert got[step] == pytest.approx(ref[step], rel=2e-5), (stage, step, got[step], ref[step])
+
+
+def _rows_worker(rank: int, world: int, stage: int, mult_q: float, mult_k: float) -> dict:
+    """One ZeRO step on a fixed batch with the Q/K patch (constant multipliers) or without."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    from megatron_harness import VOCAB, tiny_recipe
+    from slowqk.patches import qk_lr_scaling
+    from test_qk_rows import LAYERS
+
+    from slowqk.distributed import init_distributed
+    from slowqk.ds_engine import deepspeed_config, param_groups
+    from slowqk.models import build_gpt_model, build_transformer_config
+
+    recipe = tiny_recipe(model={"num_query_groups": 2}, train={"micro_batch_size": 2, "global_batch_size": 2 * world})
+    out = {}
+    for name, patched in (("patched", True), ("plain", False)):
+        init_distributed(recipe.parallel, recipe.seed)  # same seed: the same initial weights both times
+        model = build_gpt_model(recipe.model, build_transformer_config(recipe.model), VOCAB)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, eps=1e-3)
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(recipe, world, stage))
+        if patched:
+            qk = qk_lr_scaling.register(ds_opt, [model], LAYERS, lambda s: mult_q, lambda s: mult_k)
+            qk.set_step(0)
+        ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7 + rank))
+        pos = torch.arange(16).expand_as(ids)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = engine(ids, pos, None, labels=ids).float().mean()
+        engine.backward(loss)
+        engine.step()
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+            out[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out["before"] = before
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_scales_exactly_the_selected_qk_rows(stage) -> None:
+    from test_qk_rows import LAYERS, MULT_K, MULT_Q, _qk_row_masks
+
+    res = run_ranks(_rows_worker, 2, stage, MULT_Q, MULT_K)[0]
+    before, patched, plain = res["before"], res["patched"], res["plain"]
+    checked = 0
+    for name in before:
+        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
+            q, k = _qk_row_masks(name, before[name].shape)
+            for mask, mult in ((q, MULT_Q), (k, MULT_K)):
+                d_p, d_u = (patched[name] - before[name])[mask], (plain[name] - before[name])[mask]
+                assert d_u.abs().max() > 0
+                # relative to the update's size: the only difference left is fp32 rounding of the weights
+                assert ((d_p - mult * d_u).abs().max() / d_u.abs().max()).item() < 1e-5, (name, mult)
+                checked += 1
+            v = ~(q | k)
+            assert torch.equal(patched[name][v], plain[name][v]), name  # V rows untouched
+        else:
+            assert torch.equal(patched[name], plain[name]), name  # everything else bitwise
+    assert checked == 2 * 2 * len(LAYERS)  # Q and K, weight and bias, per selected layer
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tensor=2"], "the DeepSpeed engine runs megatron-core models at parallel.tensor=1"),
+    (["train.save_interval=5"], "train.save_interval: not available with parallel.engine=deepspeed yet"),
+])
+def test_unsupported_combinations_are_refused(overrides, message) -> None:
+    from slowqk.config import load_recipe
+    from slowqk.ds_engine import train_deepspeed
+
+    recipe = load_recipe("tiny/gpt", ["parallel.engine=deepspeed", *overrides])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        train_deepspeed(recipe, recipe.parallel.zero_stage)
