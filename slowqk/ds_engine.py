@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -53,14 +52,13 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    from slowqk.data.loader import build_datasets, micro_batches
-    from slowqk.data.tokenizer import load_tokenizer
+    from slowqk.data.loader import micro_batches
+    from slowqk.data.run_data import build_run_data
     from slowqk.distributed import init_distributed
     from slowqk.metrics import MetricsWriter
-    from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
+    from slowqk.models import build_gpt_model, build_transformer_config
     from slowqk.optim import build_scheduler, qk_schedules, selected_layers
     from slowqk.patches import qk_lr_scaling
-    from slowqk.train import Trainer
 
     if recipe.parallel.tensor != 1 or recipe.parallel.pipeline != 1:
         raise ValueError("the DeepSpeed engine runs megatron-core models at parallel.tensor=1, parallel.pipeline=1 "
@@ -77,22 +75,8 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     t = recipe.train
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     run_dir = recipe.run_dir
-    shim = SimpleNamespace(recipe=recipe, rank=layout.rank, run_dir=run_dir)
-    tok_path, train_prefixes, valid_prefixes, weights = Trainer._resolve_data(shim)
-    tokenizer = load_tokenizer(tok_path)
-    vocab = padded_vocab_size(recipe.model.vocab_size or tokenizer.vocab_size, recipe.model.make_vocab_size_divisible_by, 1)
-    cache = run_dir / "data" / "cache"
-    if layout.rank == 0:
-        cache.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    kwargs = dict(seq_length=recipe.model.seq_length, seed=recipe.seed, train_prefixes=train_prefixes,
-                  valid_prefixes=valid_prefixes, train_weights=weights, train_samples=t.steps * t.global_batch_size,
-                  valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache)
-    if layout.rank == 0:
-        train_ds, valid_ds = build_datasets(tokenizer, **kwargs)
-    dist.barrier()
-    if layout.rank != 0:
-        train_ds, valid_ds = build_datasets(tokenizer, **kwargs)
+    data = build_run_data(recipe, layout.rank, run_dir)
+    train_ds, valid_ds, vocab = data.train, data.valid, data.vocab_size
 
     config = build_transformer_config(recipe.model, precision=t.precision)
     model = build_gpt_model(recipe.model, config, vocab).to(device)

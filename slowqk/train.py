@@ -105,13 +105,11 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from slowqk.data.loader import build_datasets
-        from slowqk.data.tokenizer import load_tokenizer
+        from slowqk.data.run_data import build_run_data
         from slowqk.metrics import MetricsWriter
         from slowqk.models import (
             build_gpt_model,
             build_transformer_config,
-            padded_vocab_size,
             transformer_engine_available,
         )
         from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
@@ -132,26 +130,10 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // per_step
 
-        # ---- data (rank 0 prepares a corpus; the others wait and read it)
-        tok_path, train_prefixes, valid_prefixes, train_weights = self._resolve_data()
-        self.tokenizer = load_tokenizer(tok_path)
-        vocab = recipe.model.vocab_size or self.tokenizer.vocab_size
-        self.vocab_size = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
-        cache = self.run_dir / "data" / "cache"
-        if self.rank == 0:
-            cache.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        build = partial(
-            build_datasets, self.tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed,
-            train_prefixes=train_prefixes, valid_prefixes=valid_prefixes, train_weights=train_weights,
-            train_samples=t.steps * t.global_batch_size,
-            valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache,
-        )
-        if self.rank == 0:  # builds the index caches once
-            self.train_ds, self.valid_ds = build()
-        dist.barrier()
-        if self.rank != 0:
-            self.train_ds, self.valid_ds = build()
+        # ---- data (rank 0 prepares a corpus and the index caches; the others wait and read them)
+        data = build_run_data(recipe, self.rank, self.run_dir)
+        self.tokenizer, self.vocab_size = data.tokenizer, data.vocab_size
+        self.train_ds, self.valid_ds = data.train, data.valid
 
         # ---- model, DDP, optimizer, schedules
         self.use_te = transformer_engine_available()
@@ -205,33 +187,6 @@ class Trainer:
             raise ValueError(f"train.init_from={source}: architecture differs: " + "; ".join(diff))
         load_model_weights(path, [model])
         log.info("initialized weights from %s", path)
-
-    def _resolve_data(self) -> tuple[Path, list[str], list[str], list[float] | None]:
-        """Tokenizer, train prefixes, validation prefixes and train blend weights."""
-        from slowqk.data.corpus import prepare_corpus
-        from slowqk.data.shard import blend, check_tokenizer, load_manifest
-
-        d = self.recipe.data
-        if d.train_prefixes:
-            if d.tokenizer is None:
-                raise ValueError("data.tokenizer is required with data.train_prefixes")
-            return Path(d.tokenizer), list(d.train_prefixes), list(d.valid_prefixes) or list(d.train_prefixes), d.train_weights
-        if d.corpus is not None:
-            kwargs = dict(valid_fraction=d.valid_fraction, vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
-            if self.rank == 0:
-                prepare_corpus(d.corpus, self.run_dir / "data", **kwargs)
-            dist.barrier()
-            roots = [prepare_corpus(d.corpus, self.run_dir / "data", **kwargs).dataset_dir]
-        else:
-            roots = [Path(x) for x in (d.dataset if isinstance(d.dataset, list) else [d.dataset])]
-        manifests = [load_manifest(r) for r in roots]
-        tok_path = Path(d.tokenizer) if d.tokenizer else roots[0] / manifests[0]["tokenizer"]["file"]
-        for root, manifest in zip(roots, manifests, strict=True):
-            check_tokenizer(tok_path, root, manifest)
-        train, weights = blend(roots, d.train_weights, "train")
-        has_valid = all("valid" in m["splits"] for m in manifests)
-        valid = blend(roots, None, "valid")[0] if has_valid else train
-        return tok_path, train, valid, weights
 
     def _iterator(self, dataset, step: int, dp_rank: int):
         from slowqk.data.loader import micro_batches

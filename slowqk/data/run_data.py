@@ -1,0 +1,79 @@
+"""A run's data, the same for every engine: resolve the recipe's sources, load the tokenizer, build
+the train/validation datasets (rank 0 first, so the index caches are built once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from slowqk.config import Recipe
+
+
+@dataclass
+class RunData:
+    tokenizer: Any
+    vocab_size: int  # padded for the recipe's tensor-parallel size
+    train: Any
+    valid: Any
+
+
+def resolve_sources(recipe: Recipe, rank: int, run_dir: Path) -> tuple[Path, list[str], list[str], list[float] | None]:
+    """Tokenizer, train prefixes, validation prefixes and train blend weights (rank 0 prepares a
+    bundled corpus; the others wait and read it)."""
+    from slowqk.data.corpus import prepare_corpus
+    from slowqk.data.shard import blend, check_tokenizer, load_manifest
+
+    d = recipe.data
+    if d.train_prefixes:
+        if d.tokenizer is None:
+            raise ValueError("data.tokenizer is required with data.train_prefixes")
+        return Path(d.tokenizer), list(d.train_prefixes), list(d.valid_prefixes) or list(d.train_prefixes), d.train_weights
+    if d.corpus is not None:
+        kwargs = dict(valid_fraction=d.valid_fraction, vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
+        if rank == 0:
+            prepare_corpus(d.corpus, run_dir / "data", **kwargs)
+        dist.barrier()
+        roots = [prepare_corpus(d.corpus, run_dir / "data", **kwargs).dataset_dir]
+    else:
+        roots = [Path(x) for x in (d.dataset if isinstance(d.dataset, list) else [d.dataset])]
+    manifests = [load_manifest(r) for r in roots]
+    tok_path = Path(d.tokenizer) if d.tokenizer else roots[0] / manifests[0]["tokenizer"]["file"]
+    for root, manifest in zip(roots, manifests, strict=True):
+        check_tokenizer(tok_path, root, manifest)
+    train, weights = blend(roots, d.train_weights, "train")
+    has_valid = all("valid" in m["splits"] for m in manifests)
+    valid = blend(roots, None, "valid")[0] if has_valid else train
+    return tok_path, train, valid, weights
+
+
+def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
+    from slowqk.data.loader import build_datasets
+    from slowqk.data.tokenizer import load_tokenizer
+    from slowqk.models import padded_vocab_size
+
+    t = recipe.train
+    tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe, rank, run_dir)
+    tokenizer = load_tokenizer(tok_path)
+    vocab = recipe.model.vocab_size or tokenizer.vocab_size
+    padded = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
+    cache = run_dir / "data" / "cache"
+    if rank == 0:
+        cache.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    def build():
+        return build_datasets(
+            tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed, train_prefixes=train_prefixes,
+            valid_prefixes=valid_prefixes, train_weights=train_weights, train_samples=t.steps * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache,
+        )
+
+    if rank == 0:  # builds the index caches once
+        train, valid = build()
+    dist.barrier()
+    if rank != 0:
+        train, valid = build()
+    return RunData(tokenizer, padded, train, valid)
