@@ -145,6 +145,11 @@ def _sharded_model_state(model_chunks) -> dict:
     }
 
 
+def _apply_model_state(model_chunks, state: dict) -> None:
+    for i, chunk in enumerate(model_chunks):
+        getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
+
+
 def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     model_sd = _sharded_model_state(model_chunks)
     merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
@@ -293,8 +298,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     template["extra"] = None
     with _weights_only_loads(), _stop_signals_deferred():
         state = dist_checkpointing.load(template, str(path))
-    for i, chunk in enumerate(model_chunks):
-        getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
+    _apply_model_state(model_chunks, state)
     optimizer.load_state_dict(state["optimizer"])
     # load_state_dict *adds* the saved step count to the current one
     scheduler.num_steps = 0
@@ -324,8 +328,7 @@ def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
     verify_checkpoint(path)
     with _weights_only_loads(), _stop_signals_deferred():
         state = dist_checkpointing.load(_sharded_model_state(model_chunks), str(path))
-    for i, chunk in enumerate(model_chunks):
-        getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"])
+    _apply_model_state(model_chunks, state)
     return read_extra(path)
 
 
