@@ -28,7 +28,16 @@ class RunResult:
     final_val_loss: float
     val_curve: list[tuple[int, float]]
     downstream: dict[str, float] = field(default_factory=dict)
-    upper_entropy: float | None = None  # final probe, mean over the upper half of the layers
+    diagnostics: list[dict] = field(default_factory=list)  # the run's diagnostics.jsonl records
+
+    @property
+    def upper_entropy(self) -> float | None:
+        """Attention entropy at the last probe, mean over the upper half of the layers."""
+        if not self.diagnostics:
+            return None
+        layers = self.diagnostics[-1]["layers"]
+        upper = [v["entropy"] for k, v in layers.items() if int(k) >= len(layers) / 2]
+        return float(np.mean(upper)) if upper else None
 
 
 @dataclass(frozen=True)
@@ -60,19 +69,10 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> Inter
     return Interval(n, mean, std, mean - half, mean + half)
 
 
-def _final_upper_entropy(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
-    if not lines:
-        return None
-    layers = json.loads(lines[-1])["layers"]
-    upper = [v["entropy"] for k, v in layers.items() if int(k) >= len(layers) / 2]
-    return float(np.mean(upper)) if upper else None
-
-
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
     """``(grid, results, missing)``: the grid record, every finished run, and unfinished run dirs."""
+    from slowqk.monitor import read_diagnostics
+
     grid_dir = Path(grid_dir)
     record_path = grid_dir / "grid.json"
     if not record_path.is_file():
@@ -91,8 +91,9 @@ def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
         evals = run_dir / "eval" / "results.json"
         if evals.is_file():
             downstream = {k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()}
+        diag = run_dir / "diagnostics.jsonl"
         results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream,
-                                 _final_upper_entropy(run_dir / "diagnostics.jsonl")))
+                                 read_diagnostics(diag) if diag.is_file() else []))
     return record["grid"], results, missing
 
 
@@ -241,14 +242,11 @@ def plot_paired_differences(summary: dict, path: Path) -> Path:
 
 def _diagnostic_series(runs: list[RunResult], key: str) -> tuple[list[int], np.ndarray] | None:
     """``(steps, [seed, step, layer])`` of a per-layer diagnostic over the runs that have it."""
-    from slowqk.monitor import read_diagnostics
-
     series, steps = [], None
     for r in runs:
-        path = r.run_dir / "diagnostics.jsonl"
-        if not path.is_file():
+        recs = r.diagnostics
+        if not recs:
             continue
-        recs = read_diagnostics(path)
         s = [x["step"] for x in recs]
         if steps is not None and s != steps:
             continue
