@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests import their helpers (multiproc, megatron_harness, reference_model) by module name
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -10,11 +12,21 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SLOWQK_SHARED_DIR", REPO.parent / "shared"))
 
 
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> str:
+    """Sharded dataset (400-token tokenizer inside) from the first 3000 lines of tiny Shakespeare,
+    shared by the multi-process tests (they only read it; caches go to each run directory)."""
+    from slowqk.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("small_dataset")
+    small = root / "corpus.txt"
+    small.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:3000]))
+    return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
+
+
 # ----------------------------------------------------------------------------- fault-case table
 # Fault tests record what they injected and what happened; `pytest --fault-table docs/fault-cases.md`
 # writes the table (so the document is produced by the suite, never by hand).
-
-import pytest  # noqa: E402
 
 _FAULT_ROWS: list[dict] = []
 

@@ -14,18 +14,6 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from conftest import SHARED
-
-    from slowqk.data.corpus import prepare_corpus
-
-    root = tmp_path_factory.mktemp("ds")
-    small = root / "corpus.txt"
-    small.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:3000]))
-    return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
-
-
 def _overrides(dataset: str, out: Path, **extra) -> list[str]:
     base = {
         "out_dir": str(out), "data.corpus": "null", "data.dataset": dataset, "model.num_layers": 2,
@@ -61,9 +49,9 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_matches_the_megatron_path(dataset, tmp_path, stage) -> None:
-    run_ranks(_megatron, 2, _overrides(dataset, tmp_path / "megatron"))
-    run_ranks(_deepspeed, 2, _overrides(dataset, tmp_path / "ds"), stage)
+def test_zero_stage_matches_the_megatron_path(small_dataset, tmp_path, stage) -> None:
+    run_ranks(_megatron, 2, _overrides(small_dataset, tmp_path / "megatron"))
+    run_ranks(_deepspeed, 2, _overrides(small_dataset, tmp_path / "ds"), stage)
     ref, got = _losses(tmp_path / "megatron"), _losses(tmp_path / "ds")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in ref:  # same model, data, schedule and Q/K intervention; only the engine differs
@@ -107,25 +95,15 @@ def _rows_worker(rank: int, world: int, stage: int, mult_q: float, mult_k: float
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_scales_exactly_the_selected_qk_rows(stage) -> None:
-    from test_qk_rows import LAYERS, MULT_K, MULT_Q, _qk_row_masks
+    from test_qk_rows import LAYERS, MULT_K, MULT_Q, scaled_row_updates
 
     res = run_ranks(_rows_worker, 2, stage, MULT_Q, MULT_K)[0]
-    before, patched, plain = res["before"], res["patched"], res["plain"]
     checked = 0
-    for name in before:
-        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
-        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
-            q, k = _qk_row_masks(name, before[name].shape)
-            for mask, mult in ((q, MULT_Q), (k, MULT_K)):
-                d_p, d_u = (patched[name] - before[name])[mask], (plain[name] - before[name])[mask]
-                assert d_u.abs().max() > 0
-                # relative to the update's size: the only difference left is fp32 rounding of the weights
-                assert ((d_p - mult * d_u).abs().max() / d_u.abs().max()).item() < 1e-5, (name, mult)
-                checked += 1
-            v = ~(q | k)
-            assert torch.equal(patched[name][v], plain[name][v]), name  # V rows untouched
-        else:
-            assert torch.equal(patched[name], plain[name]), name  # everything else bitwise
+    for name, _, mult, d_p, d_u in scaled_row_updates(res["before"], res["patched"], res["plain"]):
+        assert d_u.abs().max() > 0
+        # relative to the update's size: the only difference left is fp32 rounding of the weights
+        assert ((d_p - mult * d_u).abs().max() / d_u.abs().max()).item() < 1e-5, (name, mult)
+        checked += 1
     assert checked == 2 * 2 * len(LAYERS)  # Q and K, weight and bias, per selected layer
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED
+from conftest import REPO
 from multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
-CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 LAYOUTS = {"tp1": {}, "tp2": {"parallel.tensor": 2}, "pp2": {"parallel.pipeline": 2}}
 
 
@@ -41,14 +40,9 @@ def _train(root: Path, dataset: str, name: str, recipe: str, world: int, **extra
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(tmp_path_factory, small_dataset) -> dict[str, Path]:
     """Trained 2-step checkpoints: GPT and LLaMA (GQA) at TP1, TP2, PP2; GPT without biases."""
-    from slowqk.data.corpus import prepare_corpus
-
-    root = tmp_path_factory.mktemp("hf")
-    small = root / "corpus.txt"
-    small.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:3000]))
-    dataset = str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
+    root, dataset = tmp_path_factory.mktemp("hf"), small_dataset
     out = {}
     for fam, recipe in (("gpt", "tiny/gpt"), ("llama", "tiny/llama")):
         for layout, extra in LAYOUTS.items():
@@ -139,13 +133,12 @@ def _train_from_import(rank: int, world: int, imported: str, dataset: str, out: 
     return train(load_recipe("tiny/llama", overrides), quiet=True)
 
 
-def test_continue_pretraining_from_an_import(checkpoints, tmp_path) -> None:
+def test_continue_pretraining_from_an_import(checkpoints, small_dataset, tmp_path) -> None:
     from slowqk.hf.export import export_checkpoint
 
     first = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "first")
     assert _import(first, tmp_path / "imported", "tiny/llama", 1, 1).returncode == 0
-    dataset = str(next(checkpoints["llama-tp1"].parents[2].glob("prepared/dataset")))
-    run_ranks(_train_from_import, 1, str(tmp_path / "imported"), dataset, str(tmp_path / "run"))
+    run_ranks(_train_from_import, 1, str(tmp_path / "imported"), small_dataset, str(tmp_path / "run"))
     again = export_checkpoint(tmp_path / "run", tmp_path / "again")
     assert filecmp.cmp(first / "model.safetensors", again / "model.safetensors", shallow=False)
 

@@ -79,6 +79,22 @@ def _qk_row_masks(name: str, shape: torch.Size, heads: int = 4, groups: int = 2,
     return q, k
 
 
+def scaled_row_updates(before: dict, patched: dict, plain: dict):
+    """Check that everything outside the selected layers' Q and K rows (V rows, other layers, other
+    parameters) is bitwise equal with and without the patch; yield ``(name, kind, mult, patched
+    update, unpatched update)`` for the Q and K rows, for the caller's tolerance."""
+    for name in before:
+        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
+            q, k = _qk_row_masks(name, before[name].shape)
+            other = ~(q | k)
+            assert torch.equal(patched[name][other], plain[name][other]), f"{name}: V rows changed"
+            for kind, mask, mult in (("q", q, MULT_Q), ("k", k, MULT_K)):
+                yield name, kind, mult, (patched[name] - before[name])[mask], (plain[name] - before[name])[mask]
+        else:
+            assert torch.equal(patched[name], plain[name]), f"{name} must get exactly the base update"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "distopt,world,precision",
@@ -88,21 +104,10 @@ def _qk_row_masks(name: str, shape: torch.Size, heads: int = 4, groups: int = 2,
 def test_only_selected_qk_rows_are_scaled(distopt: bool, world: int, precision: str) -> None:
     """bf16 runs exercise the fp32 main params of the mixed-precision optimizers."""
     res = run_ranks(_worker, world, distopt, MULT_Q, MULT_K, 1, precision)[0]
-    before, patched, plain = res["before"], res["patched"], res["plain"]
     scaled_any = False
-    for name in before:
-        d_patched = patched[name] - before[name]
-        d_plain = plain[name] - before[name]
-        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
-        if layer in LAYERS and "linear_qkv" in name and "layer_norm" not in name:
-            q, k = _qk_row_masks(name, before[name].shape)
-            other = ~(q | k)
-            assert torch.equal(patched[name][other], plain[name][other]), f"{name}: V rows changed"
-            for mask, mult in ((q, MULT_Q), (k, MULT_K)):
-                torch.testing.assert_close(d_patched[mask], mult * d_plain[mask], rtol=1e-5, atol=1e-9)
-            scaled_any = scaled_any or bool((d_plain[q].abs() > 0).any())
-        else:
-            assert torch.equal(patched[name], plain[name]), f"{name} must get exactly the base update"
+    for _, kind, mult, d_patched, d_plain in scaled_row_updates(res["before"], res["patched"], res["plain"]):
+        torch.testing.assert_close(d_patched, mult * d_plain, rtol=1e-5, atol=1e-9)
+        scaled_any = scaled_any or (kind == "q" and bool((d_plain.abs() > 0).any()))
     assert scaled_any
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
@@ -120,18 +120,8 @@ def _wait(cluster, job: int, timeout: float = 600) -> dict[str, str]:
     raise AssertionError(f"job {job} still {info.get('JobState')} after {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from slowqk.data.corpus import prepare_corpus
-
-    root = tmp_path_factory.mktemp("slurmdata")
-    small = root / "corpus.txt"
-    small.write_text("".join((SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)[:3000]))
-    return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
-
-
-def test_sbatch_job_trains_with_two_tasks(cluster, dataset, tmp_path) -> None:
-    job = _submit(cluster, tmp_path, "sq", 20, dataset)
+def test_sbatch_job_trains_with_two_tasks(cluster, small_dataset, tmp_path) -> None:
+    job = _submit(cluster, tmp_path, "sq", 20, small_dataset)
     info = _wait(cluster, job)
     run = tmp_path / "runs" / f"sq-{job}"
     log = (tmp_path / "logs" / f"sq-{job}.out").read_text()
@@ -142,8 +132,8 @@ def test_sbatch_job_trains_with_two_tasks(cluster, dataset, tmp_path) -> None:
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path) -> None:
-    job = _submit(cluster, tmp_path, "pre", 200, dataset)
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, tmp_path) -> None:
+    job = _submit(cluster, tmp_path, "pre", 200, small_dataset)
     run = tmp_path / "runs" / f"pre-{job}"
     deadline = time.time() + 300
     while not (run / "checkpoints" / "latest").is_file():  # let it get going
