@@ -197,10 +197,11 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
     import subprocess
+    from pathlib import Path
 
     from slowqk.hf.importer import import_rank, recipe_for
 
-    recipe = recipe_for(__import__("pathlib").Path(args.hf_dir), load_recipe(args.recipe, args.overrides), args.tp, args.pp)
+    recipe = recipe_for(Path(args.hf_dir), load_recipe(args.recipe, args.overrides), args.tp, args.pp)
     world = args.tp * args.pp
     if world > 1 and "WORLD_SIZE" not in os.environ:  # one process per rank, through torchrun
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",

@@ -59,6 +59,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     from slowqk.models import build_gpt_model, build_transformer_config
     from slowqk.optim import build_scheduler, qk_schedules, selected_layers
     from slowqk.patches import qk_lr_scaling
+    from slowqk.train import masked_mean_loss
 
     if recipe.parallel.tensor != 1 or recipe.parallel.pipeline != 1:
         raise ValueError("the DeepSpeed engine runs megatron-core models at parallel.tensor=1, parallel.pipeline=1 "
@@ -95,8 +96,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     def mean_loss(batch) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        mask = batch["loss_mask"].float()
-        return (out.float() * mask).sum() / mask.sum()
+        return masked_mean_loss(batch["loss_mask"], out)
 
     def across_dp(value: float) -> float:
         v = torch.tensor([value], dtype=torch.float64, device=device)

@@ -77,10 +77,14 @@ class _Timer:
         return dt
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    losses = output.float().view(-1)
+def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean per-token loss over the tokens the mask keeps (one micro-batch), in fp32."""
     mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask) / mask.sum()
+    return torch.sum(output.float().view(-1) * mask) / mask.sum()
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    loss = masked_mean_loss(loss_mask, output)
     if _INJECT_NAN:  # fault injection (slowqk.faults): poison the loss and so the gradients
         loss = loss * float("nan")
     # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
