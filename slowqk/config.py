@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = True
     vocab_size: int | None = Field(None, ge=2, description="None = the tokenizer's vocabulary")
     make_vocab_size_divisible_by: int = Field(128, ge=1)
+    attention_backend: Literal["auto", "te", "sdpa", "local"] = Field(
+        "auto", description="core attention: te (Transformer Engine), sdpa (torch scaled_dot_product_attention), "
+        "local (megatron-core's DotProductAttention); auto = te when TE imports on CUDA, else sdpa")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -347,6 +350,7 @@ RESUME_SAFE_PREFIXES = (
     "name", "out_dir", "parallel.", "train.log_interval", "train.eval_interval", "train.eval_iters",
     "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
     "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
+    "model.attention_backend",  # the same weights and math through another kernel
 )
 
 

@@ -2,8 +2,12 @@
 
 GPT-2 style and LLaMA style are two corners of one space: FFN (gelu | swiglu), norm
 (layernorm | rmsnorm), biases on/off, positions (learned | rope), GQA. Any mix builds.
-The local (pure megatron-core) layer spec is used on CPU; the Transformer Engine spec when
-TE imports and CUDA is present.
+
+``model.attention_backend`` picks the layer spec: ``te`` is megatron-core's Transformer Engine
+spec; ``sdpa`` and ``local`` are its local spec with the core attention either torch's
+``scaled_dot_product_attention`` (:class:`slowqk.attention.SDPAttention`) or megatron-core's own
+``DotProductAttention`` (materializes the s x s scores); ``auto`` = ``te`` when TE imports and CUDA
+is present, else ``sdpa``. All but ``te`` share parameter names and checkpoints.
 """
 
 from __future__ import annotations
@@ -37,15 +41,42 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def resolve_attention_backend(name: str) -> str:
+    """``auto`` -> ``te`` or ``sdpa``; ``te`` without TE + CUDA is an error naming the key."""
+    if name == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    if name == "te" and not transformer_engine_available():
+        raise ValueError("model.attention_backend=te needs Transformer Engine and CUDA "
+                         f"(CUDA available: {torch.cuda.is_available()}); use auto, sdpa or local")
+    return name
+
+
+def wrap_precision(model: torch.nn.Module, config: TransformerConfig) -> torch.nn.Module:
+    """bf16 models run as Megatron-LM runs them: every parameter and buffer in bf16 (position
+    embeddings and norms included), fp32 logits out of the last stage."""
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        return Float16Module(config, model)
+    return model
+
+
+def unwrap_model(module: torch.nn.Module) -> GPTModel:
+    """The ``GPTModel`` inside DDP / ``Float16Module`` wrappers."""
+    while not isinstance(module, GPTModel):
+        module = module.module
+    return module
+
+
 def build_transformer_config(
     model: ModelConfig,
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     precision: str = "fp32",
-    use_te: bool = False,
 ) -> TransformerConfig:
     bf16 = precision == "bf16"
+    use_te = resolve_attention_backend(model.attention_backend) == "te"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -81,12 +112,18 @@ def build_transformer_config(
     )
 
 
-def layer_spec(model: ModelConfig, use_te: bool, probe: bool = False):
-    if use_te:
-        if probe:
-            raise ValueError("attention probes need the local spec (fused TE attention keeps no probabilities)")
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
+def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
+    """megatron-core's GPT layer spec for ``backend`` (resolved: te | sdpa | local)."""
+    if backend == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
+        if backend == "sdpa":
+            from slowqk.attention import SDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        elif backend != "local":
+            raise ValueError(f"attention backend {backend!r}: expected te, sdpa or local")
     if probe:
         from slowqk.probe import probed_layer_spec
 
@@ -101,12 +138,12 @@ def build_gpt_model(
     *,
     pre_process: bool = True,
     post_process: bool = True,
-    use_te: bool = False,
     probe: bool = False,
 ) -> GPTModel:
+    """``model.attention_backend`` decides the spec (see :func:`resolve_attention_backend`)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, use_te, probe),
+        transformer_layer_spec=layer_spec(model, resolve_attention_backend(model.attention_backend), probe),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

@@ -1,45 +1,53 @@
 """Attention probabilities out of megatron-core models, through the layer spec.
 
-``ProbedDotProductAttention`` is megatron-core's ``DotProductAttention`` with its (parameter-free)
-softmax module wrapped so that, while recording, the attention probabilities of the last forward
-are kept. The module tree and state dict are unchanged, so checkpoints stay standard.
+``probed(cls)`` derives from a core-attention class (megatron-core's local ``DotProductAttention``,
+``SDPAttention`` or Transformer Engine's ``TEDotProductAttention``) a class that, while recording,
+computes attention explicitly (:func:`slowqk.attention.explicit_attention`: scores, softmax,
+weighted values, in fp32) from the very Q, K, V the fused kernel would get, and keeps the
+probabilities. Recording happens only in the probe's eval-mode forward; training forwards go to the
+backend unchanged. The module tree and state dict are unchanged, so checkpoints stay standard.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import nn
 
-
-class _RecordingSoftmax(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.record = False
-        self.probs: torch.Tensor | None = None
-
-    def forward(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        if self.record:
-            self.probs = out.detach()
-        return out
+from slowqk.attention import effective_softmax_scale, explicit_attention, is_causal
 
 
-class ProbedDotProductAttention(DotProductAttention):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.scale_mask_softmax = _RecordingSoftmax(self.scale_mask_softmax)
+class ProbeMixin:
+    """Put first in the bases of a core-attention class (see :func:`probed`)."""
+
+    record: bool = False
+    probs: torch.Tensor | None = None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
+        if not self.record:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, *args, **kwargs)
+        context, probs = explicit_attention(
+            query, key, value, attention_mask, is_causal(self, attn_mask_type),
+            effective_softmax_scale(self, query.shape[-1]))
+        self.probs = probs.detach()
+        return context
+
+
+@functools.cache
+def probed(core_attention: type) -> type:
+    """``core_attention`` with :class:`ProbeMixin` in front (one class per backend)."""
+    return type(f"Probed{core_attention.__name__}", (ProbeMixin, core_attention), {})
 
 
 def probed_layer_spec(spec):
-    """A copy of a local GPT layer spec whose core attention records its probabilities."""
+    """A copy of a GPT layer spec whose core attention can record its probabilities."""
     import copy
 
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = ProbedDotProductAttention
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = probed(attention.core_attention)
     return spec
 
 
@@ -58,13 +66,13 @@ def attention_probs(
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    recorders: dict[int, _RecordingSoftmax] = {}
+    recorders: dict[int, ProbeMixin] = {}
     for module in model.modules():
         if isinstance(module, TransformerLayer):
             core = module.self_attention.core_attention
-            if not isinstance(core, ProbedDotProductAttention):
+            if not isinstance(core, ProbeMixin):
                 raise TypeError("the model was not built with probed_layer_spec(); no attention probabilities")
-            recorders[module.layer_number - 1] = core.scale_mask_softmax
+            recorders[module.layer_number - 1] = core
     was_training = model.training
     model.eval()
     try:

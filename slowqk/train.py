@@ -114,7 +114,8 @@ class Trainer:
         from slowqk.models import (
             build_gpt_model,
             build_transformer_config,
-            transformer_engine_available,
+            resolve_attention_backend,
+            wrap_precision,
         )
         from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
 
@@ -140,16 +141,16 @@ class Trainer:
         self.train_ds, self.valid_ds = data.train, data.valid
 
         # ---- model, DDP, optimizer, schedules
-        self.use_te = transformer_engine_available()
+        self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
+        self.use_te = self.attention_backend == "te"
         self.config = build_transformer_config(
             recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
-            precision=t.precision, use_te=self.use_te,
+            precision=t.precision,
         )
         model = build_gpt_model(
             recipe.model, self.config, self.vocab_size,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
-            use_te=self.use_te,
             probe=recipe.diagnostics.interval > 0,
         )
         model.to(self.device)
@@ -157,6 +158,7 @@ class Trainer:
 
         if t.init_from and latest_checkpoint(self.ckpt_root) is None:
             self._init_weights(model, t.init_from)
+        model = wrap_precision(model, self.config)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)

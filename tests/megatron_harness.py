@@ -34,7 +34,7 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
     ``init_from`` copies the weights of another model of the same recipe.
     """
     from slowqk.distributed import init_distributed
-    from slowqk.models import build_gpt_model, build_transformer_config
+    from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
     from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
 
     init_distributed(recipe.parallel, recipe.seed)
@@ -50,10 +50,7 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
     model = build_gpt_model(recipe.model, cfg, VOCAB)
     if torch.cuda.is_available():
         model = model.cuda()
-    if recipe.train.precision == "bf16":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(cfg, model)
+    model = wrap_precision(model, cfg)
     if float64:
         model = model.to(torch.float64)  # torch norms ignore params_dtype
     if init_from is not None:
