@@ -187,3 +187,32 @@ def test_every_block_mix_trains_in_bf16(small_dataset, tmp_path) -> None:
         assert res["dtypes"] == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}, name
         assert all(map(math.isfinite, bf16)), name
         assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.02, (name, bf16, fp32)
+
+
+def test_probe_records_explicit_attention_in_front_of_any_backend() -> None:
+    """What a probe does on a fused backend (TE's class cannot be built on CPU): while recording,
+    the backend's forward is bypassed for the explicit computation; otherwise it runs untouched."""
+    from slowqk.attention import explicit_attention
+    from slowqk.probe import ProbeMixin, probed
+
+    class FusedKernel(torch.nn.Module):  # stands in for TEDotProductAttention: keeps no probabilities
+        softmax_scale = 0.5
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
+            return torch.zeros(query.shape[0], query.shape[1], query.shape[2] * query.shape[3])
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    core = probed(FusedKernel)()
+    core.attn_mask_type = AttnMaskType.causal
+    assert isinstance(core, ProbeMixin) and probed(FusedKernel) is type(core)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(5, 2, 4, 8, generator=g), torch.randn(5, 2, 2, 8, generator=g), torch.randn(5, 2, 2, 8, generator=g)
+    assert not core(q, k, v, None).any()  # not recording: the backend's own forward
+    core.record = True
+    out = core(q, k, v, None)
+    expected, probs = explicit_attention(q, k, v, None, causal=True, scale=0.5)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(core.probs, probs)
+    assert core.probs.shape == (2, 4, 5, 5) and core.probs[..., 0, 1:].abs().max() == 0  # causal
+    torch.testing.assert_close(core.probs.sum(-1), torch.ones(2, 4, 5))

@@ -86,7 +86,9 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,model", [(1, {}), (2, {"num_query_groups": 2, "position": "rope"})], ids=["tp1-mha", "tp2-gqa-rope"])
+@pytest.mark.parametrize("tp,model", [(1, {"attention_backend": "local"}),
+                                      (2, {"num_query_groups": 2, "position": "rope", "attention_backend": "sdpa"})],
+                         ids=["tp1-mha-local", "tp2-gqa-rope-sdpa"])
 def test_probed_attention_matches_the_reference(tp, model) -> None:
     from multiproc import run_ranks
 
