@@ -1,23 +1,31 @@
-"""Throughput, memory and MFU of the training step, with the Q/K intervention off, holding, released.
+"""Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same shapes.
 
-    python tools/bench_gpu.py [--recipes gpt-125m llama-350m] [--steps 20] [--warmup 5] [--peak-tflops X]
+    python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain plain-compiled]
+                              [--steps 20] [--warmup 5] [--json PATH] [overrides ...]
 
-For each recipe, three cases in one process each (one GPU): ``off`` (no patch), ``hold`` (the
-multipliers are active: the patch's pre/post-step hooks run every step) and ``after`` (the
-intervention was released before the timed steps: the hooks return at once). Synthetic data (the
-bundled corpus, tokenized once); timings exclude the warmup steps.
+Cases, each in a fresh process (one GPU):
+  off             megatron-core, the Q/K intervention disabled (no patch)
+  hold            the multipliers active: the patch's pre/post-step hooks work every step
+  after           the intervention released before the timed steps: the hooks return at once
+  plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
+                  autocast, fused AdamW), what a user would otherwise run
+  plain-compiled  the same under torch.compile
+The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the same
+vocabulary. Timings exclude the warmup steps (and compilation). Overrides apply to the megatron cases
+(e.g. ``model.attention_backend=local``, ``train.micro_batch_size=4``) and shape the plain one too.
 
 Model FLOPs per token follow the PaLM/Megatron convention, counting matmuls only:
-``6 * N_matmul + 12 * L * s * d_attn`` with N_matmul the parameters of every linear layer plus the
+``6 * N_matmul + 12 * L * s * d_attn`` with N_matmul the weights of every linear layer plus the
 output projection, L layers, s the sequence length and d_attn = heads x head_dim; MFU divides
 tokens/s x FLOPs/token by the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s; give
-``--peak-tflops`` for other devices). Prints one table at the end.
+``--peak-tflops`` for other devices). Prints one table; ``--json`` writes the records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -27,85 +35,141 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "shakespeare" / "shakespeare_modern.txt"
 PEAKS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+MEGATRON_CASES = ("off", "hold", "after")
+PLAIN_CASES = ("plain", "plain-compiled")
 
 
-def model_flops_per_token(model, recipe) -> float:
-    m = recipe.model
-    d_attn = m.hidden_size  # heads x head_dim
-    matmul = sum(p.numel() for n, p in model.named_parameters()
-                 if p.dim() == 2 and "embedding" not in n and "layer_norm" not in n)
-    if m.tie_embeddings:  # the output projection reuses the embedding matrix but is still a matmul
-        matmul += model.embedding.word_embeddings.weight.numel() * (recipe.parallel.tensor or 1)
-    return 6.0 * matmul + 12.0 * m.num_layers * m.seq_length * d_attn
+def model_flops_per_token(m, vocab_size: int) -> float:
+    """From the shapes alone, so megatron-core and the plain model are counted the same way."""
+    heads, groups, hd = m.num_attention_heads, m.num_query_groups or m.num_attention_heads, m.hidden_size // m.num_attention_heads
+    h, f = m.hidden_size, m.ffn_size
+    per_layer = h * (heads + 2 * groups) * hd + heads * hd * h + (3 if m.ffn == "swiglu" else 2) * h * f
+    matmul = m.num_layers * per_layer + vocab_size * h  # the output projection is a matmul, tied or not
+    return 6.0 * matmul + 12.0 * m.num_layers * m.seq_length * heads * hd
 
 
-def run_case(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]) -> dict:
-    import torch
-
+def _recipe(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]):
     from slowqk.config import load_recipe
-    from slowqk.train import Trainer
 
     qk = {"off": ["qk.enabled=false"],
           "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup + 10}", "qk.ramp=1"],
-          "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"]}[case]
-    recipe = load_recipe(recipe_name, [*extra, *qk, "data.corpus=null", f"data.dataset={data}", "data.tokenizer=null",
-                                       "data.train_prefixes=[]", "data.valid_prefixes=[]", f"out_dir={out}",
-                                       f"train.steps={steps + warmup}", "train.save_interval=null",
-                                       "train.tensorboard=false", "diagnostics.interval=0", "train.eval_iters=1"])
-    trainer = Trainer(recipe, quiet=True)
+          "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"]}.get(case, ["qk.enabled=false"])
+    return load_recipe(recipe_name, [*extra, *qk, "data.corpus=null", f"data.dataset={data}", "data.tokenizer=null",
+                                     "data.train_prefixes=[]", "data.valid_prefixes=[]", f"out_dir={out}",
+                                     f"train.steps={steps + warmup}", "train.save_interval=null",
+                                     "train.tensorboard=false", "diagnostics.interval=0", "train.eval_iters=1"])
+
+
+def _timed(step, steps: int, warmup: int) -> tuple[float, float, list]:
+    """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step results."""
+    import torch
+
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
-        trainer.train_step()
+        step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    mults = []
-    for _ in range(steps):
-        mults.append(trainer.train_step()["mult_q"])
+    results = [step() for _ in range(steps)]
     sync()
-    seconds = (time.perf_counter() - start) / steps
-    tokens = recipe.tokens_per_step / seconds
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return (time.perf_counter() - start) / steps, peak, results
+
+
+def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
+    from slowqk.train import Trainer
+
+    trainer = Trainer(recipe, quiet=True)
+    seconds, peak, results = _timed(trainer.train_step, steps, warmup)
+    return {"step_s": seconds, "peak_mem_gib": peak, "vocab": trainer.vocab_size, "te": trainer.use_te,
+            "attention_backend": trainer.attention_backend, "mult_q": sorted({r["mult_q"] for r in results})}
+
+
+def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
+    import torch
+    from plain_decoder import PlainDecoder, plain_train_step
+
+    from slowqk.models import padded_vocab_size
+
+    m, t = recipe.model, recipe.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(recipe.seed)
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
+    model = PlainDecoder(m, padded).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, betas=(recipe.optimizer.beta1, recipe.optimizer.beta2),
+                            weight_decay=recipe.optimizer.weight_decay, fused=device.type == "cuda")
+    if case == "plain-compiled":
+        model = torch.compile(model)
+    ids = torch.randint(0, vocab, (t.global_batch_size // t.micro_batch_size, t.micro_batch_size, m.seq_length + 1),
+                        device=device)
+    batches = [(x[:, :-1], x[:, 1:]) for x in ids]
+    seconds, peak, _ = _timed(lambda: plain_train_step(model, opt, batches), steps, warmup)
+    return {"step_s": seconds, "peak_mem_gib": peak, "vocab": padded, "te": False, "attention_backend": "sdpa",
+            "mult_q": [1.0]}
+
+
+def run_case(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str],
+             vocab: int) -> dict:
+    import megatron.core
+    import torch
+
+    recipe = _recipe(recipe_name, case, steps, warmup, data, out, extra)
+    if case in PLAIN_CASES:
+        res = run_plain_case(recipe, case, steps, warmup, vocab)
+    else:
+        res = run_megatron_case(recipe, case, steps, warmup)
     return {
-        "recipe": recipe_name, "case": case, "step_s": seconds, "tokens_per_s": tokens,
-        "flops_per_token": model_flops_per_token(trainer.chunks[0].module, recipe),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "mult_q": sorted(set(mults)), "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "te": trainer.use_te,
+        "recipe": recipe_name, "case": case,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "megatron_core": megatron.core.__version__, "torch": torch.__version__,
+        "tokens_per_s": recipe.tokens_per_step / res["step_s"],
+        "flops_per_token": model_flops_per_token(recipe.model, res["vocab"]),
+        "micro_batch_size": recipe.train.micro_batch_size, "global_batch_size": recipe.train.global_batch_size,
+        "seq_length": recipe.model.seq_length, **res,
     }
+
+
+def _with_mfu(record: dict, peak_tflops: float | None) -> dict:
+    mfu = record["tokens_per_s"] * record["flops_per_token"] / (peak_tflops * 1e12) if peak_tflops else None
+    return {**record, "mfu": mfu}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=["gpt-125m", "llama-350m", "llama-1b"])
-    ap.add_argument("--cases", nargs="+", default=["off", "hold", "after"])
+    ap.add_argument("--cases", nargs="+", default=[*MEGATRON_CASES, *PLAIN_CASES],
+                    choices=[*MEGATRON_CASES, *PLAIN_CASES])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
-    ap.add_argument("--corpus", default=str(CORPUS), help="text the synthetic run reads")
+    ap.add_argument("--corpus", default=str(CORPUS), help="text the megatron cases read")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--json", type=Path, default=None, help="write the records (a JSON list) here")
     ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)  # internal: recipe case data out
     ap.add_argument("overrides", nargs="*", help="recipe overrides for every case (e.g. train.micro_batch_size=4)")
     args = ap.parse_args()
     if args.case:
-        res = run_case(args.case[0], args.case[1], args.steps, args.warmup, args.case[2], args.case[3], args.overrides)
+        res = run_case(*args.case[:2], args.steps, args.warmup, *args.case[2:], args.overrides, args.vocab)
         print("RESULT " + json.dumps(res))
         return
 
     from slowqk.data.corpus import prepare_corpus
 
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
         for recipe in args.recipes:
             for case in args.cases:
                 cmd = [sys.executable, __file__, "--case", recipe, case, str(data), str(Path(tmp) / f"{recipe}-{case}"),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides]
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(args.vocab),
+                       *args.overrides]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
-                    print(f"{recipe}/{case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    print(f"{recipe}/{case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    failed.append(f"{recipe}/{case}")
                     continue
                 rows.append(json.loads(line[7:]))
                 print(f"  {recipe}/{case}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
@@ -113,14 +177,36 @@ def main() -> None:
         sys.exit(1)
     device = rows[0]["device"]
     peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in device), None)
-    base = {r["recipe"]: r["step_s"] for r in rows if r["case"] == "off"}
-    print(f"\ndevice: {device}; Transformer Engine: {rows[0]['te']}; dense bf16 peak: {peak or 'unknown'} TFLOP/s")
-    print(f"{'recipe':<14}{'case':<7}{'ms/step':>9}{'tokens/s':>12}{'vs off':>9}{'peak GiB':>10}{'MFU':>8}  mult_q")
+    rows = [_with_mfu(r, peak) for r in rows]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = args.json.with_name(args.json.name + ".tmp")
+        tmp_json.write_text(json.dumps(rows, indent=1) + "\n")
+        tmp_json.replace(args.json)
+    print_table(rows, peak)
+    if failed:
+        print(f"failed cases: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def print_table(rows: list[dict], peak: float | None) -> None:
+    off = {r["recipe"]: r for r in rows if r["case"] == "off"}
+    plain = {r["recipe"]: r for r in rows if r["case"] == "plain"}
+    r0 = rows[0]
+    print(f"\ndevice: {r0['device']}; megatron-core {r0['megatron_core']}; torch {r0['torch']}; "
+          f"dense bf16 peak: {peak or 'unknown'} TFLOP/s")
+    print(f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'vs off':>9}{'vs plain':>10}"
+          f"{'peak GiB':>10}{'MFU':>8}  mult_q")
+    def ratio(r: dict, base: dict, key: str) -> str:
+        b = base.get(r["recipe"])
+        return f"{r[key] / b[key]:.3f}x" if b and b[key] else "-"
+
     for r in rows:
-        mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12) if peak else float("nan")
-        rel = (r["step_s"] / base[r["recipe"]] - 1) * 100 if r["recipe"] in base else float("nan")
-        print(f"{r['recipe']:<14}{r['case']:<7}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>12.0f}{rel:>+8.2f}%"
-              f"{r['peak_mem_gib']:>10.2f}{mfu:>8.1%}  {r['mult_q']}")
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        mfu = "-" if r["mfu"] is None or math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"
+        print(f"{r['recipe']:<12}{r['case']:<16}{r['attention_backend']:<8}{r['step_s'] * 1e3:>9.1f}"
+              f"{r['tokens_per_s']:>11.0f}{ratio(r, off, 'step_s'):>9}{ratio(r, plain, 'tokens_per_s'):>10}{mem:>10}{mfu:>8}"
+              f"  {r['mult_q']}")
 
 
 if __name__ == "__main__":

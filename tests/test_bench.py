@@ -1,0 +1,88 @@
+"""tools/bench_gpu.py on CPU: its code path (megatron-core and plain cases, JSON records) and the
+FLOP count it divides by, checked against the parameters of the models it times."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, SHARED
+
+sys.path.insert(0, str(REPO / "tools"))
+
+RECORD_KEYS = {"recipe", "case", "device", "te", "attention_backend", "megatron_core", "tokens_per_s", "step_s",
+               "mfu", "peak_mem_gib"}
+
+
+def _linear_weights(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and "embed" not in n and n != "pos.weight" and "norm" not in n and "head" not in n and "output_layer" not in n)
+
+
+@pytest.mark.parametrize("name", ["tiny/gpt", "tiny/llama", "llama-1b"])
+def test_flops_per_token_counts_the_linear_weights_of_both_models(name: str) -> None:
+    from bench_gpu import model_flops_per_token
+    from plain_decoder import PlainDecoder
+
+    from slowqk.config import load_recipe
+
+    m = load_recipe(name, ["model.num_layers=2"]).model  # two layers of the real width
+    vocab = 1024
+    plain = PlainDecoder(m, vocab)
+    expected = 6 * (_linear_weights(plain) + vocab * m.hidden_size) + 12 * m.num_layers * m.seq_length * m.hidden_size
+    assert model_flops_per_token(m, vocab) == expected
+    if name.startswith("tiny"):  # the same count from megatron-core's own modules
+        from multiproc import run_ranks
+
+        assert run_ranks(_megatron_linear_weights, 1, name)[0] == _linear_weights(plain)
+
+
+def _megatron_linear_weights(rank: int, world: int, name: str) -> int:
+    from slowqk.config import load_recipe
+    from slowqk.distributed import init_distributed, shutdown
+    from slowqk.models import build_gpt_model, build_transformer_config
+
+    recipe = load_recipe(name, ["model.num_layers=2"])
+    init_distributed(recipe.parallel, recipe.seed)
+    n = _linear_weights(build_gpt_model(recipe.model, build_transformer_config(recipe.model), 1024))
+    shutdown()
+    return n
+
+
+def test_plain_decoder_learns_and_matches_the_shapes() -> None:
+    from plain_decoder import PlainDecoder, plain_train_step
+
+    from slowqk.config import load_recipe
+
+    m = load_recipe("tiny/llama", ["model.seq_length=32"]).model
+    torch.manual_seed(0)
+    model = PlainDecoder(m, 256)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 256, (2, 33))
+    losses = [plain_train_step(model, opt, [(ids[:, :-1], ids[:, 1:])]) for _ in range(5)]
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.1)  # small init: uniform
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_bench_writes_json_records(tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000]))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/bench_gpu.py"), "--recipes", "tiny/llama", "--cases", "off", "hold", "plain",
+         "--steps", "1", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus), "--json", str(out),
+         "--peak-tflops", "1", "train.micro_batch_size=4", "model.seq_length=32"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [r["case"] for r in records] == ["off", "hold", "plain"]
+    for r in records:
+        assert r.keys() >= RECORD_KEYS
+        assert r["device"] == "cpu" and r["attention_backend"] == "sdpa" and r["te"] is False
+        assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
+    assert [r["mult_q"] for r in records] == [[1.0], [0.25], [1.0]]
+    assert "vs plain" in proc.stdout
