@@ -186,6 +186,9 @@ class TrainConfig(_Strict):
     max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     progress_bar: bool = True
     tensorboard: bool = True
+    fused_kernels: bool = Field(
+        False, description="megatron-core's fused kernels that need no Transformer Engine (torch.compile): SwiGLU "
+        "bias-activation, bias-dropout-add, vocab-parallel cross-entropy; exact, off until measured to help")
 
 
 class DiagnosticsConfig(_Strict):
@@ -350,7 +353,7 @@ RESUME_SAFE_PREFIXES = (
     "name", "out_dir", "parallel.", "train.log_interval", "train.eval_interval", "train.eval_iters",
     "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
     "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
-    "model.attention_backend",  # the same weights and math through another kernel
+    "model.attention_backend", "train.fused_kernels",  # the same math through other kernels
 )
 
 

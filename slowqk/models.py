@@ -74,7 +74,11 @@ def build_transformer_config(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     precision: str = "fp32",
+    fused_kernels: bool = False,
 ) -> TransformerConfig:
+    """``fused_kernels``: megatron-core's own fusions (no TE needed), those that keep the math:
+    SwiGLU bias-activation, bias-dropout-add, the vocab-parallel cross-entropy. Its GELU fusion is
+    not among them: it computes the tanh approximation, a different model than ``model.ffn=gelu``."""
     bf16 = precision == "bf16"
     use_te = resolve_attention_backend(model.attention_backend) == "te"
     return TransformerConfig(
@@ -101,10 +105,11 @@ def build_transformer_config(
         # Initialise full weights on CPU and scatter, so every TP layout starts from the
         # same numbers (TP=2 equals TP=1 from step 0).
         use_cpu_initialization=True,
-        # Fused kernels are CUDA-only; TE brings its own.
-        bias_activation_fusion=use_te and model.ffn == "swiglu",
-        bias_dropout_fusion=use_te,
-        masked_softmax_fusion=use_te,
+        bias_activation_fusion=(use_te or fused_kernels) and model.ffn == "swiglu",
+        bias_dropout_fusion=use_te or fused_kernels,
+        cross_entropy_loss_fusion=fused_kernels,
+        cross_entropy_fusion_impl="native",
+        masked_softmax_fusion=use_te,  # megatron's masked-softmax kernels come with TE/apex builds
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

@@ -145,7 +145,7 @@ class Trainer:
         self.use_te = self.attention_backend == "te"
         self.config = build_transformer_config(
             recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
-            precision=t.precision,
+            precision=t.precision, fused_kernels=t.fused_kernels,
         )
         model = build_gpt_model(
             recipe.model, self.config, self.vocab_size,
