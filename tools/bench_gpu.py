@@ -1,7 +1,7 @@
 """Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same shapes.
 
     python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain plain-compiled]
-                              [--steps 20] [--warmup 5] [--json PATH] [overrides ...]
+                              [--steps 20] [--warmup 5] [--json PATH] [-- overrides ...]
 
 Cases, each in a fresh process (one GPU):
   off             megatron-core, the Q/K intervention disabled (no patch)
@@ -136,6 +136,13 @@ def _with_mfu(record: dict, peak_tflops: float | None) -> dict:
     return {**record, "mfu": mfu}
 
 
+def _write_json(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=["gpt-125m", "llama-350m", "llama-1b"])
@@ -157,32 +164,28 @@ def main() -> None:
 
     from slowqk.data.corpus import prepare_corpus
 
-    rows, failed = [], []
+    rows, failed, peak = [], [], args.peak_tflops
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
         for recipe in args.recipes:
             for case in args.cases:
                 cmd = [sys.executable, __file__, "--case", recipe, case, str(data), str(Path(tmp) / f"{recipe}-{case}"),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(args.vocab),
-                       *args.overrides]
+                       "--", *args.overrides]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     print(f"{recipe}/{case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                     failed.append(f"{recipe}/{case}")
                     continue
-                rows.append(json.loads(line[7:]))
-                print(f"  {recipe}/{case}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+                record = json.loads(line[7:])
+                peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in record["device"]), None)
+                rows.append(_with_mfu(record, peak))
+                print(f"  {recipe}/{case}: {record['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+                if args.json:  # after every case, so a run cut short keeps what it measured
+                    _write_json(args.json, rows)
     if not rows:
         sys.exit(1)
-    device = rows[0]["device"]
-    peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in device), None)
-    rows = [_with_mfu(r, peak) for r in rows]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = args.json.with_name(args.json.name + ".tmp")
-        tmp_json.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp_json.replace(args.json)
     print_table(rows, peak)
     if failed:
         print(f"failed cases: {', '.join(failed)}", file=sys.stderr)

@@ -1,0 +1,59 @@
+"""Profile training steps of a recipe (torch.profiler) and print the top kernels by time.
+
+    python tools/profile_step.py [--steps 2] [--warmup 3] [--top 25] [--out DIR] [--] llama-1b [overrides ...]
+
+Reads the same synthetic data as ``tools/bench_gpu.py`` (the bundled corpus, tokenized once).
+Writes ``DIR/top_kernels.txt`` (self device time on CUDA, self CPU time on CPU) and a Chrome trace
+``DIR/trace.json`` for chrome://tracing or Perfetto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench_gpu import CORPUS, _recipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--corpus", default=str(CORPUS))
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--out", type=Path, default=Path("profile"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from slowqk.data.corpus import prepare_corpus
+    from slowqk.train import Trainer
+
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
+        recipe = _recipe(args.recipe, "off", args.steps, args.warmup, str(data), str(Path(tmp) / "run"), args.overrides)
+        trainer = Trainer(recipe, quiet=True)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        with profile(activities=activities, record_shapes=False) as prof:
+            for _ in range(args.steps):
+                trainer.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=args.top)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "top_kernels.txt").write_text(f"{args.recipe} {' '.join(args.overrides)}, {args.steps} steps\n{table}\n")
+    prof.export_chrome_trace(str(args.out / "trace.json"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
