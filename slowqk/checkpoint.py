@@ -40,7 +40,6 @@ class CheckpointError(RuntimeError):
 
 LATEST = "latest"
 RECORD = "slowqk_checkpoint.json"
-HASH_LIMIT = 4 << 20  # files up to 4 MiB (metadata, common state, RNG) are hashed; others sized
 # Optimizer state in a canonical per-parameter layout: loadable at another TP/PP/DP layout.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -78,37 +77,80 @@ def _record_checksum(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_record(ckpt_dir: Path, step: int) -> None:
-    """List every file of a finished checkpoint with its size (and sha256 when small)."""
-    files = {}
-    for p in sorted(ckpt_dir.rglob("*")):
-        if p.is_file() and p.name != RECORD:
-            size = p.stat().st_size
-            files[str(p.relative_to(ckpt_dir))] = {"bytes": size, "sha256": _sha256(p) if size <= HASH_LIMIT else None}
+def _file_list(ckpt_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file() and p.name != RECORD)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _hash_files(ckpt_dir: Path, rels: list[str]) -> dict[str, str]:
+    """sha256 of ``rels``; under torch.distributed every rank hashes its share (rank r takes files
+    r, r + world, ...) and all get the whole map. Threads: hashlib releases the GIL on large reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    share = rels[dist.get_rank()::dist.get_world_size()] if _distributed() else rels
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        mine = dict(zip(share, pool.map(lambda rel: _sha256(ckpt_dir / rel), share), strict=True))
+    if not _distributed():
+        return mine
+    parts: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def write_record(ckpt_dir: Path, step: int, hashes: dict[str, str] | None = None) -> None:
+    """List every file of a finished checkpoint with its size and sha256 (``hashes``, or computed
+    here). The record is what a later load trusts: nothing unlisted or altered is ever read."""
+    rels = _file_list(ckpt_dir)
+    hashes = hashes if hashes is not None else _hash_files(ckpt_dir, rels)
+    files = {rel: {"bytes": (ckpt_dir / rel).stat().st_size, "sha256": hashes[rel]} for rel in rels}
     record = {"step": step, "files": files}
     record["checksum"] = _record_checksum(record)
     (ckpt_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
+# checkpoints this process verified, keyed by their record and every file's size and mtime: a
+# resume after an init_from check, or a load after resolving, does not hash the same bytes twice
+_VERIFIED: set[tuple] = set()
+
+
 def verify_checkpoint(ckpt_dir: Path) -> dict:
-    """Check a checkpoint against its record; raise CheckpointError naming what is wrong."""
+    """Check a checkpoint against its record: every file present, of its size, with its sha256
+    (the content, whatever the file's size; split over ranks under torch.distributed, where every
+    rank must call this). Raises CheckpointError naming the first bad file."""
     path = ckpt_dir / RECORD
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {RECORD} (the save did not finish)")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg})") from None
-    if record.get("checksum") != _record_checksum(record):
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("checksum") != _record_checksum(record):
         raise CheckpointError(f"{path}: checksum mismatch (the record was altered or truncated)")
+    stats = []
     for rel, info in record["files"].items():
         f = ckpt_dir / rel
         if not f.is_file():
             raise CheckpointError(f"{ckpt_dir}: missing file {rel}")
-        if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)")
-        if info["sha256"] is not None and _sha256(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: sha256 differs from the checkpoint record")
+        st = f.stat()
+        if st.st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: {st.st_size} bytes, expected {info['bytes']} (truncated?)")
+        stats.append((rel, st.st_size, st.st_mtime_ns))
+    key = (str(ckpt_dir.resolve()), record["checksum"], tuple(stats))
+    if key in _VERIFIED:
+        return record
+    hashed = sorted(rel for rel, info in record["files"].items() if info["sha256"] is not None)
+    if len(hashed) < len(record["files"]):
+        log.warning("%s was saved before every file was hashed: %d large files are checked by size only",
+                    ckpt_dir, len(record["files"]) - len(hashed))
+    actual = _hash_files(ckpt_dir, hashed)
+    bad = [rel for rel in hashed if actual[rel] != record["files"][rel]["sha256"]]
+    if bad:
+        raise CheckpointError(f"{ckpt_dir / bad[0]}: content differs from the checkpoint record (sha256)"
+                              + (f", and {len(bad) - 1} more files" if len(bad) > 1 else ""))
+    _VERIFIED.add(key)
     return record
 
 
@@ -193,8 +235,9 @@ def save_checkpoint(
             shutil.copyfile(src, tmp / name)
     dist.barrier()
     faults.kill_in_save(step, rank)
+    hashes = _hash_files(tmp, _file_list(tmp))  # every rank hashes its share of the files
     if rank == 0:
-        write_record(tmp, step)
+        write_record(tmp, step, hashes)
         _fsync_tree(tmp)
         old = final.with_name(final.name + ".old.tmp")
         if final.exists():  # re-saving a step: move the old copy aside, never delete it first
@@ -230,13 +273,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
             verify_checkpoint(path)
         except CheckpointError as exc:
             problems.append(str(exc))
-            log.warning("skipping checkpoint: %s", exc)
             continue
-        if problems:
-            log.warning("resuming from %s, an older checkpoint, because: %s", path.name, "; ".join(problems))
+        if problems:  # one line: what was skipped and why
+            log.warning("using %s, an older checkpoint: %s", path.name, "; ".join(problems))
         return path
     if problems:
-        raise CheckpointError("no usable checkpoint in " + str(ckpt_root) + ":\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"no usable checkpoint in {ckpt_root}: " + "; ".join(problems))
     return None
 
 

@@ -19,6 +19,7 @@ from multiproc import _free_port
 CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 STEPS = 12
 HOLD, RAMP = 5, 4  # the intervention holds for steps 0-4 and ramps over 5-8
+FAILURE_GRACE_S = 120  # how long the other ranks get to exit by themselves once one has failed
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,14 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, flags: list
         on_start(procs)
     deadline = time.time() + timeout
     while any(p.poll() is None for p in procs):
-        if time.time() > deadline or any(p.poll() not in (None, 0, 75) for p in procs):
-            time.sleep(1.0)
+        codes = [p.poll() for p in procs]
+        if any(c is not None and c < 0 for c in codes):
+            deadline = 0.0  # a rank was killed by a signal: stop the others, as torchrun does
+        elif any(c not in (None, 0, 75) for c in codes):
+            # a rank exited with an error: the others are expected to exit by themselves with the
+            # same verdict; give them as long as a loaded machine needs, never a fixed second
+            deadline = min(deadline, time.time() + FAILURE_GRACE_S)
+        if time.time() > deadline:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
@@ -152,6 +159,40 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(dataset, tmp_path, ca
     fault_record("corrupt checkpoints", "newest shard file truncated; then the next one's record altered",
                  "fall back to the newest good checkpoint, with a warning",
                  "iter_6 -> iter_4 -> iter_2, warnings name the file")
+
+
+def _damage_in_place(path: Path, offset_fraction: float = 0.5) -> None:
+    """Overwrite 64 bytes in the middle of a file, keeping its size (what a size check misses)."""
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * offset_fraction)
+    data[at:at + 64] = bytes((b + 1) % 256 for b in data[at:at + 64])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_damaged_content_is_never_trained_on(dataset, reference, tmp_path, fault_record) -> None:
+    """In-place damage of the largest shard of the newest checkpoint and of the pickled common state
+    of the next one: both are caught by content hashes; the run resumes from the newest good
+    checkpoint with one warning line naming both files, and trains bitwise as if nothing happened."""
+    run = tmp_path / "run"
+    assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
+    ckpts = run / "checkpoints"
+    record = json.loads((ckpts / "iter_0000012" / "slowqk_checkpoint.json").read_text())
+    assert all(info["sha256"] for info in record["files"].values())  # every file, whatever its size
+    shard = max((p for p in (ckpts / "iter_0000012").glob("*.distcp")), key=lambda p: p.stat().st_size)
+    _damage_in_place(shard)
+    _damage_in_place(ckpts / "iter_0000010" / "common.pt", 0.3)
+    (ckpts / "latest").write_text("iter_0000012\n")
+    assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
+    log = launch.last[0].stderr_text
+    warnings = [line for line in log.splitlines() if "an older checkpoint" in line]
+    assert len(warnings) == 1 and shard.name in warnings[0] and "common.pt" in warnings[0], log[-2000:]
+    assert "Traceback" not in log and "Unpickling" not in log
+    assert _losses(run) == reference  # steps 9-12 retrained from iter_8: bitwise the uninterrupted run
+    fault_record("damaged checkpoint content", f"64 bytes changed in place in {shard.name} (largest shard, newest "
+                 "checkpoint) and in the next one's common.pt (pickled state)",
+                 "both refused by sha256; resume from the newest good one; one warning line",
+                 "iter_12 and iter_10 skipped, resumed from iter_8, losses bitwise equal")
 
 
 @pytest.mark.slow
@@ -259,3 +300,20 @@ def test_pickled_code_in_a_checkpoint_is_never_run(dataset, tmp_path, fault_reco
     assert not marker.exists()
     fault_record("pickled code in a checkpoint", "common.pt replaced by a pickle that runs a shell command",
                  "refused; nothing executed", "CheckpointError, exit 2, no side effect")
+
+
+def test_content_of_files_of_any_size_is_verified(tmp_path, fault_record) -> None:
+    """A 9 MiB shard damaged in place (same size) is caught: every file's sha256 is recorded."""
+    from slowqk.checkpoint import CheckpointError, verify_checkpoint, write_record
+
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    (ckpt / "__0_0.distcp").write_bytes(os.urandom(9 << 20))
+    (ckpt / "common.pt").write_bytes(os.urandom(1000))
+    write_record(ckpt, 2)
+    verify_checkpoint(ckpt)
+    _damage_in_place(ckpt / "__0_0.distcp", 0.9)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: content differs from the checkpoint record"):
+        verify_checkpoint(ckpt)
+    fault_record("damaged large shard", "64 bytes changed in place in a 9 MiB shard", "refused (sha256)",
+                 "CheckpointError naming the file")

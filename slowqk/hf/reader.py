@@ -28,7 +28,7 @@ class CheckpointReader:
         if not (self.path / ".metadata").is_file():
             raise CheckpointReadError(f"{self.path}: not a distributed checkpoint (no .metadata file)")
         try:
-            verify_checkpoint(self.path)  # every file present, sizes and small-file hashes as recorded
+            verify_checkpoint(self.path)  # every file present, of its recorded size and sha256
         except (CheckpointError, FileNotFoundError) as exc:
             raise CheckpointReadError(str(exc)) from None
         self.extra: dict[str, Any] = read_extra(self.path)
