@@ -333,9 +333,66 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def build_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, source)) from None
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(f"key {key!r}: {msg}" for key, msg in problems))
+    return recipe
+
+
+def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """What needs more than one field to check (layers against the model, lengths against the run,
+    shapes against the parallel layout), so that loading a recipe (print-recipe, train, submit)
+    refuses everything the run would, before any data work. ``(key, what is wrong)`` pairs."""
+    from slowqk.qk.schedule import to_steps
+    from slowqk.qk.selection import select_layers
+
+    m, par, qk, t = recipe.model, recipe.parallel, recipe.qk, recipe.train
+    out: list[tuple[str, str]] = []
+    sel = qk.layers
+    try:
+        select_layers(m.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+    except ValueError as exc:
+        out.append(("qk.layers", str(exc)))
+    lengths = {}
+    for key in ("hold", "ramp"):
+        value = getattr(qk, key)
+        if qk.unit == "fraction" and value > 1:
+            out.append((f"qk.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
+            continue
+        try:
+            lengths[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
+        except ValueError as exc:
+            out.append((f"qk.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
+    if qk.enabled and len(lengths) == 2 and lengths["hold"] + lengths["ramp"] > t.steps:
+        out.append(("qk.hold", f"hold + ramp = {lengths['hold']} + {lengths['ramp']} steps (qk.unit={qk.unit}) "
+                               f"exceed train.steps ({t.steps}): the slowdown would never end"))
+    tp, pp, groups = par.tensor, par.pipeline, m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % tp:
+        out.append(("parallel.tensor", f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})"))
+    if m.ffn_size % tp:
+        out.append(("parallel.tensor", f"got {tp}; it must divide the FFN width ({m.ffn_size})"))
+    if groups % tp and tp % groups:  # fewer groups than ranks is fine: megatron replicates K/V
+        out.append(("parallel.tensor", f"got {tp}; it and the query groups ({groups}) must divide one another"))
+    if m.num_layers % pp:
+        out.append(("parallel.pipeline", f"got {pp}; it must divide model.num_layers ({m.num_layers})"))
+    if t.global_batch_size % t.micro_batch_size:
+        out.append(("train.global_batch_size", f"got {t.global_batch_size}; it must be a multiple of "
+                                               f"train.micro_batch_size ({t.micro_batch_size})"))
+    if par.engine == "deepspeed":
+        if tp != 1 or pp != 1:
+            out.append(("parallel.engine", f"deepspeed runs at parallel.tensor=1, parallel.pipeline=1 (got {tp} x {pp}); "
+                                           "use the megatron engine for TP/PP"))
+        for key, on in (("train.save_interval", t.save_interval), ("diagnostics.interval", recipe.diagnostics.interval),
+                        ("train.init_from", t.init_from)):
+            if on:
+                out.append((key, "not available with parallel.engine=deepspeed (checkpoints, diagnostics and "
+                                 "init_from are megatron-engine features)"))
+        if recipe.optimizer.name != "adamw":
+            out.append(("optimizer.name", f"got {recipe.optimizer.name!r}; the DeepSpeed engine is wired for adamw"))
+    return out
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:

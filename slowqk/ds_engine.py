@@ -61,17 +61,9 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     from slowqk.patches import qk_lr_scaling
     from slowqk.train import masked_mean_loss
 
-    if recipe.parallel.tensor != 1 or recipe.parallel.pipeline != 1:
-        raise ValueError("the DeepSpeed engine runs megatron-core models at parallel.tensor=1, parallel.pipeline=1 "
-                         f"(got {recipe.parallel.tensor} x {recipe.parallel.pipeline}); use the megatron engine for TP/PP")
     if stage not in (1, 2, 3):
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
-    unsupported = [k for k, on in (("train.save_interval", recipe.train.save_interval),
-                                   ("diagnostics.interval", recipe.diagnostics.interval),
-                                   ("train.init_from", recipe.train.init_from)) if on]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not available with parallel.engine=deepspeed yet "
-                         "(checkpoints, diagnostics and init_from are megatron-engine features)")
+    # layout, unsupported features and the optimizer were checked when the recipe was loaded
     layout = init_distributed(recipe.parallel, recipe.seed)
     t = recipe.train
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -82,8 +74,6 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     config = build_transformer_config(recipe.model, precision=t.precision)
     model = build_gpt_model(recipe.model, config, vocab).to(device)
     o = recipe.optimizer
-    if o.name != "adamw":
-        raise ValueError(f"optimizer.name={o.name!r}: the DeepSpeed engine is wired for adamw")
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))

@@ -12,7 +12,8 @@ from slowqk.distributed import LayoutError, check_layout
 
 
 def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
-    """The data-parallel size of ``r`` on ``nproc`` ranks; LayoutError naming what does not fit."""
+    """The data-parallel size of ``r`` on ``nproc`` ranks; LayoutError naming what does not fit.
+    (Shapes against TP/PP are checked when the recipe loads: :func:`slowqk.config.recipe_problems`.)"""
     if nproc < 1:
         raise LayoutError(f"{what} must be >= 1, got {nproc}")
     data = check_layout(nproc, r.parallel.tensor, r.parallel.pipeline)
@@ -21,14 +22,6 @@ def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
         raise LayoutError(
             f"train.global_batch_size ({r.train.global_batch_size}) is not a multiple of "
             f"train.micro_batch_size ({r.train.micro_batch_size}) x DP ({data}) = {per_step}"
-        )
-    if r.model.num_layers % r.parallel.pipeline:
-        raise LayoutError(f"model.num_layers ({r.model.num_layers}) does not split over parallel.pipeline ({r.parallel.pipeline})")
-    heads = r.model.num_query_groups or r.model.num_attention_heads
-    if r.model.num_attention_heads % r.parallel.tensor or (heads % r.parallel.tensor and r.parallel.tensor % heads):
-        raise LayoutError(
-            f"model.num_attention_heads ({r.model.num_attention_heads}) / query groups ({heads}) do not "
-            f"split over parallel.tensor ({r.parallel.tensor})"
         )
     return data
 

@@ -135,14 +135,16 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // per_step
 
+        # the environment's side of the model choice, before any data work (an error comes at once)
+        self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
+        self.use_te = self.attention_backend == "te"
+
         # ---- data (rank 0 prepares a corpus and the index caches; the others wait and read them)
         data = build_run_data(recipe, self.rank, self.run_dir)
         self.tokenizer, self.vocab_size = data.tokenizer, data.vocab_size
         self.train_ds, self.valid_ds = data.train, data.valid
 
         # ---- model, DDP, optimizer, schedules
-        self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
-        self.use_te = self.attention_backend == "te"
         self.config = build_transformer_config(
             recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
             precision=t.precision, fused_kernels=t.fused_kernels,

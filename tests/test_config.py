@@ -31,16 +31,44 @@ BAD_OVERRIDES = [
     (["model.ffn.kind=gelu"], "model.ffn", "is a value, not a section"),
     (["novalue"], "novalue", "key.sub=value"),
     (["seed=[1"], "seed", "not valid YAML"),
+    # checks across sections, made when the recipe loads
+    (["qk.hold=1.5"], "qk.hold", "fraction of train.steps, at most 1"),
+    (["qk.ramp=2"], "qk.ramp", "at most 1"),
+    (["qk.layers={top: 99}"], "qk.layers", "top=99 must be between 1 and the number of layers (4)"),
+    (["qk.layers={indices: [9]}"], "qk.layers", "layer indices [9] out of range for 4 layers"),
+    (["qk.unit=steps", "qk.hold=2.5"], "qk.hold", "got 2.5; a length in steps must be a whole number"),
+    (["qk.enabled=true", "qk.unit=steps", "qk.hold=290", "qk.ramp=20"], "qk.hold", "exceed train.steps (300)"),
+    (["qk.enabled=true", "qk.unit=tokens", "qk.hold=1e9"], "qk.hold", "the slowdown would never end"),
+    (["parallel.tensor=3"], "parallel.tensor", "it must divide model.num_attention_heads (4)"),
+    (["parallel.pipeline=3"], "parallel.pipeline", "it must divide model.num_layers (4)"),
+    (["train.global_batch_size=12"], "train.global_batch_size", "multiple of train.micro_batch_size (8)"),
 ]
 
 
-@pytest.mark.parametrize("overrides,key,detail", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+@pytest.mark.parametrize("overrides,key,detail", BAD_OVERRIDES, ids=[" ".join(o[0]) for o in BAD_OVERRIDES])
 def test_bad_override_names_key_and_value(overrides, key, detail, capsys) -> None:
     code = main(["print-recipe", "tiny/gpt", *overrides])
     err = capsys.readouterr().err
     assert code == 2
     assert key in err and detail in err, err
     assert "Traceback" not in err
+
+
+def test_fewer_query_groups_than_tensor_ranks_is_allowed() -> None:
+    """megatron-core replicates K/V when the TP size is a multiple of the groups."""
+    r = load_recipe("tiny/gpt", ["model.num_query_groups=2", "parallel.tensor=4", "model.num_attention_heads=8"])
+    assert r.parallel.tensor == 4
+
+
+def test_train_refuses_what_print_recipe_refuses_before_any_data_work(tmp_path, capsys) -> None:
+    """The same one line from `train` as from `print-recipe`, and nothing written: no data prepared."""
+    out = tmp_path / "run"
+    for overrides in (["qk.hold=1.5"], ["qk.layers={top: 99}"], ["parallel.tensor=3"]):
+        assert main(["print-recipe", "tiny/gpt", *overrides]) == 2
+        printed = capsys.readouterr().err
+        assert main(["train", "tiny/gpt", *overrides, f"out_dir={out}"]) == 2
+        assert capsys.readouterr().err == printed and printed.count("\n") == 1
+        assert not out.exists()
 
 
 def test_bad_recipe_file(tmp_path, capsys) -> None:

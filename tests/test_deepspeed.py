@@ -108,13 +108,12 @@ def test_zero_stage_scales_exactly_the_selected_qk_rows(stage) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.tensor=2"], "the DeepSpeed engine runs megatron-core models at parallel.tensor=1"),
-    (["train.save_interval=5"], "train.save_interval: not available with parallel.engine=deepspeed yet"),
+    (["parallel.tensor=2"], "key 'parallel.engine': deepspeed runs at parallel.tensor=1, parallel.pipeline=1"),
+    (["train.save_interval=5"], "key 'train.save_interval': not available with parallel.engine=deepspeed"),
+    (["optimizer.name=sgd"], "key 'optimizer.name': got 'sgd'; the DeepSpeed engine is wired for adamw"),
 ])
-def test_unsupported_combinations_are_refused(overrides, message) -> None:
-    from slowqk.config import load_recipe
-    from slowqk.ds_engine import train_deepspeed
+def test_unsupported_combinations_are_refused_when_the_recipe_loads(overrides, message) -> None:
+    from slowqk.config import RecipeError, load_recipe
 
-    recipe = load_recipe("tiny/gpt", ["parallel.engine=deepspeed", *overrides])
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        train_deepspeed(recipe, recipe.parallel.zero_stage)
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_recipe("tiny/gpt", ["parallel.engine=deepspeed", *overrides])

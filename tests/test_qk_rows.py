@@ -29,7 +29,7 @@ def _worker(
             model={"num_query_groups": 2},
             parallel={"distributed_optimizer": distopt},
             train={"precision": precision},
-            qk={"enabled": enabled, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 10,
+            qk={"enabled": enabled, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 8,
                 "ramp": 0, "mult_q": mult_q, "mult_k": mult_k},
         )
 

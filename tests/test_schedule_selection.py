@@ -30,7 +30,16 @@ def test_step_and_cosine_shapes() -> None:
 def test_units_convert_to_steps() -> None:
     assert to_steps(0.04, "fraction", 1000, 4096) == 40
     assert to_steps(12, "steps", 1000, 4096) == 12
-    assert to_steps(10_000, "tokens", 1000, 4096) == 3  # ceil(10000 / 4096)
+    assert to_steps(10_000, "tokens", 1000, 4096) == 2  # 2.44 steps' worth -> nearest
+    assert to_steps(0.04, "fraction", 300, 1) == 12  # 12.000000000000002 in floats
+
+
+@pytest.mark.parametrize("exact", [5.48, 1.37, 2.5, 3.5, 0.5, 7.0, 6.4999])
+def test_fraction_and_tokens_round_alike(exact: float) -> None:
+    """One convention for both units: nearest step, halves up (137 steps x 0.04 = 5.48 -> 5)."""
+    expected = int(exact + 0.5)
+    assert to_steps(exact / 1000, "fraction", 1000, 1) == expected
+    assert to_steps(exact * 64, "tokens", 10, 64) == expected
     with pytest.raises(ValueError, match="whole number"):
         to_steps(1.5, "steps", 10, 1)
 

@@ -52,7 +52,7 @@ def _recipe(recipe_name: str, case: str, steps: int, warmup: int, data: str, out
     from slowqk.config import load_recipe
 
     qk = {"off": ["qk.enabled=false"],
-          "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup + 10}", "qk.ramp=1"],
+          "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup}", "qk.ramp=0"],
           "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"]}.get(case, ["qk.enabled=false"])
     return load_recipe(recipe_name, [*extra, *qk, "data.corpus=null", f"data.dataset={data}", "data.tokenizer=null",
                                      "data.train_prefixes=[]", "data.valid_prefixes=[]", f"out_dir={out}",

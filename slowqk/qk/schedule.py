@@ -47,13 +47,19 @@ class MultiplierSchedule:
 
 
 def to_steps(amount: float, unit: str, total_steps: int, tokens_per_step: int) -> int:
-    """Convert a hold/ramp length given in ``unit`` (fraction | steps | tokens) into steps."""
+    """Convert a hold/ramp length given in ``unit`` (fraction | steps | tokens) into steps.
+
+    One convention for every unit: the nearest whole number of steps, halves rounded up
+    (``fraction`` 0.04 of 137 steps = 5.48 -> 5; ``tokens`` 2.5 steps' worth -> 3).
+    """
     if unit == "fraction":
-        return int(round(amount * total_steps))
-    if unit == "steps":
+        exact = amount * total_steps
+    elif unit == "steps":
         if amount != int(amount):
             raise ValueError(f"a length in steps must be a whole number, got {amount}")
         return int(amount)
-    if unit == "tokens":
-        return int(math.ceil(amount / tokens_per_step))
-    raise ValueError(f"unknown unit {unit!r}; expected fraction, steps or tokens")
+    elif unit == "tokens":
+        exact = amount / tokens_per_step
+    else:
+        raise ValueError(f"unknown unit {unit!r}; expected fraction, steps or tokens")
+    return math.floor(exact + 0.5 + 1e-9)  # 1e-9: 0.04 * 300 is 12.000000000000002 in floats
