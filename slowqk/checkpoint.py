@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from slowqk import faults
+from slowqk.hashing import sha256_files
 
 log = logging.getLogger("slowqk.checkpoint")
 
@@ -64,14 +66,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _record_checksum(record: dict) -> str:
     body = {k: v for k, v in record.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -81,23 +75,10 @@ def _file_list(ckpt_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file() and p.name != RECORD)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _hash_files(ckpt_dir: Path, rels: list[str]) -> dict[str, str]:
-    """sha256 of ``rels``; under torch.distributed every rank hashes its share (rank r takes files
-    r, r + world, ...) and all get the whole map. Threads: hashlib releases the GIL on large reads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    share = rels[dist.get_rank()::dist.get_world_size()] if _distributed() else rels
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        mine = dict(zip(share, pool.map(lambda rel: _sha256(ckpt_dir / rel), share), strict=True))
-    if not _distributed():
-        return mine
-    parts: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
+    """sha256 of files inside a checkpoint by relative name (split over ranks and threads)."""
+    digests = sha256_files([ckpt_dir / rel for rel in rels])
+    return {rel: digests[str(ckpt_dir / rel)] for rel in rels}
 
 
 def write_record(ckpt_dir: Path, step: int, hashes: dict[str, str] | None = None) -> None:
@@ -254,7 +235,11 @@ def _candidates(ckpt_root: Path) -> list[Path]:
     found = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     pointer = ckpt_root / LATEST
     if pointer.is_file():
-        named = ckpt_root / pointer.read_text().strip()
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        if not re.fullmatch(r"iter_\d{7}", name):  # damaged: the newest complete-looking one is next
+            log.warning("%s: holds %r, not a checkpoint name; ignoring it", pointer, name[:40])
+            return found
+        named = ckpt_root / name
         if named in found:
             found.remove(named)
         found.insert(0, named)

@@ -111,7 +111,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from slowqk.data.sources import iter_documents
-    from slowqk.data.tokenizer import file_sha256, train_sentencepiece
+    from slowqk.data.tokenizer import train_sentencepiece
+    from slowqk.hashing import file_sha256
 
     def sample():
         budget = args.sample_bytes

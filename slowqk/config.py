@@ -150,6 +150,9 @@ class DataConfig(_Strict):
     train_prefixes: list[str] = Field(default_factory=list)
     valid_prefixes: list[str] = Field(default_factory=list)
     train_weights: list[float] | None = None
+    verify: bool = Field(
+        True, description="when a dataset opens, check every shard file's sha256 against its manifest (reads "
+        "the whole dataset once per start; false = only the structural checks: sizes, index, counts)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -411,6 +414,7 @@ RESUME_SAFE_PREFIXES = (
     "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
     "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
     "model.attention_backend", "train.fused_kernels",  # the same math through other kernels
+    "data.verify",
 )
 
 

@@ -104,7 +104,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     """Builds everything from a recipe; ``run()`` trains to ``recipe.train.steps``."""
 
-    def __init__(self, recipe: Recipe, quiet: bool = False) -> None:
+    def __init__(self, recipe: Recipe, quiet: bool = False, resume: bool = True, allow_recipe_change: bool = False) -> None:
+        """``resume``: continue from the run's newest good checkpoint, if any (checked for recipe
+        changes at once, before any data work; ``allow_recipe_change`` lets them through)."""
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -135,6 +137,7 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // per_step
 
+        self.resume_from = self._resumable_checkpoint(allow_recipe_change) if resume else None
         # the environment's side of the model choice, before any data work (an error comes at once)
         self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
         self.use_te = self.attention_backend == "te"
@@ -156,9 +159,7 @@ class Trainer:
             probe=recipe.diagnostics.interval > 0,
         )
         model.to(self.device)
-        from slowqk.checkpoint import latest_checkpoint
-
-        if t.init_from and latest_checkpoint(self.ckpt_root) is None:
+        if t.init_from and self.resume_from is None:  # a resume brings its own weights
             self._init_weights(model, t.init_from)
         model = wrap_precision(model, self.config)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
@@ -316,13 +317,15 @@ class Trainer:
         prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.recipe.train.keep_every)
         return path
 
-    def maybe_resume(self, allow_recipe_change: bool = False) -> bool:
-        from slowqk.checkpoint import latest_checkpoint, load_checkpoint, read_extra
+    def _resumable_checkpoint(self, allow_recipe_change: bool) -> tuple[Path, dict, list[str]] | None:
+        """The checkpoint a resume would load, its run information and the recipe changes; refused
+        here, before any data work, when the recipe changed in ways that alter the run."""
+        from slowqk.checkpoint import latest_checkpoint, read_extra
         from slowqk.config import run_altering_changes
 
         path = latest_checkpoint(self.ckpt_root)
         if path is None:
-            return False
+            return None
         saved = read_extra(path)
         changes = run_altering_changes(saved["recipe"], self.recipe.model_dump(mode="json"))
         if changes and not allow_recipe_change:
@@ -330,6 +333,14 @@ class Trainer:
                 f"{path}: the recipe differs from the checkpoint's in fields that alter the run: "
                 + "; ".join(changes) + " (pass --allow-recipe-change if intended)"
             )
+        return path, saved, changes
+
+    def maybe_resume(self) -> bool:
+        from slowqk.checkpoint import load_checkpoint
+
+        if self.resume_from is None:
+            return False
+        path, saved, changes = self.resume_from
         if changes:
             log.warning("resuming %s with recipe changes: %s", path, "; ".join(changes))
             if self.rank == 0:
@@ -412,14 +423,14 @@ class Trainer:
                 timer.lap()
             faults.kill_at_step(self.step, self.rank)
 
-    def run(self, resume: bool = True, allow_recipe_change: bool = False) -> dict:
+    def run(self) -> dict:
         from tqdm import tqdm
 
         r, t = self.recipe, self.recipe.train
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
-        resumed = self.maybe_resume(allow_recipe_change) if resume else False
+        resumed = self.maybe_resume()
         tokens_per_step = r.tokens_per_step
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar or self.quiet,
                    desc=r.name, unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -454,9 +465,9 @@ class Trainer:
 
 
 def train(recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False) -> dict:
-    trainer = Trainer(recipe, quiet=quiet)
+    trainer = Trainer(recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change)
     try:
-        return trainer.run(resume=resume, allow_recipe_change=allow_recipe_change)
+        return trainer.run()
     finally:
         trainer.metrics.close()
         shutdown()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slowqk.data.shard import ShardOptions, build_shards
+from slowqk.data.sources import InputError, first_bad_utf8
 from slowqk.data.tokenizer import train_sentencepiece
 
 
@@ -64,13 +65,17 @@ def prepare_corpus(
     corpus, out_dir = Path(corpus), Path(out_dir)
     if not corpus.is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train_docs, valid_docs = split_corpus(corpus.read_text(encoding="utf-8"), valid_fraction)
+    try:  # read (and refuse) the corpus before anything is written
+        text = corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file") from None
+    train_docs, valid_docs = split_corpus(text, valid_fraction)
     if not train_docs or not valid_docs:
         raise ValueError(
             f"{corpus}: split gave {len(train_docs)} training and {len(valid_docs)} validation "
             f"documents (valid_fraction={valid_fraction}); both must be non-empty"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
     train_txt, valid_txt = out_dir / "corpus_train.txt", out_dir / "corpus_valid.txt"
     _write_if_changed(train_txt, "\n\n".join(train_docs) + "\n")
     _write_if_changed(valid_txt, "\n\n".join(valid_docs) + "\n")

@@ -3,6 +3,7 @@ the train/validation datasets (rank 0 first, so the index caches are built once)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def resolve_sources(recipe: Recipe, rank: int, run_dir: Path) -> tuple[Path, lis
     bundled corpus; the others wait and read it)."""
     from slowqk.data.corpus import prepare_corpus
     from slowqk.data.shard import blend, check_tokenizer, load_manifest
+    from slowqk.data.verify import check_dataset_on_open
 
     d = recipe.data
     if d.train_prefixes:
@@ -43,10 +45,22 @@ def resolve_sources(recipe: Recipe, rank: int, run_dir: Path) -> tuple[Path, lis
     tok_path = Path(d.tokenizer) if d.tokenizer else roots[0] / manifests[0]["tokenizer"]["file"]
     for root, manifest in zip(roots, manifests, strict=True):
         check_tokenizer(tok_path, root, manifest)
+        check_dataset_on_open(root, manifest, hashes=d.verify)
     train, weights = blend(roots, d.train_weights, "train")
     has_valid = all("valid" in m["splits"] for m in manifests)
     valid = blend(roots, None, "valid")[0] if has_valid else train
     return tok_path, train, valid, weights
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """Refuse an output directory that cannot be created, without creating anything."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"out_dir={run_dir}: cannot be created, {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir={run_dir}: cannot be created or written, {existing} is not writable")
 
 
 def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
@@ -54,6 +68,7 @@ def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
     from slowqk.data.tokenizer import load_tokenizer
     from slowqk.models import padded_vocab_size
 
+    check_out_dir(run_dir)
     t = recipe.train
     tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe, rank, run_dir)
     tokenizer = load_tokenizer(tok_path)

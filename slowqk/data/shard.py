@@ -123,7 +123,7 @@ def _write_shard(job: tuple[str, str, list[str]]) -> dict:
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from slowqk.data.tokenizer import file_sha256
+    from slowqk.hashing import file_sha256
 
     prefix, rel, texts = job
     tok = _TOKENIZER
@@ -346,14 +346,41 @@ def load_manifest(dataset_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (not a dataset, or its build did not finish)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 (byte {exc.start}); damaged?") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{path}: {problem}; damaged, or not a manifest this version wrote")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What a run needs from a manifest, checked for shape (values are checked against the files)."""
+    if not isinstance(manifest, dict):
+        return "expected a JSON object"
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), str) for k in ("file", "sha256")):
+        return "'tokenizer' needs 'file' and 'sha256'"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' missing or empty"
+    for name, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not shards:
+            return f"split {name!r} lists no shards"
+        for e in shards:
+            if not (isinstance(e, dict) and isinstance(e.get("prefix"), str) and isinstance(e.get("sha256"), dict)
+                    and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("documents", "tokens"))):
+                return f"split {name!r}: a shard entry lacks prefix, sha256, documents or tokens"
+    return None
 
 
 def check_tokenizer(tokenizer_path: str | Path, dataset_dir: str | Path, manifest: dict) -> None:
     """Refuse a tokenizer other than the one the dataset was made with."""
-    from slowqk.data.tokenizer import file_sha256
+    from slowqk.hashing import file_sha256
 
     got, want = file_sha256(tokenizer_path), manifest["tokenizer"]["sha256"]
     if got != want:

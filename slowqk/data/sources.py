@@ -66,7 +66,7 @@ def _first_bad_json_line(path: Path) -> str:
     return "unreadable JSON"
 
 
-def _first_bad_utf8(path: Path) -> str:
+def first_bad_utf8(path: Path) -> str:
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -149,14 +149,14 @@ def iter_documents(
                 stats.documents += 1
                 yield text
     except UnicodeDecodeError:
-        raise InputError(f"{path}: {_first_bad_utf8(path)}") from None
+        raise InputError(f"{path}: {first_bad_utf8(path)}") from None
     except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowInvalid, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
         if fmt == "json":
             raise InputError(f"{path}: {_first_bad_json_line(path)} (use --skip-bad-lines to skip such lines)") from None
         if "utf-8" in str(exc).lower() or "decode" in str(exc).lower():
-            raise InputError(f"{path}: {_first_bad_utf8(path)}") from None
+            raise InputError(f"{path}: {first_bad_utf8(path)}") from None
         raise InputError(f"{path}: could not read ({type(exc).__name__}: {exc})") from None
     if n == 0:
         raise InputError(f"{path}: no documents")

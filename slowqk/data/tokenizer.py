@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,18 +9,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from slowqk.hashing import file_sha256
+
 try:  # megatron-core >= 0.14 renamed the dataset tokenizer base class
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _TokenizerBase
 except ImportError:  # pragma: no cover - older megatron-core
     from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _TokenizerBase
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train_sentencepiece(

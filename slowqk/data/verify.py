@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from slowqk.data.shard import MANIFEST
-from slowqk.data.tokenizer import file_sha256, load_tokenizer
+from slowqk.data.tokenizer import load_tokenizer
+from slowqk.hashing import file_sha256
 
 
 class VerifyError(ValueError):
@@ -26,10 +27,65 @@ def _load_manifest(dataset_dir: str | Path) -> tuple[Path, dict]:
         raise VerifyError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def verify_dataset(dataset_dir: str | Path) -> dict:
-    """Re-read every shard: hashes, counts, token ids < vocab, EOD at every document end."""
+def shard_problems(prefix: Path, entry: dict) -> tuple[list[str], object | None]:
+    """The structural checks of one shard against its manifest entry, without reading the tokens:
+    both files present, the index readable, documents and tokens as listed, the .bin exactly as
+    long as the index says, record pointers consistent. Returns the problems and the open dataset."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    missing = [f"{prefix}{e}" for e in (".bin", ".idx") if not Path(f"{prefix}{e}").is_file()]
+    if missing:
+        return [f"missing shard files: {', '.join(missing)}"], None
+    try:
+        ds = IndexedDataset(str(prefix))
+    except Exception as exc:  # a damaged index raises assorted errors; report, don't crash
+        return [f"{prefix}.idx: unreadable ({type(exc).__name__}: {exc})"], None
+    problems = []
+    lengths = ds.sequence_lengths.astype(np.int64)
+    n_docs, tokens = len(ds.document_indices) - 1, int(lengths.sum())
+    if n_docs != entry["documents"]:
+        problems.append(f"{prefix}.idx: {n_docs} documents, the manifest says {entry['documents']}")
+    if tokens != entry["tokens"]:
+        problems.append(f"{prefix}.idx: {tokens} tokens, the manifest says {entry['tokens']}")
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    size, want = Path(f"{prefix}.bin").stat().st_size, tokens * itemsize
+    if size != want:
+        problems.append(f"{prefix}.bin: {size} bytes, expected {want} ({tokens} tokens x {itemsize} bytes; truncated?)")
+    pointers = ds.index.sequence_pointers.astype(np.int64)
+    if len(pointers) and (pointers[0] != 0 or np.any(np.diff(pointers) != lengths[:-1] * itemsize)):
+        problems.append(f"{prefix}.idx: record offsets do not follow the record lengths (damaged index)")
+    return problems, (None if problems else ds)
+
+
+def _shards(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
+    return [(root / e["prefix"], e) for info in manifest["splits"].values() for e in info["shards"]]
+
+
+def check_dataset_on_open(dataset_dir: str | Path, manifest: dict, hashes: bool = True) -> None:
+    """What a run checks when it opens a dataset, before any other data work: every shard's
+    structure (:func:`shard_problems`) and, with ``hashes``, every shard file's sha256 against the
+    manifest (split over torch.distributed ranks; every rank must call this). Raises VerifyError
+    naming the first bad file."""
+    from slowqk.hashing import sha256_files
+
+    root = Path(dataset_dir)
+    for prefix, entry in _shards(root, manifest):
+        problems, _ = shard_problems(prefix, entry)
+        if problems:
+            raise VerifyError(problems[0])
+    if not hashes:
+        return
+    expected = {f"{prefix}{ext}": want for prefix, entry in _shards(root, manifest) for ext, want in entry["sha256"].items()}
+    got = sha256_files(sorted(expected))
+    bad = [path for path in sorted(expected) if got[path] != expected[path]]
+    if bad:
+        more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+        raise VerifyError(f"{bad[0]}: content differs from {root / MANIFEST} (sha256){more}; "
+                          "rebuild the dataset, or data.verify=false to skip this check")
+
+
+def verify_dataset(dataset_dir: str | Path) -> dict:
+    """Re-read every shard: hashes, counts, token ids < vocab, EOD at every document end."""
     root, manifest = _load_manifest(dataset_dir)
     tok_file = root / manifest["tokenizer"]["file"]
     problems: list[str] = []
@@ -43,24 +99,17 @@ def verify_dataset(dataset_dir: str | Path) -> dict:
         docs = tokens = 0
         for entry in info["shards"]:
             prefix = root / entry["prefix"]
-            missing = [f"{prefix}{e}" for e in (".bin", ".idx") if not Path(f"{prefix}{e}").is_file()]
-            if missing:
-                problems.append(f"missing shard files: {', '.join(missing)}")
+            if any(not Path(f"{prefix}{e}").is_file() for e in (".bin", ".idx")):
+                problems += shard_problems(prefix, entry)[0]
                 continue
             for ext, want in entry["sha256"].items():
                 if file_sha256(f"{prefix}{ext}") != want:
                     problems.append(f"{prefix}{ext}: sha256 differs from the manifest")
-            try:
-                ds = IndexedDataset(str(prefix))
-            except Exception as exc:  # a corrupt index raises assorted errors; report, don't crash
-                problems.append(f"{prefix}: unreadable ({type(exc).__name__}: {exc})")
+            found, ds = shard_problems(prefix, entry)
+            problems += found
+            if ds is None:
                 continue
-            n_docs = len(ds.document_indices) - 1
             lengths = ds.sequence_lengths
-            if n_docs != entry["documents"]:
-                problems.append(f"{prefix}: {n_docs} documents, manifest says {entry['documents']}")
-            if int(lengths.sum()) != entry["tokens"]:
-                problems.append(f"{prefix}: {int(lengths.sum())} tokens, manifest says {entry['tokens']}")
             data = np.asarray(ds.bin_reader.read(ds.index.dtype, int(lengths.sum()), 0)) if len(lengths) else np.array([])
             if data.size and int(data.max()) >= vocab:
                 problems.append(f"{prefix}: token id {int(data.max())} >= vocabulary size {vocab}")
@@ -68,7 +117,7 @@ def verify_dataset(dataset_dir: str | Path) -> dict:
             if len(ends) and not np.all(data[ends] == eod):
                 bad = int(np.sum(data[ends] != eod))
                 problems.append(f"{prefix}: {bad} documents do not end with EOD ({eod})")
-            docs += n_docs
+            docs += len(ds.document_indices) - 1
             tokens += int(lengths.sum())
         totals[split] = {"documents": docs, "tokens": tokens}
     if problems:
