@@ -369,9 +369,9 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
             lengths[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
         except ValueError as exc:
             out.append((f"qk.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
-    if qk.enabled and len(lengths) == 2 and lengths["hold"] + lengths["ramp"] > t.steps:
-        out.append(("qk.hold", f"hold + ramp = {lengths['hold']} + {lengths['ramp']} steps (qk.unit={qk.unit}) "
-                               f"exceed train.steps ({t.steps}): the slowdown would never end"))
+    if qk.unit == "fraction" and len(lengths) == 2 and qk.hold + qk.ramp > 1:
+        out.append(("qk.hold", f"hold + ramp = {qk.hold} + {qk.ramp} of train.steps: more than the whole run, "
+                               "the slowdown would never end"))
     tp, pp, groups = par.tensor, par.pipeline, m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % tp:
         out.append(("parallel.tensor", f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})"))

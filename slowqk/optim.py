@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -13,6 +15,8 @@ from slowqk.config import Recipe
 from slowqk.patches import qk_lr_scaling
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
 from slowqk.qk.selection import select_layers
+
+log = logging.getLogger("slowqk.optim")
 
 
 def wrap_ddp(
@@ -104,4 +108,7 @@ def build_qk_scaling(recipe: Recipe, optimizer, model_chunks) -> qk_lr_scaling.Q
     if not recipe.qk.enabled:
         return None
     schedule_q, schedule_k = qk_schedules(recipe)
+    if schedule_q.end_step > recipe.train.steps or schedule_k.end_step > recipe.train.steps:
+        log.warning("qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it is never released "
+                    "in this run", max(schedule_q.end_step, schedule_k.end_step), recipe.train.steps)
     return qk_lr_scaling.register(optimizer, model_chunks, selected_layers(recipe), schedule_q, schedule_k)

@@ -154,7 +154,8 @@ def _bf16_worker(rank: int, world: int, dataset: str, out_dir: str) -> list[dict
     out = []
     for i, (tp, pp, mix) in enumerate(LAYOUTS):
         losses, dtypes = {}, {}
-        for precision in ("bf16", "fp32"):
+        # the fp32 twin for the two named blocks at every layout; the other mixes only in bf16
+        for precision in ("bf16", "fp32") if mix in (GPT_STYLE, LLAMA_STYLE) else ("bf16",):
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()  # the next layout may differ
             overrides = {**{f"model.{k}": v for k, v in mix.items()}, "model.num_layers": 4, "model.hidden_size": 64,
@@ -178,15 +179,18 @@ def _bf16_worker(rank: int, world: int, dataset: str, out_dir: str) -> list[dict
 
 def test_every_block_mix_trains_in_bf16(small_dataset, tmp_path) -> None:
     """The training loop in bf16 for 16 block mixes at DP=2 with the distributed optimizer, and the
-    GPT and LLaMA blocks at TP=2 and PP=2: losses finite and within bf16 rounding (2%) of the fp32
-    run from the same initial weights."""
+    GPT and LLaMA blocks at TP=2 and PP=2: every parameter bf16, losses finite and falling; for the
+    GPT and LLaMA blocks within bf16 rounding (2%) of the fp32 run from the same initial weights."""
     for res in run_ranks(_bf16_worker, 2, small_dataset, str(tmp_path))[0]:
         tp, pp, mix = res["layout"]
         name = f"tp{tp}/pp{pp}/" + "/".join(str(mix[k]) for k in ("ffn", "norm", "bias", "position"))
-        bf16, fp32 = res["losses"]["bf16"], res["losses"]["fp32"]
-        assert res["dtypes"] == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}, name
-        assert all(map(math.isfinite, bf16)), name
-        assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.02, (name, bf16, fp32)
+        bf16 = res["losses"]["bf16"]
+        assert res["dtypes"]["bf16"] == {torch.bfloat16}, name
+        assert all(map(math.isfinite, bf16)) and bf16[-1] < bf16[0], (name, bf16)
+        if "fp32" in res["losses"]:
+            fp32 = res["losses"]["fp32"]
+            assert res["dtypes"]["fp32"] == {torch.float32}, name
+            assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.02, (name, bf16, fp32)
 
 
 def test_probe_records_explicit_attention_in_front_of_any_backend() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -317,3 +318,56 @@ def test_content_of_files_of_any_size_is_verified(tmp_path, fault_record) -> Non
         verify_checkpoint(ckpt)
     fault_record("damaged large shard", "64 bytes changed in place in a 9 MiB shard", "refused (sha256)",
                  "CheckpointError naming the file")
+
+
+def _one_line_refusal(codes: list[int]) -> str:
+    err = launch.last[0].stderr_text
+    errors = [line for line in err.splitlines() if line.startswith(("error:", "recipe error:"))]
+    assert codes == [2] and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def test_bad_data_and_output_are_refused_before_any_work(dataset, tmp_path, fault_record) -> None:
+    """A truncated shard, a binary corpus, an out_dir under a regular file: one line naming the
+    file and what was expected, nothing written."""
+    broken = tmp_path / "truncated"
+    shutil.copytree(dataset, broken)
+    shard = sorted((broken / "train").glob("*.bin"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    run = tmp_path / "run"
+    line = _one_line_refusal(launch(_args(str(broken), run), nproc=1))
+    assert str(shard) in line and "truncated?" in line and not run.exists()
+    fault_record("truncated shard", f"{shard.name} cut to half its size", "one line naming the file, nothing written",
+                 line.split(": ", 2)[-1])
+
+    corpus = tmp_path / "binary.txt"
+    corpus.write_bytes(b"\x94\x00\xff\xfe" + os.urandom(64))
+    line = _one_line_refusal(launch([*_args(dataset, run), "data.dataset=null", f"data.corpus={corpus}"], nproc=1))
+    assert str(corpus) in line and "not valid UTF-8" in line and not run.exists()
+    fault_record("binary corpus", "data.corpus is not text", "one line naming the file, nothing written",
+                 line.split(": ", 2)[-1])
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    line = _one_line_refusal(launch(_args(dataset, blocker / "run"), nproc=1))
+    assert f"out_dir={blocker / 'run'}" in line and "is a file" in line
+    fault_record("out_dir under a file", "out_dir=<regular file>/run", "one line, no traceback", line.split(": ", 1)[-1])
+
+
+def test_bad_recipe_values_are_refused_when_the_recipe_loads(dataset, tmp_path, capsys, fault_record) -> None:
+    """`train` refuses what `print-recipe` refuses, in one line naming the key, before any data work
+    (one real `slowqk train` process; the other values through the same entry point in-process)."""
+    from slowqk.cli import main
+
+    run = tmp_path / "run"
+    line = _one_line_refusal(launch([*_args(dataset, run), "qk.layers={top: 99}"], nproc=1))
+    assert "key 'qk.layers'" in line and not run.exists()
+    fault_record("bad recipe value", "qk.layers={top: 99} (4 layers)", "refused at load, one line naming the key",
+                 line.split("key ", 1)[-1])
+    for override, key in (("qk.layers={indices: [9]}", "qk.layers"), ("qk.hold=2.5", "qk.hold"),
+                          ("qk.hold=1.5", "qk.hold"), ("parallel.tensor=3", "parallel.tensor")):
+        assert main(["train", "tiny/gpt", *_args(dataset, run), override]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"key '{key}'" in err and not run.exists(), err
+        fault_record("bad recipe value", f"{override} (qk.unit=steps)" if override.startswith("qk.hold") else override,
+                     "refused at load, one line naming the key", err.strip().split("key ", 1)[-1])
