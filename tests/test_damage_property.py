@@ -52,6 +52,7 @@ def identical(a: Path, b: Path, skip: tuple[str, ...] = ()) -> bool:
     return files(a) == files(b)
 
 
+OUTCOMES = {"dataset": {"refused": 0, "harmless": 0}, "checkpoint": {"refused": 0, "harmless": 0}}
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -85,8 +86,10 @@ def test_damaged_dataset_is_refused_in_one_line(pristine_dataset, tmp_path_facto
     except (InputError, VerifyError, FileNotFoundError) as exc:
         msg = str(exc)
         assert "\n" not in msg and str(root) in msg, msg
+        OUTCOMES["dataset"]["refused"] += 1
     else:
         assert identical(root, pristine_dataset), f"{choice} on {target.name} was not caught"
+        OUTCOMES["dataset"]["harmless"] += 1
     shutil.rmtree(root.parent)
 
 
@@ -122,9 +125,21 @@ def test_damaged_checkpoint_is_never_loaded(pristine_checkpoint, tmp_path_factor
     except CheckpointError as exc:
         msg = str(exc)
         assert "\n" not in msg and str(root) in msg, msg
+        OUTCOMES["checkpoint"]["refused"] += 1
     else:
+        OUTCOMES["checkpoint"]["harmless"] += 1
         # what a run would load is byte-identical to what was saved (damage to the `latest`
         # pointer alone only changes which complete checkpoint is found)
         assert found is not None and identical(found, pristine_checkpoint / found.name), \
             f"{choice} on {target.relative_to(root)} was not caught"
     shutil.rmtree(root.parent)
+
+
+def test_record_the_outcomes(fault_record) -> None:
+    """Runs after the two properties above (file order): their counts go into the fault table."""
+    for what, counts in OUTCOMES.items():
+        total = sum(counts.values())
+        assert total >= 150, f"the {what} property did not run"
+        fault_record(f"random {what} damage", f"{total} random flips, truncations, appends, zero-fills, deletions "
+                     f"of one {what} file", "refused in one line naming the file, or harmless (bytes unchanged)",
+                     f"{counts['refused']} refused, {counts['harmless']} harmless; no traceback, nothing damaged loaded")

@@ -351,7 +351,8 @@ def test_bad_data_and_output_are_refused_before_any_work(dataset, tmp_path, faul
     blocker.write_text("x")
     line = _one_line_refusal(launch(_args(dataset, blocker / "run"), nproc=1))
     assert f"out_dir={blocker / 'run'}" in line and "is a file" in line
-    fault_record("out_dir under a file", "out_dir=<regular file>/run", "one line, no traceback", line.split(": ", 1)[-1])
+    fault_record("out_dir under a file", "out_dir=<regular file>/run", "one line, no traceback",
+                 line.split(": ", 1)[-1].replace(str(tmp_path), "<tmp>"))
 
 
 def test_bad_recipe_values_are_refused_when_the_recipe_loads(dataset, tmp_path, capsys, fault_record) -> None:
@@ -364,10 +365,11 @@ def test_bad_recipe_values_are_refused_when_the_recipe_loads(dataset, tmp_path, 
     assert "key 'qk.layers'" in line and not run.exists()
     fault_record("bad recipe value", "qk.layers={top: 99} (4 layers)", "refused at load, one line naming the key",
                  line.split("key ", 1)[-1])
-    for override, key in (("qk.layers={indices: [9]}", "qk.layers"), ("qk.hold=2.5", "qk.hold"),
-                          ("qk.hold=1.5", "qk.hold"), ("parallel.tensor=3", "parallel.tensor")):
-        assert main(["train", "tiny/gpt", *_args(dataset, run), override]) == 2
+    for overrides, key in ((["qk.layers={indices: [9]}"], "qk.layers"), (["qk.hold=2.5"], "qk.hold"),
+                           (["qk.unit=fraction", "qk.hold=1.5"], "qk.hold"), (["parallel.tensor=3"], "parallel.tensor")):
+        assert main(["train", "tiny/gpt", *_args(dataset, run), *overrides]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"key '{key}'" in err and not run.exists(), err
-        fault_record("bad recipe value", f"{override} (qk.unit=steps)" if override.startswith("qk.hold") else override,
-                     "refused at load, one line naming the key", err.strip().split("key ", 1)[-1])
+        shown = " ".join(overrides) + (" (qk.unit=steps)" if overrides == ["qk.hold=2.5"] else "")
+        fault_record("bad recipe value", shown, "refused at load, one line naming the key",
+                     err.strip().split("key ", 1)[-1])
