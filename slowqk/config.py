@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# A wheel ships the recipes inside the package (slowqk/recipes); a checkout has them at the top level.
+_PACKAGE = Path(__file__).resolve().parent
+RECIPES_DIR = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
 
 
 class RecipeError(ValueError):
