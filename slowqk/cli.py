@@ -1,4 +1,4 @@
-"""Command line: ``slowqk train | launch | experiment | print-recipe | quickstart | tokenizer | data | prepare-data``."""
+"""The ``slowqk`` command line; ``slowqk --help`` lists the commands, ``slowqk COMMAND --help`` each one's options."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _quiet_dependencies() -> None:
 
 
 def _cmd_print_recipe(args: argparse.Namespace) -> int:
-    sys.stdout.write(recipe_to_yaml(load_recipe(args.recipe, args.overrides)))
+    recipe = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(recipe_to_yaml(recipe.model_copy(update={"out_dir": str(recipe.run_dir)})))
     return 0
 
 
@@ -253,8 +254,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slowqk", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="slowqk", description="Pretrain GPT- and LLaMA-style decoders on megatron-core, with the upper layers' "
+        "W_Q/W_K learning rate slowed early in training; diagnostics, experiments, Hugging Face export.",
+        epilog="Recipes: `slowqk print-recipe NAME` (e.g. tiny/gpt, llama-350m). Overrides: key.sub=value.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def recipe_args(sp: argparse.ArgumentParser, default: str | None = None) -> None:
         if default is None:
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"recipe error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:  # InputError and VerifyError are ValueErrors
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:  # InputError, VerifyError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

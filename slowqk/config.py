@@ -7,6 +7,7 @@ Every error names the key, the value it got and what is allowed, and is raised a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,22 +239,35 @@ class Recipe(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _origin(source: str, overrides: list[str]) -> Callable[[str], str]:
+    """Where a key's value came from: the override that set it (or a part of it), else the file."""
+    keys = {".".join(parse_override(text)[0]): text for text in overrides}
+
+    def origin(key: str) -> str:
+        for k, text in reversed(keys.items()):  # the last override of a key wins, as when applied
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"override {text!r}"
+        return source
+    return origin
+
+
+def _format_validation_error(err: ValidationError, origin: Callable[[str], str]) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<recipe>"
         shown = repr(key)  # quoted, with newlines and other control characters escaped
+        where = origin(key)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {shown}{_suggest(e['loc'])}")
+            lines.append(f"{where}: unknown key {shown}{_suggest(e['loc'])}")
             continue
-        msg = e["msg"].removeprefix("Value error, ").replace("\n", " ")
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ").replace("\n", " ")
         got = e.get("input")
         if e["type"] == "missing":
-            lines.append(f"{source}: missing required key {shown}")
+            lines.append(f"{where}: missing required key {shown}")
         elif isinstance(got, dict):
-            lines.append(f"{source}: key {shown}: {msg}")
+            lines.append(f"{where}: key {shown}: {msg}")
         else:
-            lines.append(f"{source}: key {shown}: got {got!r}; expected {msg}")
+            lines.append(f"{where}: key {shown}: got {got!r}; expected {msg}")
     return "; ".join(lines)  # one line, whatever the number of problems
 
 
@@ -310,8 +324,17 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    known = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
-    raise RecipeError(f"recipe {name_or_path!r} not found; known recipes: {', '.join(known)}")
+    raise RecipeError(f"recipe {name_or_path!r} not found; known recipes: {', '.join(known_recipes())}")
+
+
+def known_recipes() -> list[str]:
+    """Names of the bundled recipes (experiment grids, which sit beside them, are not recipes)."""
+    names = []
+    for p in sorted(RECIPES_DIR.rglob("*.yaml")):
+        data = yaml.safe_load(p.read_text()) or {}
+        if isinstance(data, dict) and "arms" not in data:
+            names.append(str(p.relative_to(RECIPES_DIR).with_suffix("")))
+    return names
 
 
 def load_recipe_dict(name_or_path: str) -> tuple[dict, str]:
@@ -336,14 +359,17 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def build_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+def build_recipe(data: dict, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate ``data``; errors name the key and where its value came from (``source`` or the
+    override among ``overrides`` that set it)."""
+    origin = _origin(source, list(overrides or []))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err, source)) from None
+        raise RecipeError(_format_validation_error(err, origin)) from None
     problems = recipe_problems(recipe)
     if problems:
-        raise RecipeError(f"{source}: " + "; ".join(f"key {key!r}: {msg}" for key, msg in problems))
+        raise RecipeError("; ".join(f"{origin(key)}: key {key!r}: {msg}" for key, msg in problems))
     return recipe
 
 
@@ -403,7 +429,7 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     data, source = load_recipe_dict(name_or_path)
     data = apply_overrides(data, list(overrides or []))
-    return build_recipe(data, source)
+    return build_recipe(data, source, overrides)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -16,6 +16,7 @@ Any other task directory can be added with ``include_path``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -136,11 +137,17 @@ def evaluate(
     unknown = [t for t in chosen if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; available here: {sorted(available)}")
-    raw = simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
-        tasks=chosen, task_manager=manager,
-        limit=limit, batch_size=batch_size, device="cpu", log_samples=False,
-    )
+    lm_eval_log = logging.getLogger("lm_eval")  # per-example "Truncating ..." and task-override notices
+    level = lm_eval_log.level
+    lm_eval_log.setLevel(logging.ERROR)
+    try:
+        raw = simple_evaluate(
+            model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
+            tasks=chosen, task_manager=manager,
+            limit=limit, batch_size=batch_size, device="cpu", log_samples=False,
+        )
+    finally:
+        lm_eval_log.setLevel(level)
     results: dict[str, dict[str, float]] = {}
     for task, metrics in raw["results"].items():
         clean = {}
@@ -160,12 +167,18 @@ def evaluate(
     return record
 
 
+def _column_label(path: str) -> str:
+    """A results file by what it scored: ``run/hf/eval_results.json`` -> ``run/hf``."""
+    p = Path(path)
+    return str(Path(p.parent.parent.name) / p.parent.name) if p.name == "eval_results.json" else p.stem
+
+
 def format_results(records: dict[str, dict]) -> str:
     """Side-by-side table of one or more result files (columns: runs; rows: task/metric)."""
     rows = sorted({(t, m) for r in records.values() for t, ms in r["tasks"].items() for m in ms})
     names = list(records)
     width = max([len("task / metric")] + [len(f"{t} / {m}") for t, m in rows])
-    head = f"{'task / metric':<{width}}" + "".join(f"{n[-18:]:>20}" for n in names)
+    head = f"{'task / metric':<{width}}" + "".join(f"{_column_label(n)[-18:]:>20}" for n in names)
     lines = [head, "-" * len(head)]
     for t, m in rows:
         cells = []

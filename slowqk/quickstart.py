@@ -65,8 +65,9 @@ def plot_curves(out: Path, arms: list[str]) -> Path:
 
 def run_quickstart(recipe: str, overrides: list[str], out: str, steps: int | None = None) -> int:
     out_dir = Path(out)
+    overrides = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
+    load_recipe(recipe, overrides)  # a bad recipe or --steps is one line here, before anything runs
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
     try:
         summaries = {arm: run_arm(recipe, overrides, out_dir, arm) for arm in ARMS}
     except RuntimeError as exc:

@@ -141,6 +141,9 @@ class Trainer:
         # the environment's side of the model choice, before any data work (an error comes at once)
         self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
         self.use_te = self.attention_backend == "te"
+        if self.rank == 0:
+            log.info("attention backend: %s (Transformer Engine %s)", self.attention_backend,
+                     "in use" if self.use_te else "not in use: megatron-core's torch fallbacks for norms and optimizer")
 
         # ---- data (rank 0 prepares a corpus and the index caches; the others wait and read them)
         data = build_run_data(recipe, self.rank, self.run_dir)

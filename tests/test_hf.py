@@ -115,6 +115,8 @@ def test_import_then_export_is_bitwise_identical(checkpoints, tmp_path, fam, tp,
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = export_checkpoint(tmp_path / "imported", tmp_path / "second")
     assert filecmp.cmp(first / "model.safetensors", second / "model.safetensors", shallow=False)
+    mode = (first / "config.json").stat().st_mode & 0o777
+    assert (first / "model.safetensors").stat().st_mode & 0o777 == mode  # not safetensors' own 0600
     assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
 
 

@@ -65,7 +65,11 @@ class _ShardWriter:
         self.flush()
         n = len(self.files)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        umask = os.umask(0)
+        os.umask(umask)
         for i, name in enumerate(names):
+            # safetensors creates files 0600; give them the mode every other file here gets
+            os.chmod(self.out / f"shard-{i:05d}.tmp", 0o666 & ~umask)
             os.replace(self.out / f"shard-{i:05d}.tmp", self.out / name)
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes},
