@@ -201,16 +201,18 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
-    from slowqk.hf.importer import import_rank, recipe_for
+    from slowqk.hf.importer import check_import, import_rank, recipe_for
 
     recipe = recipe_for(Path(args.hf_dir), load_recipe(args.recipe, args.overrides), args.tp, args.pp)
     world = args.tp * args.pp
     if world > 1 and "WORLD_SIZE" not in os.environ:  # one process per rank, through torchrun
+        check_import(args.hf_dir, recipe, args.out, args.overwrite)  # one line here, not one per rank
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "slowqk.cli", "import-hf", args.hf_dir, args.out, "--recipe", args.recipe,
-               "--tp", str(args.tp), "--pp", str(args.pp), *args.overrides]
+               "--tp", str(args.tp), "--pp", str(args.pp), *(["--overwrite"] if args.overwrite else []),
+               *args.overrides]
         return subprocess.run(cmd).returncode
-    path = import_rank(args.hf_dir, recipe, args.out)
+    path = import_rank(args.hf_dir, recipe, args.out, args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"imported {args.hf_dir} -> {path} (TP={args.tp}, PP={args.pp}); continue with train.init_from={args.out}")
     return 0
@@ -332,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", required=True, help="recipe whose non-architecture settings to record")
     sp.add_argument("--tp", type=int, default=1)
     sp.add_argument("--pp", type=int, default=1)
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint root at OUT")
     sp.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
     sp.set_defaults(func=_cmd_import_hf)
 

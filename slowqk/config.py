@@ -37,6 +37,8 @@ class ModelConfig(_Strict):
     ffn_hidden_size: int | None = Field(None, ge=1, description="None = 4h (gelu) or ~8h/3 (swiglu)")
     seq_length: int = Field(128, ge=2)
     ffn: Literal["gelu", "swiglu"] = "gelu"
+    gelu: Literal["exact", "tanh"] = Field(
+        "exact", description="the GELU of ffn=gelu: exact (erf) or the tanh approximation (GPT-2's released 'gelu_new')")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     bias: bool = True
     position: Literal["learned", "rope"] = "learned"
@@ -206,7 +208,7 @@ class DiagnosticsConfig(_Strict):
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
     """The model fields that decide the weights' shapes and meaning (what init_from must match)."""
-    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "norm", "bias", "position", "tie_embeddings"]
+    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "gelu", "norm", "bias", "position", "tie_embeddings"]
     out = {k: getattr(model, k) for k in keys}
     out["num_query_groups"] = model.num_query_groups or model.num_attention_heads
     out["ffn_hidden_size"] = model.ffn_size

@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.activations import fast_gelu  # the tanh approximation (GPT-2's "gelu_new")
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -93,7 +94,7 @@ def build_transformer_config(
         normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.ffn == "swiglu",
-        activation_func=F.silu if model.ffn == "swiglu" else F.gelu,
+        activation_func=F.silu if model.ffn == "swiglu" else (fast_gelu if model.gelu == "tanh" else F.gelu),
         add_bias_linear=model.bias,
         add_qkv_bias=model.bias,
         hidden_dropout=model.hidden_dropout,

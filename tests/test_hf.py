@@ -263,3 +263,80 @@ def test_evaluate_command_scores_every_task(checkpoints, tmp_path) -> None:
     compare = subprocess.run([sys.executable, "-m", "slowqk.cli", "evaluate", "--compare", str(out), str(out)],
                              cwd=REPO, capture_output=True, text=True)
     assert compare.returncode == 0 and compare.stdout.count("arc_easy_local / acc ") == 1
+
+
+def _stock_gpt2(like: Path, out: Path, **fields) -> Path:
+    """A GPT-2 the project never made: transformers' own class and defaults (activation gelu_new,
+    the released config's fields), random weights, at the shapes and with the tokenizer of ``like``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ours = json.loads((like / "config.json").read_text())
+    shutil.copytree(like, out)
+    for name in ("model.safetensors", "config.json", "slowqk_export.json"):
+        (out / name).unlink(missing_ok=True)
+    config = GPT2Config(vocab_size=ours["vocab_size"], n_positions=ours["n_positions"], n_embd=ours["n_embd"],
+                        n_layer=ours["n_layer"], n_head=ours["n_head"], **fields)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(str(out))
+    return out
+
+
+def test_stock_gpt2_with_tanh_gelu_imports_and_matches_transformers(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    ours = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "ours")
+    stock = _stock_gpt2(ours, tmp_path / "stock")
+    assert json.loads((stock / "config.json").read_text())["activation_function"] == "gelu_new"
+    proc = _import(stock, tmp_path / "imported", "tiny/gpt", 1, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "imported" / "iter_0000000"
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    megatron = run_ranks(_megatron_logits, 1, str(ckpt), ids)[0]
+    theirs = _hf_logits(stock, ids)
+    torch.testing.assert_close(megatron[..., : theirs.shape[-1]], theirs, rtol=1e-5, atol=1e-5)
+    back = export_checkpoint(ckpt, tmp_path / "back")  # and the activation maps back
+    assert json.loads((back / "config.json").read_text())["activation_function"] == "gelu_new"
+    assert _hf_logits(back, ids).sub(theirs).abs().max() < 1e-5
+
+
+def test_what_cannot_be_represented_is_refused_before_any_rank_starts(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    ours = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "ours")
+    for field, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)):
+        stock = _stock_gpt2(ours, tmp_path / field, **{field: value})
+        proc = _import(stock, tmp_path / f"out-{field}", "tiny/gpt", 1, 1)
+        assert proc.returncode == 2 and f"config.json {field}={value}" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / f"out-{field}").exists()
+    llama = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "llama")
+    cfg = json.loads((llama / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}  # the older spelling
+    (llama / "config.json").write_text(json.dumps(cfg))
+    proc = _import(llama, tmp_path / "out-rope", "tiny/llama", 1, 1)
+    assert proc.returncode == 2 and "rope type 'linear'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_import_refuses_an_existing_destination_and_checks_before_launching(checkpoints, tmp_path) -> None:
+    from slowqk.hf.export import export_checkpoint
+
+    hf = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "hf")
+    dest = tmp_path / "ckpt"
+    assert _import(hf, dest, "tiny/gpt", 1, 1).returncode == 0
+    before = sorted(p.name for p in dest.iterdir())
+    proc = _import(hf, dest, "tiny/gpt", 1, 1)
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+    again = subprocess.run([sys.executable, "-m", "slowqk.cli", "import-hf", str(hf), str(dest), "--recipe", "tiny/gpt",
+                            "--overwrite"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in dest.iterdir()) == before
+    # TP=3 does not divide the vocabulary: one line from the launcher, no rank started
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(n_head=3, n_embd=63, n_inner=252)  # heads that TP=3 divides, so only the vocabulary is wrong
+    odd = tmp_path / "odd"
+    shutil.copytree(hf, odd)
+    (odd / "config.json").write_text(json.dumps(cfg))
+    proc = _import(odd, tmp_path / "tp3", "tiny/gpt", 3, 1)
+    assert proc.returncode == 2 and f"vocab_size {vocab} does not split over tensor parallel size 3" in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ Continue pretraining from it with ``train.init_from=<out>``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from slowqk.config import Recipe, build_recipe
-from slowqk.hf.mapping import Rule, UnsupportedArchitecture, family, rules
+from slowqk.hf.mapping import GELU_FROM_HF, Rule, UnsupportedArchitecture, family, rules
 
 
 def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
@@ -25,14 +26,22 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
     kind = config.get("model_type")
     if kind == "gpt2":
         act = config.get("activation_function", "gelu_new")
-        if act != "gelu":
+        if act not in GELU_FROM_HF:
             raise UnsupportedArchitecture(
-                f"config.json activation_function={act!r}: SlowQK's GPT-2 blocks use exact GELU ('gelu'); "
-                "importing would silently change the function")
+                f"config.json activation_function={act!r}: SlowQK's GPT-2 blocks have exact GELU ('gelu') or its "
+                f"tanh approximation ({', '.join(k for k, v in GELU_FROM_HF.items() if v == 'tanh')})")
+        # fields that change the computation and that megatron-core's attention does not have
+        for field, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                                 ("add_cross_attention", False)):
+            if field in config and bool(config[field]) != supported:
+                raise UnsupportedArchitecture(
+                    f"config.json {field}={config[field]!r}: only {supported} can be represented "
+                    "(megatron-core scales attention logits by 1/sqrt(head_dim) in every layer)")
         return {
             "num_layers": config["n_layer"], "hidden_size": config["n_embd"], "num_attention_heads": config["n_head"],
             "num_query_groups": None, "ffn_hidden_size": config.get("n_inner") or 4 * config["n_embd"],
-            "seq_length": config["n_positions"], "ffn": "gelu", "norm": "layernorm", "position": "learned",
+            "seq_length": config["n_positions"], "ffn": "gelu", "gelu": GELU_FROM_HF[act], "norm": "layernorm",
+            "position": "learned",
             "bias": True, "norm_epsilon": config.get("layer_norm_epsilon", 1e-5), "tie_embeddings": True,
             "vocab_size": config["vocab_size"],
         }
@@ -46,8 +55,9 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         if bool(config.get("attention_bias")) != bool(config.get("mlp_bias")):
             raise UnsupportedArchitecture("config.json attention_bias and mlp_bias differ; SlowQK has one model.bias")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UnsupportedArchitecture(f"config.json rope type {rope.get('rope_type')!r}: only default RoPE is supported")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
+        if rope_type != "default":
+            raise UnsupportedArchitecture(f"config.json rope type {rope_type!r}: only default RoPE is supported")
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         kv = config.get("num_key_value_heads") or heads
         return {
@@ -102,7 +112,7 @@ class _HFWeights:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise KeyError(f"HF tensor {name!r} is missing")
+            raise ValueError(f"HF tensor {name!r} is missing")
         return self.files[self.where[name]].get_tensor(name)
 
 
@@ -159,17 +169,16 @@ def fill_model(model, recipe: Recipe, weights: _HFWeights, padded_vocab: int) ->
     return filled
 
 
-def import_rank(hf_dir: str | Path, recipe: Recipe, out: str | Path) -> Path:
-    """Run on every rank (world = TP x PP): build, fill and save. Returns the checkpoint directory."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from slowqk.checkpoint import save_checkpoint
+def check_import(hf_dir: str | Path, recipe: Recipe, out: str | Path, overwrite: bool = False):
+    """Everything an import can check before any rank starts: the destination, the architecture,
+    the tokenizer, the weight files' headers and index, the vocabulary against the TP size.
+    Returns ``(tokenizer file, tokenizer, weights, vocab_size)``."""
     from slowqk.data.tokenizer import load_tokenizer
-    from slowqk.distributed import init_distributed
-    from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
+    from slowqk.models import padded_vocab_size
 
     hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     family(recipe.model)
     tok_path = hf_dir / "tokenizer.model"
     if not tok_path.is_file():
@@ -178,12 +187,35 @@ def import_rank(hf_dir: str | Path, recipe: Recipe, out: str | Path) -> Path:
         raise FileNotFoundError(f"{hf_dir}: no tokenizer.model or tokenizer.json")
     tokenizer = load_tokenizer(tok_path)
     weights = _HFWeights(hf_dir)
-    init_distributed(recipe.parallel, recipe.seed)
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
     if padded != vocab:
         raise ValueError(f"{hf_dir}: vocab_size {vocab} does not split over tensor parallel size {recipe.parallel.tensor}; "
                          "padding rows would change the model's probabilities (import at a TP size that divides it)")
+    return tok_path, tokenizer, weights, vocab
+
+
+def import_rank(hf_dir: str | Path, recipe: Recipe, out: str | Path, overwrite: bool = False) -> Path:
+    """Run on every rank (world = TP x PP): build, fill and save. Returns the checkpoint directory.
+    The checkpoint root is written beside ``out`` and put in its place at the end (``overwrite``
+    replaces an existing one only then)."""
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from slowqk.checkpoint import save_checkpoint
+    from slowqk.distributed import init_distributed
+    from slowqk.models import build_gpt_model, build_transformer_config
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    tok_path, tokenizer, weights, vocab = check_import(hf_dir, recipe, out, overwrite)
+    padded = vocab
+    init_distributed(recipe.parallel, recipe.seed)
+    tmp = out.with_name(out.name + ".import.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     cfg = build_transformer_config(recipe.model, tensor_parallel=recipe.parallel.tensor,
                                    pipeline_parallel=recipe.parallel.pipeline)
     model = build_gpt_model(recipe.model, cfg, padded, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -194,7 +226,11 @@ def import_rank(hf_dir: str | Path, recipe: Recipe, out: str | Path) -> Path:
         "padded_vocab_size": padded, "vocab_size": vocab, "tokenizer_file": f"tokenizer/{tok_path.name}",
         "consumed_samples": 0, "skipped_total": 0, "imported_from": str(hf_dir),
     }
-    path = save_checkpoint(out, 0, [model], None, None, extra, files={f"tokenizer/{tok_path.name}": tok_path})
+    path = save_checkpoint(tmp, 0, [model], None, None, extra, files={f"tokenizer/{tok_path.name}": tok_path})
+    if dist.get_rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     dist.barrier()
-    return path
+    return out / path.name
 

@@ -48,6 +48,12 @@ class Dims:
                    model.hidden_size // model.num_attention_heads, model.ffn_size)
 
 
+# model.gelu <-> GPT-2's activation_function; the HF names of the tanh approximation all compute
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (to float rounding)
+GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_new"}
+GELU_FROM_HF = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
 def family(model: ModelConfig) -> str:
     """``"gpt2"`` or ``"llama"``, or :class:`UnsupportedArchitecture` naming the part that does not fit."""
     parts = {"ffn": model.ffn, "norm": model.norm, "position": model.position}
@@ -59,7 +65,7 @@ def family(model: ModelConfig) -> str:
             raise UnsupportedArchitecture("model.tie_embeddings=false: GPT2LMHeadModel ties its output layer to wte")
         return "gpt2"
     if parts == {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}:
-        return "llama"  # biases map to attention_bias / mlp_bias
+        return "llama"  # biases map to attention_bias / mlp_bias (model.gelu does not apply)
     gpt2 = {"ffn": "gelu", "norm": "layernorm", "position": "learned"}
     llama = {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}
     off_gpt2 = [f"model.{k}={v}" for k, v in parts.items() if gpt2[k] != v]
@@ -78,7 +84,7 @@ def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | N
     if family(model) == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=model.seq_length, n_embd=d.hidden, n_layer=d.num_layers,
-            n_head=d.heads, n_inner=d.ffn, activation_function="gelu",  # exact erf GELU, as megatron's F.gelu
+            n_head=d.heads, n_inner=d.ffn, activation_function=GELU_TO_HF[model.gelu],
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm_epsilon,
             initializer_range=model.init_method_std, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True,
             architectures=["GPT2LMHeadModel"],
