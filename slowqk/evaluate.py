@@ -4,8 +4,9 @@ Tasks come from local task YAMLs over local JSONL, generated into ``<out>/tasks`
 
 - ``<name>_local`` for each standard set found in the eval data directory (files named
   ``<task>_<split>.jsonl`` in lm-eval's field layout: lambada_openai, hellaswag, arc_easy,
-  arc_challenge, piqa, openbookqa). Each YAML ``include``s lm-eval's own task definition and only
-  points it at the local file, so prompts and metrics are the stock ones.
+  arc_challenge, piqa, openbookqa), and for any other task of lm-eval's registry asked for by
+  name (``--tasks boolq,copa``) whose file is there. Each YAML ``include``s lm-eval's own task
+  definition and only points it at the local file, so prompts and metrics are the stock ones.
 - ``shakespeare_lastword`` (LAMBADA's definition over held-out Shakespeare passages, the last word
   to predict) and ``shakespeare_ppl`` (rolling log-likelihood perplexity), both from the
   validation part of the bundled corpus, i.e. text the tiny recipes never train on.
@@ -51,6 +52,39 @@ def shakespeare_documents(corpus: Path, valid_fraction: float = 0.1, min_words: 
     return [d for d in valid if len(d.split()) >= min_words]
 
 
+def _local_spec(stock_yaml: Path, task: str, split: str, data: Path) -> dict:
+    """lm-eval's own definition of ``task``, pointed at one local JSONL file for ``split``."""
+    return {
+        "include": str(stock_yaml), "task": f"{task}_local", "dataset_path": "json",
+        "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
+        "training_split": None, "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None, "fewshot_split": None,
+    }
+
+
+def write_registry_task(task_dir: Path, eval_data: Path | None, task: str) -> str:
+    """Any task of lm-eval's registry over ``<eval_data>/<task>_<split>.jsonl`` (the split it
+    evaluates: its test split, else its validation split). Returns ``<task>_local``."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = TaskManager().task_index.get(task)
+    if entry is None or not getattr(entry, "yaml_path", None):
+        raise ValueError(f"task {task!r}: not a task of lm-eval's registry (nor a local one)")
+    config = load_yaml(entry.yaml_path, resolve_func=False)
+    split = config.get("test_split") or config.get("validation_split")
+    if not split:
+        raise ValueError(f"task {task!r}: its definition names no test or validation split")
+    data = (eval_data or Path("<no --eval-data>")) / f"{task}_{split}.jsonl"
+    if eval_data is None or not data.is_file():
+        raise FileNotFoundError(f"task {task!r}: no local data; looked for {data} (its {split} split, "
+                                "rows in the dataset's own fields, one JSON object per line)")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    spec = _local_spec(Path(entry.yaml_path), task, split, data)
+    (task_dir / f"{task}_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return f"{task}_local"
+
+
 def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> list[str]:
     """Write task YAMLs (and the Shakespeare JSONL) into ``task_dir``; returns the task names."""
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -63,12 +97,7 @@ def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> 
             data = eval_data / f"{task}_{split}.jsonl"
             if not data.is_file():
                 continue
-            spec = {
-                "include": str(stock_dir / rel), "task": f"{task}_local", "dataset_path": "json",
-                "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
-                "training_split": None, "validation_split": split if split == "validation" else None,
-                "test_split": split if split == "test" else None, "fewshot_split": None,
-            }
+            spec = _local_spec(stock_dir / rel, task, split, data)
             (task_dir / f"{task}_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
             names.append(f"{task}_local")
     if corpus is not None:
@@ -130,17 +159,23 @@ def evaluate(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     task_dir = out.parent / (out.stem + "_tasks")
-    available = write_tasks(task_dir, Path(eval_data) if eval_data else None, Path(corpus) if corpus else None)
-    chosen = tasks or available
-    include = [str(task_dir)] + ([str(include_path)] if include_path else [])
-    manager = TaskManager(include_path=include)
-    unknown = [t for t in chosen if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; available here: {sorted(available)}")
-    lm_eval_log = logging.getLogger("lm_eval")  # per-example "Truncating ..." and task-override notices
+    eval_dir = Path(eval_data) if eval_data else None
+    lm_eval_log = logging.getLogger("lm_eval")  # task-override notices, per-example "Truncating ..."
     level = lm_eval_log.level
     lm_eval_log.setLevel(logging.ERROR)
     try:
+        available = write_tasks(task_dir, eval_dir, Path(corpus) if corpus else None)
+        extra = [str(include_path)] if include_path else []
+        theirs = set(TaskManager(include_path=extra).all_tasks) if extra else set()
+        chosen = []
+        for t in tasks or available:
+            if t in available or f"{t}_local" in available:
+                chosen.append(t if t in available else f"{t}_local")
+            elif t in theirs:
+                chosen.append(t)  # from the user's own task directory (or lm-eval's, data from the hub)
+            else:
+                chosen.append(write_registry_task(task_dir, eval_dir, t))
+        manager = TaskManager(include_path=[str(task_dir), *extra])
         raw = simple_evaluate(
             model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
             tasks=chosen, task_manager=manager,

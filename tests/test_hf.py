@@ -340,3 +340,32 @@ def test_import_refuses_an_existing_destination_and_checks_before_launching(chec
     proc = _import(odd, tmp_path / "tp3", "tiny/gpt", 3, 1)
     assert proc.returncode == 2 and f"vocab_size {vocab} does not split over tensor parallel size 3" in proc.stderr
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
+    """Two stock lm-eval tasks the project does not bundle (SuperGLUE BoolQ and COPA), on tiny files
+    in their datasets' own fields; a task without local data is one line naming the file."""
+    from slowqk.hf.export import export_checkpoint
+
+    hf = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "hf")
+    data = tmp_path / "eval"
+    data.mkdir()
+    boolq = [{"question": "is the king alive", "passage": "The king is dead and the queen mourns.", "idx": i,
+              "label": 0} for i in range(3)]
+    copa = [{"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He sang.", "question": "cause",
+             "idx": i, "label": 0} for i in range(3)]
+    for name, rows in (("boolq_validation", boolq), ("copa_validation", copa)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "slowqk.cli", "evaluate", str(hf), "--tasks", "boolq,copa", "--eval-data", str(data),
+           "--corpus", "", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["tasks"]) == {"boolq_local", "copa_local"}
+    assert all(0.0 <= m["acc"] <= 1.0 for m in record["tasks"].values())
+    assert record["n_samples"] == {"boolq_local": 3, "copa_local": 3}
+    assert "Truncating" not in proc.stderr and "overrides" not in proc.stderr
+    missing = subprocess.run([*cmd[:6], "rte", *cmd[7:]], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert missing.stderr.count("error:") == 1 and str(data / "rte_validation.jsonl") in missing.stderr
