@@ -62,13 +62,12 @@ def _local_spec(stock_yaml: Path, task: str, split: str, data: Path) -> dict:
     }
 
 
-def write_registry_task(task_dir: Path, eval_data: Path | None, task: str) -> str:
-    """Any task of lm-eval's registry over ``<eval_data>/<task>_<split>.jsonl`` (the split it
-    evaluates: its test split, else its validation split). Returns ``<task>_local``."""
-    from lm_eval.tasks import TaskManager
+def write_registry_task(task_dir: Path, eval_data: Path | None, task: str, registry) -> str:
+    """Any task of lm-eval's registry (a ``TaskManager``) over ``<eval_data>/<task>_<split>.jsonl``
+    (the split it evaluates: its test split, else its validation split). Returns ``<task>_local``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager().task_index.get(task)
+    entry = registry.task_index.get(task)
     if entry is None or not getattr(entry, "yaml_path", None):
         raise ValueError(f"task {task!r}: not a task of lm-eval's registry (nor a local one)")
     config = load_yaml(entry.yaml_path, resolve_func=False)
@@ -166,15 +165,17 @@ def evaluate(
     try:
         available = write_tasks(task_dir, eval_dir, Path(corpus) if corpus else None)
         extra = [str(include_path)] if include_path else []
-        theirs = set(TaskManager(include_path=extra).all_tasks) if extra else set()
+        registry = None  # lm-eval's task index (and the user's directory): built once, when needed
         chosen = []
         for t in tasks or available:
             if t in available or f"{t}_local" in available:
                 chosen.append(t if t in available else f"{t}_local")
-            elif t in theirs:
-                chosen.append(t)  # from the user's own task directory (or lm-eval's, data from the hub)
+                continue
+            registry = registry or TaskManager(include_path=extra or None)
+            if extra and str(getattr(registry.task_index.get(t), "yaml_path", "")).startswith(str(include_path)):
+                chosen.append(t)  # from the user's own task directory
             else:
-                chosen.append(write_registry_task(task_dir, eval_dir, t))
+                chosen.append(write_registry_task(task_dir, eval_dir, t, registry))
         manager = TaskManager(include_path=[str(task_dir), *extra])
         raw = simple_evaluate(
             model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),

@@ -76,10 +76,11 @@ def _train(model: dict, backend: str, precision: str, steps: int) -> list[float]
     return losses
 
 
-def _train_worker(rank: int, world: int, model: dict, backend: str, precision: str, steps: int) -> list[float]:
+def _backends_worker(rank: int, world: int, model: dict) -> tuple[list[float], list[float]]:
+    """Five steps with each backend in one process (every build starts from the same seed)."""
     from slowqk.distributed import shutdown
 
-    losses = _train(model, backend, precision, steps)
+    losses = _train(model, "local", "fp32", 5), _train(model, "sdpa", "fp32", 5)
     shutdown()
     return losses
 
@@ -87,8 +88,7 @@ def _train_worker(rank: int, world: int, model: dict, backend: str, precision: s
 @pytest.mark.parametrize("model", [MHA, GQA], ids=["mha", "gqa"])
 def test_sdpa_trains_like_local(model: dict) -> None:
     """Five steps of AdamW with the Q/K slowdown (distributed optimizer): the same losses."""
-    local = run_ranks(_train_worker, 1, model, "local", "fp32", 5)[0]
-    sdpa = run_ranks(_train_worker, 1, model, "sdpa", "fp32", 5)[0]
+    local, sdpa = run_ranks(_backends_worker, 1, model)[0]
     print("local", local, "\nsdpa ", sdpa)
     assert local[-1] < local[0]  # it trains
     assert max(abs(a - b) for a, b in zip(local, sdpa, strict=True)) <= 1e-4

@@ -275,7 +275,8 @@ def _stock_gpt2(like: Path, out: Path, **fields) -> Path:
     for name in ("model.safetensors", "config.json", "slowqk_export.json"):
         (out / name).unlink(missing_ok=True)
     config = GPT2Config(vocab_size=ours["vocab_size"], n_positions=ours["n_positions"], n_embd=ours["n_embd"],
-                        n_layer=ours["n_layer"], n_head=ours["n_head"], **fields)
+                        n_layer=ours["n_layer"], n_head=ours["n_head"], bos_token_id=ours["bos_token_id"],
+                        eos_token_id=ours["eos_token_id"], **fields)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(str(out))
     return out
@@ -299,33 +300,40 @@ def test_stock_gpt2_with_tanh_gelu_imports_and_matches_transformers(checkpoints,
     assert _hf_logits(back, ids).sub(theirs).abs().max() < 1e-5
 
 
-def test_what_cannot_be_represented_is_refused_before_any_rank_starts(checkpoints, tmp_path) -> None:
+def test_what_cannot_be_represented_is_refused_before_any_rank_starts(checkpoints, tmp_path, capsys) -> None:
     from slowqk.hf.export import export_checkpoint
 
     ours = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "ours")
+    from slowqk.cli import main
+
     for field, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)):
         stock = _stock_gpt2(ours, tmp_path / field, **{field: value})
-        proc = _import(stock, tmp_path / f"out-{field}", "tiny/gpt", 1, 1)
-        assert proc.returncode == 2 and f"config.json {field}={value}" in proc.stderr, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr and not (tmp_path / f"out-{field}").exists()
+        capsys.readouterr()
+        assert main(["import-hf", str(stock), str(tmp_path / f"out-{field}"), "--recipe", "tiny/gpt"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"config.json {field}={value}" in err, err
+        assert not (tmp_path / f"out-{field}").exists()
     llama = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "llama")
     cfg = json.loads((llama / "config.json").read_text())
     cfg.pop("rope_parameters", None)
     cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}  # the older spelling
     (llama / "config.json").write_text(json.dumps(cfg))
-    proc = _import(llama, tmp_path / "out-rope", "tiny/llama", 1, 1)
-    assert proc.returncode == 2 and "rope type 'linear'" in proc.stderr, proc.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["import-hf", str(llama), str(tmp_path / "out-rope"), "--recipe", "tiny/llama"]) == 2
+    assert "rope type 'linear'" in capsys.readouterr().err
 
 
-def test_import_refuses_an_existing_destination_and_checks_before_launching(checkpoints, tmp_path) -> None:
+def test_import_refuses_an_existing_destination_and_checks_before_launching(checkpoints, tmp_path, capsys) -> None:
+    from slowqk.cli import main
     from slowqk.hf.export import export_checkpoint
 
     hf = export_checkpoint(checkpoints["gpt-tp1"], tmp_path / "hf")
     dest = tmp_path / "ckpt"
     assert _import(hf, dest, "tiny/gpt", 1, 1).returncode == 0
     before = sorted(p.name for p in dest.iterdir())
-    proc = _import(hf, dest, "tiny/gpt", 1, 1)
-    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+    capsys.readouterr()
+    assert main(["import-hf", str(hf), str(dest), "--recipe", "tiny/gpt"]) == 2  # refused before any work
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     again = subprocess.run([sys.executable, "-m", "slowqk.cli", "import-hf", str(hf), str(dest), "--recipe", "tiny/gpt",
                             "--overwrite"], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -337,9 +345,11 @@ def test_import_refuses_an_existing_destination_and_checks_before_launching(chec
     odd = tmp_path / "odd"
     shutil.copytree(hf, odd)
     (odd / "config.json").write_text(json.dumps(cfg))
-    proc = _import(odd, tmp_path / "tp3", "tiny/gpt", 3, 1)
-    assert proc.returncode == 2 and f"vocab_size {vocab} does not split over tensor parallel size 3" in proc.stderr
-    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # in-process: the launcher's own check, before it would start torchrun (which would start ranks)
+    capsys.readouterr()
+    assert main(["import-hf", str(odd), str(tmp_path / "tp3"), "--recipe", "tiny/gpt", "--tp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"vocab_size {vocab} does not split over tensor parallel size 3" in err, err
 
 
 def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
@@ -366,6 +376,14 @@ def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
     assert all(0.0 <= m["acc"] <= 1.0 for m in record["tasks"].values())
     assert record["n_samples"] == {"boolq_local": 3, "copa_local": 3}
     assert "Truncating" not in proc.stderr and "overrides" not in proc.stderr
-    missing = subprocess.run([*cmd[:6], "rte", *cmd[7:]], cwd=REPO, capture_output=True, text=True)
-    assert missing.returncode == 2, missing.stderr[-2000:]
-    assert missing.stderr.count("error:") == 1 and str(data / "rte_validation.jsonl") in missing.stderr
+    from types import SimpleNamespace
+
+    import lm_eval.tasks
+
+    from slowqk.evaluate import write_registry_task
+
+    # a task without its file: one line naming the file (the registry's entry for GLUE RTE, as indexed)
+    rte = Path(lm_eval.tasks.__file__).parent / "glue" / "rte" / "default.yaml"
+    registry = SimpleNamespace(task_index={"rte": SimpleNamespace(yaml_path=str(rte))})
+    with pytest.raises(FileNotFoundError, match=r"task 'rte': no local data; looked for .*rte_validation\.jsonl"):
+        write_registry_task(tmp_path / "tasks", data, "rte", registry)

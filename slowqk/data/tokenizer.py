@@ -11,10 +11,12 @@ import sentencepiece as spm
 
 from slowqk.hashing import file_sha256
 
-try:  # megatron-core >= 0.14 renamed the dataset tokenizer base class
+try:  # megatron-core 0.14 - 0.16: the datasets' tokenizer base class
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _TokenizerBase
-except ImportError:  # pragma: no cover - older megatron-core
-    from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _TokenizerBase
+except ImportError:  # megatron-core >= 0.19 removed it; its datasets only read .eod and .vocab_size
+    class _TokenizerBase:  # type: ignore[no-redef]
+        def __init__(self, name: str, **kwargs) -> None:
+            self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [name], **kwargs}
 
 
 def train_sentencepiece(
