@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 version="${1:?usage: $0 MEGATRON_CORE_VERSION [pytest args]}"
 shift
 env_dir=".venv-mcore-$version"
+# megatron-core >= 0.19 imports triton at module level (MoE paged stash), CPU machines included
+EXTRA_PACKAGES=()
+case "$version" in 0.1[0-8].*) ;; *) EXTRA_PACKAGES=(triton) ;; esac
 [ -x .venv/bin/python ] || { echo "run launch/install.sh first (./.venv)" >&2; exit 2; }
 base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 rm -rf "$env_dir"
@@ -16,6 +19,7 @@ rm -rf "$env_dir"
 site=$("$env_dir/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 printf '%s\n' "$base_site" > "$site/main-environment.pth"
 .venv/bin/python -m pip install --quiet --no-deps --no-compile --no-build-isolation --ignore-requires-python --target "$site" \
-  "megatron-core==$version" .
-"$env_dir/bin/python" -c "import megatron.core as m, slowqk; print('megatron-core', m.__version__, 'from', m.__file__)"
-exec "$env_dir/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  "megatron-core==$version" "${EXTRA_PACKAGES[@]}" .
+"$env_dir/bin/python" -P -c "import slowqk, megatron.core as m; print('megatron-core', m.__version__, 'from', m.__file__)"
+# -P: the checkout's slowqk/ must not shadow the installed package (whose patches/ sits inside it)
+exec "$env_dir/bin/python" -P -m pytest -q -p no:cacheprovider "$@"

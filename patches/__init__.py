@@ -2,8 +2,6 @@
 
 - ``cpu_compat``: lets megatron-core's CUDA-only code paths (DDP, optimizers, RNG tracker,
   pipeline schedules, dist_checkpointing) run on CPU with gloo. Applied only without CUDA.
-- ``triton_stub``: a stand-in ``triton`` so megatron-core >= 0.19 imports on CPU machines
-  without it. Applied only without CUDA and without triton.
 - ``qk_lr_scaling``: per-layer Q/K learning-rate scaling groups inside megatron-core's
   optimizers (FP32, mixed-precision, distributed), exact for the fused ``linear_qkv`` weight.
 """

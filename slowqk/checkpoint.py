@@ -296,15 +296,20 @@ def _weights_only_loads():
             os.environ[key] = old
 
 
-def read_extra(path: Path) -> dict[str, Any]:
-    """The checkpoint's run information (recipe, step, tokenizer hash) without loading tensors."""
+def _common_state(path: Path) -> dict[str, Any]:
+    """The non-tensor part of a checkpoint (run information, LR scheduler), weights-only."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     with _weights_only_loads():
         try:
-            return load_common_state_dict(str(path))["extra"]
+            return load_common_state_dict(str(path))
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{path}: refusing to load non-tensor objects from the checkpoint ({exc})") from None
+
+
+def read_extra(path: Path) -> dict[str, Any]:
+    """The checkpoint's run information (recipe, step, tokenizer hash) without loading tensors."""
+    return _common_state(path)["extra"]
 
 
 def _init_empty_optimizer_states(optimizer) -> None:
@@ -321,19 +326,20 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     """Load model, optimizer, scheduler and RNG state; return the checkpoint's ``extra``."""
     _init_empty_optimizer_states(optimizer)
     template = _sharded_state(model_chunks, optimizer, is_loading=True)
-    template["scheduler"] = None
-    template["extra"] = None
     with _weights_only_loads(), _stop_signals_deferred():
         state = dist_checkpointing.load(template, str(path))
+    # scheduler and run information from the common state: megatron-core >= 0.19 returns only what
+    # the template asks for, and a template cannot ask for plain values
+    common = _common_state(path)
     _apply_model_state(model_chunks, state)
     optimizer.load_state_dict(state["optimizer"])
     # load_state_dict *adds* the saved step count to the current one
     scheduler.num_steps = 0
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(common["scheduler"])
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state["extra"]
+    return common["extra"]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

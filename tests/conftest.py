@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import slowqk  # noqa: F401 - first: its import-time shims must precede megatron-core's import
+
 # tests import their helpers (multiproc, megatron_harness, reference_model) by module name
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

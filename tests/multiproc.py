@@ -28,6 +28,7 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
     )
     import torch
 
+    import slowqk  # noqa: F401 - first: its import-time shims must precede megatron-core's import
     torch.set_num_threads(1)
     try:
         result = fn(rank, world, *args)
