@@ -21,5 +21,7 @@ printf '%s\n' "$base_site" > "$site/main-environment.pth"
 .venv/bin/python -m pip install --quiet --no-deps --no-compile --no-build-isolation --ignore-requires-python --target "$site" \
   "megatron-core==$version" "${EXTRA_PACKAGES[@]}" .
 "$env_dir/bin/python" -P -c "import slowqk, megatron.core as m; print('megatron-core', m.__version__, 'from', m.__file__)"
-# -P: the checkout's slowqk/ must not shadow the installed package (whose patches/ sits inside it)
+# -P / PYTHONSAFEPATH (inherited by subprocesses): the checkout's slowqk/ must not shadow the
+# installed package, whose patches/ sits inside it
+export PYTHONSAFEPATH=1
 exec "$env_dir/bin/python" -P -m pytest -q -p no:cacheprovider "$@"

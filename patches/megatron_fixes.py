@@ -1,11 +1,11 @@
 """Fixes for megatron-core bugs met on our supported paths; each version-guarded and idempotent.
 
-- ``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.x): loading a
+- ``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.x, 0.19.x): loading a
   ``fully_reshardable`` checkpoint with a torch Adam/AdamW (no TE/Apex) fails with
   ``KeyError: 'step'``: the loader leaves the per-parameter ``step`` out of the source tensors (it
   restores it through the common state) but the setter iterates over the destination's keys.
   The fix copies only the keys the loader provides.
-- ``DistributedOptimizer.load_state_dict`` (0.16.x, torch optimizers): the restored Adam ``step``
+- ``DistributedOptimizer.load_state_dict`` (0.16.x, 0.19.x, torch optimizers): the restored Adam ``step``
   is *one* tensor object put into every parameter's state; torch's AdamW then increments it once
   per parameter per step, so bias correction goes wrong after any resume. The fix gives every
   parameter its own copy.
@@ -59,7 +59,7 @@ def apply() -> None:
         return
     from megatron.core import package_info
 
-    if package_info.__version__.startswith("0.16"):
+    if package_info.__version__.startswith(("0.16", "0.19")):
         _patch_set_main_param_states()
         _patch_unshare_adam_step()
     _applied = True
