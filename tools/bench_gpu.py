@@ -48,7 +48,9 @@ def model_flops_per_token(m, vocab_size: int) -> float:
     return 6.0 * matmul + 12.0 * m.num_layers * m.seq_length * heads * hd
 
 
-def _recipe(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]):
+def synthetic_recipe(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]):
+    """``recipe_name`` on the prepared ``data``, with the case's Q/K settings, no checkpoints,
+    TensorBoard or diagnostics: what a timed run needs (shared with tools/profile_step.py)."""
     from slowqk.config import load_recipe
 
     qk = {"off": ["qk.enabled=false"],
@@ -115,7 +117,7 @@ def run_case(recipe_name: str, case: str, steps: int, warmup: int, data: str, ou
     import megatron.core
     import torch
 
-    recipe = _recipe(recipe_name, case, steps, warmup, data, out, extra)
+    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
     if case in PLAIN_CASES:
         res = run_plain_case(recipe, case, steps, warmup, vocab)
     else:

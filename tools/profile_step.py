@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench_gpu import CORPUS, _recipe
+from bench_gpu import CORPUS, synthetic_recipe
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
-        recipe = _recipe(args.recipe, "off", args.steps, args.warmup, str(data), str(Path(tmp) / "run"), args.overrides)
+        recipe = synthetic_recipe(args.recipe, "off", args.steps, args.warmup, str(data), str(Path(tmp) / "run"), args.overrides)
         trainer = Trainer(recipe, quiet=True)
         for _ in range(args.warmup):
             trainer.train_step()
