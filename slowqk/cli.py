@@ -179,6 +179,14 @@ def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_reproduce(args: argparse.Namespace) -> int:
+    from slowqk.experiments import reproduce
+
+    bitwise, report = reproduce(args.grid_dir, args.run, args.out)
+    print(report)
+    return 0 if bitwise else 1
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from slowqk.hf.export import export_checkpoint
 
@@ -302,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("grid_dir")
     es.add_argument("--out", default=None, help="output directory (default <grid_dir>/summary)")
     es.set_defaults(func=_cmd_experiment_summarize)
+    er = ex.add_parser("reproduce", help="re-run one run of a grid and say whether it reproduces bitwise (exit 1 if not)")
+    er.add_argument("grid_dir")
+    er.add_argument("run", help="variant/arm/seedK, e.g. gpt/control/seed1")
+    er.add_argument("--out", default=None, help="where to re-run (default <grid_dir>/reproduce/<run>)")
+    er.set_defaults(func=_cmd_experiment_reproduce)
 
     sp = sub.add_parser("submit", help="submit a recipe to SLURM (launch/slurm/slowqk.sbatch), layout checked")
     recipe_args(sp)

@@ -128,6 +128,16 @@ class LayerSelection(_Strict):
         return self
 
 
+class AdaptiveReleaseConfig(_Strict):
+    """``qk.release: adaptive``: release when the lower layers' drift has settled (slowqk.qk.release)."""
+
+    min_hold: float = Field(0.02, ge=0, description="never release before this, in qk.unit")
+    max_hold: float = Field(0.1, ge=0, description="release here at the latest, in qk.unit")
+    threshold: float = Field(0.3, gt=0, lt=1, description="settled = smoothed lower-layer drift at most this "
+                             "fraction of its peak")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="EMA factor of the per-step drift (bias-corrected)")
+
+
 class QKConfig(_Strict):
     """The intervention: slow the upper layers' W_Q and W_K for a while, then release."""
 
@@ -139,6 +149,9 @@ class QKConfig(_Strict):
     hold: float = Field(0.04, ge=0, description="length of the hold, in `unit`")
     ramp: float = Field(0.01, ge=0, description="length of the return to 1.0, in `unit`")
     shape: Literal["linear", "cosine", "step"] = "linear"
+    release: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: ramp after `hold`; adaptive: ramp once the lower layers settle (qk.adaptive)")
+    adaptive: AdaptiveReleaseConfig = Field(default_factory=AdaptiveReleaseConfig)
 
 
 class DataConfig(_Strict):
@@ -204,6 +217,10 @@ class DiagnosticsConfig(_Strict):
 
     interval: int = Field(0, ge=0, description="every this many steps; 0 = off")
     probe_samples: int = Field(4, ge=1, description="fixed validation samples the probe runs on")
+    warn: bool = Field(True, description="log a warning when the upper layers' attention specializes early "
+                       "(slowqk.early_warning)")
+    warn_entropy_gap: float = Field(0.1, gt=0, le=1, description="warn when the upper layers' entropy fell this "
+                                    "much more than the lower layers' since the first probe, while they still drift")
 
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
@@ -390,7 +407,7 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     except ValueError as exc:
         out.append(("qk.layers", str(exc)))
     lengths = {}
-    for key in ("hold", "ramp"):
+    for key in ("hold", "ramp") if qk.release == "fixed" else ("ramp",):  # adaptive: hold is unused
         value = getattr(qk, key)
         if qk.unit == "fraction" and value > 1:
             out.append((f"qk.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
@@ -399,9 +416,11 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
             lengths[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
         except ValueError as exc:
             out.append((f"qk.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
-    if qk.unit == "fraction" and len(lengths) == 2 and qk.hold + qk.ramp > 1:
+    if qk.release == "fixed" and qk.unit == "fraction" and len(lengths) == 2 and qk.hold + qk.ramp > 1:
         out.append(("qk.hold", f"hold + ramp = {qk.hold} + {qk.ramp} of train.steps: more than the whole run, "
                                "the slowdown would never end"))
+    if qk.release == "adaptive":
+        out.extend(_adaptive_problems(recipe))
     tp, pp, groups = par.tensor, par.pipeline, m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % tp:
         out.append(("parallel.tensor", f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})"))
@@ -425,6 +444,37 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                                  "init_from are megatron-engine features)"))
         if recipe.optimizer.name != "adamw":
             out.append(("optimizer.name", f"got {recipe.optimizer.name!r}; the DeepSpeed engine is wired for adamw"))
+    return out
+
+
+def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    from slowqk.qk.schedule import to_steps
+    from slowqk.qk.selection import select_layers
+
+    qk, a, t, out = recipe.qk, recipe.qk.adaptive, recipe.train, []
+    steps = {}
+    for key in ("min_hold", "max_hold"):
+        value = getattr(a, key)
+        if qk.unit == "fraction" and value > 1:
+            out.append((f"qk.adaptive.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
+            continue
+        try:
+            steps[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
+        except ValueError as exc:
+            out.append((f"qk.adaptive.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
+    if len(steps) == 2 and a.min_hold > a.max_hold:
+        out.append(("qk.adaptive.min_hold", f"got {a.min_hold}; it must be <= qk.adaptive.max_hold ({a.max_hold})"))
+    if qk.unit == "fraction" and a.max_hold <= 1 and a.max_hold + qk.ramp > 1:
+        out.append(("qk.adaptive.max_hold", f"max_hold + ramp = {a.max_hold} + {qk.ramp} of train.steps: more than "
+                                            "the whole run, the slowdown might never end"))
+    sel = qk.layers
+    try:
+        layers = select_layers(recipe.model.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+    except ValueError:
+        return out  # reported with qk.layers
+    if layers and min(layers) == 0:
+        out.append(("qk.release", "adaptive needs at least one layer below the slowed ones to measure (qk.layers "
+                                  f"selects {layers}, which includes layer 0)"))
     return out
 
 

@@ -55,9 +55,17 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     from slowqk.data.loader import micro_batches
     from slowqk.data.run_data import build_run_data
     from slowqk.distributed import init_distributed
+    from slowqk.lower_drift import LowerLayerDrift
     from slowqk.metrics import MetricsWriter
     from slowqk.models import build_gpt_model, build_transformer_config
-    from slowqk.optim import build_scheduler, qk_schedules, selected_layers
+    from slowqk.optim import (
+        build_release,
+        build_scheduler,
+        lower_layers,
+        qk_schedules,
+        release_record,
+        selected_layers,
+    )
     from slowqk.patches import qk_lr_scaling
     from slowqk.train import masked_mean_loss
 
@@ -78,9 +86,13 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))
     scheduler = build_scheduler(recipe, ds_optimizer)
-    qk = None
-    if recipe.qk.enabled:
+    qk, release, drift_meter = None, build_release(recipe), None
+    if release is not None:
+        sq, sk = release.schedule(recipe.qk.mult_q), release.schedule(recipe.qk.mult_k)
+        drift_meter = LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe))
+    elif recipe.qk.enabled:
         sq, sk = qk_schedules(recipe)
+    if recipe.qk.enabled:
         qk = qk_lr_scaling.register(ds_optimizer, [model], selected_layers(recipe), sq, sk)
 
     def mean_loss(batch) -> torch.Tensor:
@@ -110,6 +122,9 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     for step in range(t.steps):
         mult_q, mult_k = qk.set_step(step) if qk is not None else (1.0, 1.0)
         lr = ds_optimizer.param_groups[0]["lr"]
+        measuring = release is not None and not release.decided
+        if measuring:
+            drift_meter.arm()
         losses = []
         for batch in micro_batches(train_ds, step, t.global_batch_size, t.micro_batch_size, dist.get_rank(), layout.data):
             loss = mean_loss(batch)
@@ -118,14 +133,23 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
             losses.append(loss.item())
         scheduler.step(1)
         rec = {"loss": across_dp(sum(losses) / len(losses)), "lr": lr, "mult_q": mult_q, "mult_k": mult_k}
+        if measuring:
+            rec["lower_drift"] = drift_meter.collect(lr)
+            if release.observe(step + 1, rec["lower_drift"]):
+                rec["qk_release"] = release.record()
+            rec["lower_drift_ratio"] = release.tracker.ratio
         if (step + 1) % t.eval_interval == 0 or step + 1 == t.steps:
             rec["val_loss"] = evaluate()
-        if (step + 1) % t.log_interval == 0 or "val_loss" in rec or step + 1 == t.steps:
+        if (step + 1) % t.log_interval == 0 or "val_loss" in rec or step + 1 == t.steps or "qk_release" in rec:
             metrics.log(step + 1, rec)
     final = evaluate()
     metrics.close()
     summary = {"name": recipe.name, "engine": f"deepspeed-zero{stage}", "steps": t.steps, "final_val_loss": final,
-               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": qk is not None}
+               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": qk is not None,
+               "qk_release": release_record(recipe, release)}
     if layout.rank == 0:
+        from slowqk.provenance import provenance
+
+        summary["provenance"] = provenance()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

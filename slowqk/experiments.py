@@ -205,3 +205,74 @@ def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False) -> int:
     print(f"grid {grid.name}: {len(todo) - len(failed)} runs done, {len(failed)} failed, "
           f"{time.perf_counter() - start:.0f} s wall")
     return 1 if failed else 0
+
+
+# values that must come out bitwise equal in a re-run (timings and the like may differ)
+COMPARED = ("loss", "val_loss", "grad_norm", "lower_drift")
+
+
+def find_run(grid_dir: str | Path, which: str) -> Run:
+    """The run ``variant/arm/seedK`` of a grid directory (as ``experiment run`` listed it)."""
+    grid_dir = Path(grid_dir)
+    record_path = grid_dir / "grid.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path}: not a grid directory (run `slowqk experiment run` first)")
+    runs = [Run(**{**r, "overrides": tuple(r["overrides"])}) for r in json.loads(record_path.read_text())["runs"]]
+    names = {f"{r.variant}/{r.arm}/seed{r.seed}": r for r in runs}
+    if which not in names:
+        raise ValueError(f"{grid_dir}: no run {which!r}; runs are named variant/arm/seedK, e.g. {next(iter(names))}")
+    return names[which]
+
+
+def _first_difference(recorded: list[dict], again: list[dict]) -> str | None:
+    a = {r["step"]: r for r in recorded}
+    b = {r["step"]: r for r in again}
+    if sorted(a) != sorted(b):
+        return f"logged steps differ: {len(a)} recorded, {len(b)} re-run"
+    for step in sorted(a):
+        for key in COMPARED:
+            if a[step].get(key) != b[step].get(key):
+                return f"step {step}: {key} {a[step].get(key)!r} recorded, {b[step].get(key)!r} re-run"
+    return None
+
+
+def reproduce(grid_dir: str | Path, which: str, out_dir: str | Path | None = None) -> tuple[bool, str]:
+    """Re-run one listed run from scratch with its recorded thread count and compare its logged
+    losses, gradient norms and final validation loss bit for bit. ``(bitwise, report)``."""
+    import shutil
+
+    from slowqk.provenance import differences, provenance
+
+    run = find_run(grid_dir, which)
+    summary_path = Path(run.run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path}: the run {which} has not finished; nothing to compare with")
+    recorded = json.loads(summary_path.read_text())
+    prov = recorded.get("provenance") or {}
+    threads = int(prov.get("threads") or 1)
+    target = Path(out_dir) if out_dir else Path(grid_dir) / "reproduce" / which
+    shutil.rmtree(target, ignore_errors=True)
+    again = Run(run.variant, run.arm, run.seed, run.recipe,
+                tuple(o for o in run.overrides if not o.startswith("out_dir=")) + (f"out_dir={target}",), str(target))
+    again = _shared_corpora(Path(grid_dir), [again])[0]
+    _, code, seconds = _train(again, threads)
+    if code != 0:
+        return False, f"{which}: the re-run failed (exit {code}; log: {target / 'train.log'})"
+    new = json.loads((target / "summary.json").read_text())
+    from slowqk.metrics import read_metrics
+
+    diff = _first_difference(read_metrics(Path(run.run_dir) / "metrics.jsonl"), read_metrics(target / "metrics.jsonl"))
+    if diff is None and recorded["final_val_loss"] != new["final_val_loss"]:
+        diff = f"final val loss {recorded['final_val_loss']!r} recorded, {new['final_val_loss']!r} re-run"
+    env = differences(prov, new.get("provenance") or {}) if prov else ["the run has no provenance record"]
+    lines = [f"{which}: re-ran in {seconds:.0f} s with {threads} threads into {target}"]
+    if diff is None:
+        lines.append(f"reproduces bitwise: every logged loss and gradient norm, final val loss {new['final_val_loss']!r}")
+    else:
+        lines.append(f"does NOT reproduce: {diff} (final val loss {recorded['final_val_loss']!r} recorded, "
+                     f"{new['final_val_loss']!r} re-run, difference {new['final_val_loss'] - recorded['final_val_loss']:+.3g})")
+    lines.append("made with the same code and environment" if not env else
+                 "differs from the recorded code or environment: " + "; ".join(env))
+    if not prov and provenance().get("commit") is None:
+        lines.append("(no git checkout here either: compare package versions by hand)")
+    return diff is None, "\n".join(lines)

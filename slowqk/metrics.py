@@ -29,6 +29,10 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
+                elif isinstance(v, dict):  # e.g. qk_release: its numbers as qk_release/<field>
+                    for sub, x in v.items():
+                        if isinstance(x, int | float) and not isinstance(x, bool):
+                            self._tb.add_scalar(f"{k}/{sub}", x, step)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from slowqk.diagnostics import (
     pathway_energy_ratio,
     qk_logit_change_sums,
 )
+
+log = logging.getLogger("slowqk.monitor")
 
 SCALARS = ("entropy", "max_prob", "residual_rms", "attn_write_rms", "ffn_write_rms", "dq_rel", "dk_rel",
            "grad_norm", "lambda_q", "lambda_k", "pathway_energy")
@@ -205,9 +208,22 @@ class Monitor:
             layers[layer]["pathway_energy"] = e
         self._before = self._grad_sq = None
         record = {"step": step_done, "layers": {str(k): v for k, v in sorted(layers.items())}}
+        self._early_warning(step_done, layers, record)
         if self.enabled_io:
             self._write(record, layers, step_done)
         return record
+
+    def _early_warning(self, step: int, layers: dict[int, dict], record: dict) -> None:
+        """Every rank holds all layers' statistics here, so every rank keeps the same state."""
+        warning = self.trainer.warning
+        if warning is None:
+            return
+        event = warning.check(step, {k: v["entropy"] for k, v in layers.items()},
+                              lower_drifting=not self.trainer.tracker.settled)
+        if event is not None:
+            record["warning"] = event
+            if event["new_episode"] and self.enabled_io:
+                log.warning(warning.message(event))
 
     def _write(self, record: dict, layers: dict[int, dict], step: int) -> None:
         with open(self.path, "a") as f:

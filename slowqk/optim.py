@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 
 from slowqk.config import Recipe
 from slowqk.patches import qk_lr_scaling
+from slowqk.qk.release import AdaptiveRelease, DriftTracker, fixed_release_record
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
 from slowqk.qk.selection import select_layers
 
@@ -103,10 +104,48 @@ def selected_layers(recipe: Recipe) -> list[int]:
     )
 
 
-def build_qk_scaling(recipe: Recipe, optimizer, model_chunks) -> qk_lr_scaling.QKScaling | None:
-    """Register the Q/K scaling groups, or return None when the intervention is off."""
+def lower_layers(recipe: Recipe) -> list[int]:
+    """The layers below the slowed ones: whose settling the adaptive release waits for."""
+    selected = selected_layers(recipe)
+    return list(range(min(selected))) if selected else []
+
+
+def drift_tracker(recipe: Recipe) -> DriftTracker:
+    a = recipe.qk.adaptive
+    return DriftTracker(threshold=a.threshold, smoothing=a.smoothing)
+
+
+def build_release(recipe: Recipe) -> AdaptiveRelease | None:
+    """The adaptive release decision (None for ``qk.release: fixed`` or with the intervention off)."""
+    qk = recipe.qk
+    if not qk.enabled or qk.release != "adaptive":
+        return None
+    args = (qk.unit, recipe.train.steps, recipe.tokens_per_step)
+    return AdaptiveRelease(
+        min_hold=to_steps(qk.adaptive.min_hold, *args), max_hold=to_steps(qk.adaptive.max_hold, *args),
+        ramp_steps=to_steps(qk.ramp, *args), shape=qk.shape, tracker=drift_tracker(recipe),
+    )
+
+
+def release_record(recipe: Recipe, release: AdaptiveRelease | None) -> dict | None:
+    """When and why the slowdown was released (None with the intervention off)."""
     if not recipe.qk.enabled:
         return None
+    if release is not None:
+        return release.record()
+    sq, _ = qk_schedules(recipe)
+    return fixed_release_record(sq.hold_steps, sq.ramp_steps)
+
+
+def build_qk_scaling(recipe: Recipe, optimizer, model_chunks, release: AdaptiveRelease | None = None
+                     ) -> qk_lr_scaling.QKScaling | None:
+    """Register the Q/K scaling groups, or return None when the intervention is off. With an
+    adaptive ``release`` the multipliers follow its decision instead of the fixed hold."""
+    if not recipe.qk.enabled:
+        return None
+    if release is not None:
+        return qk_lr_scaling.register(optimizer, model_chunks, selected_layers(recipe),
+                                      release.schedule(recipe.qk.mult_q), release.schedule(recipe.qk.mult_k))
     schedule_q, schedule_k = qk_schedules(recipe)
     if schedule_q.end_step > recipe.train.steps or schedule_k.end_step > recipe.train.steps:
         log.warning("qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it is never released "

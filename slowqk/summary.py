@@ -29,6 +29,9 @@ class RunResult:
     val_curve: list[tuple[int, float]]
     downstream: dict[str, float] = field(default_factory=dict)
     diagnostics: list[dict] = field(default_factory=list)  # the run's diagnostics.jsonl records
+    release: dict | None = None  # summary.json's qk_release: when and why the slowdown ended
+    warning: dict | None = None  # summary.json's specialization_warning
+    provenance: dict | None = None
 
     @property
     def upper_entropy(self) -> float | None:
@@ -93,7 +96,8 @@ def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
             downstream = {k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()}
         diag = run_dir / "diagnostics.jsonl"
         results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream,
-                                 read_diagnostics(diag) if diag.is_file() else []))
+                                 read_diagnostics(diag) if diag.is_file() else [], s.get("qk_release"),
+                                 s.get("specialization_warning"), s.get("provenance")))
     return record["grid"], results, missing
 
 
@@ -111,6 +115,15 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
                "val_ppl_mean": ppl_m, "val_ppl_std": ppl_s}
         tasks = sorted({k for r in seeds.values() for k in r.downstream})
         row["downstream"] = {k: mean_std([r.downstream[k] for r in seeds.values() if k in r.downstream])[0] for k in tasks}
+        releases = [r.release for r in seeds.values() if r.release and r.release.get("step") is not None]
+        if releases:
+            steps = [x["step"] for x in releases]
+            row["release"] = {"rule": releases[0]["rule"], "steps": steps, "mean": mean_std(steps)[0],
+                              "std": mean_std(steps)[1],
+                              "reasons": {why: sum(x["reason"] == why for x in releases) for why in sorted({x["reason"] for x in releases})}}
+        warned = [r for r in seeds.values() if r.warning is not None]
+        if warned:
+            row["warnings"] = {"runs": len(warned), "fired": sum(bool(r.warning["fired"]) for r in warned)}
         rows.append(row)
         if arm != control and (variant, control) in by:
             base = by[(variant, control)]
@@ -129,7 +142,32 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
                 pair["upper_entropy"] = {"control": float(np.mean([b for _, b in ent])), "arm": float(np.mean([a for a, _ in ent])),
                                          "diff": e.mean, "ci95": [e.low, e.high]}
             pairs.append(pair)
-    return {"rows": rows, "pairs": pairs}
+    return {"rows": rows, "pairs": pairs, "provenance": provenance_summary(results)}
+
+
+def provenance_summary(results: list[RunResult]) -> dict:
+    """The distinct code and environment records of the runs (a mix is worth knowing about)."""
+    from slowqk.provenance import DETERMINING
+
+    seen: dict[str, dict] = {}
+    unrecorded = 0
+    for r in results:
+        if not r.provenance:
+            unrecorded += 1
+            continue
+        key = json.dumps({k: r.provenance.get(k) for k in DETERMINING}, sort_keys=True)
+        entry = seen.setdefault(key, {**{k: r.provenance.get(k) for k in DETERMINING}, "runs": 0})
+        entry["runs"] += 1
+    return {"records": list(seen.values()), "unrecorded_runs": unrecorded}
+
+
+def _release_cell(row: dict) -> str:
+    rel = row.get("release")
+    if rel is None:
+        return "-"
+    reasons = ", ".join(f"{k} {v}" for k, v in rel["reasons"].items())
+    spread = "" if len(rel["steps"]) < 2 else f" ± {rel['std']:.1f}"
+    return f"{rel['rule']}: {rel['mean']:.1f}{spread} ({reasons})"
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -138,12 +176,15 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def format_markdown(summary: dict) -> str:
     tasks = sorted({k for r in summary["rows"] for k in r["downstream"]})
-    head = ["variant", "arm", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", *tasks]
+    head = ["variant", "arm", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", "release step (mean ± sd)",
+            "early warning", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         cells = [r["variant"], r["arm"], str(r["n"]),
                  f"{_fmt(r['val_loss_mean'])} ± {_fmt(r['val_loss_std'])}",
                  f"{_fmt(r['val_ppl_mean'], 2)} ± {_fmt(r['val_ppl_std'], 2)}",
+                 _release_cell(r),
+                 f"{r['warnings']['fired']}/{r['warnings']['runs']} runs" if r.get("warnings") else "-",
                  *[_fmt(r["downstream"].get(t)) for t in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences (arm - control, same seed), 95% Student-t confidence interval:", "",
@@ -165,6 +206,17 @@ def format_markdown(summary: dict) -> str:
             sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
             lines.append(f"| {p['variant']} | {p['arm']} | {e['control']:.3f} | {e['arm']:.3f} | "
                          f"{e['diff']:+.3f} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] | {sig} |")
+    prov = summary.get("provenance")
+    if prov:
+        lines += ["", "Made with:", ""]
+        for rec in prov["records"]:
+            pk = rec.get("packages") or {}
+            lines.append(f"- {rec['runs']} runs: commit {rec.get('commit') or 'unknown'}"
+                         f"{' (uncommitted changes)' if rec.get('dirty') else ''}, "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(pk.items()))
+                         + f", Python {rec.get('python')}, {rec.get('threads')} threads, {rec.get('device')}")
+        if prov["unrecorded_runs"]:
+            lines.append(f"- {prov['unrecorded_runs']} runs without a record (made before records were kept)")
     return "\n".join(lines) + "\n"
 
 

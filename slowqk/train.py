@@ -119,7 +119,13 @@ class Trainer:
             resolve_attention_backend,
             wrap_precision,
         )
-        from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
+        from slowqk.optim import (
+            build_optimizer,
+            build_qk_scaling,
+            build_release,
+            build_scheduler,
+            wrap_ddp,
+        )
 
         self.recipe = recipe
         self.quiet = quiet
@@ -168,7 +174,9 @@ class Trainer:
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)
-        self.qk = build_qk_scaling(recipe, self.optimizer, self.chunks)
+        self.release = build_release(recipe)
+        self.qk = build_qk_scaling(recipe, self.optimizer, self.chunks, self.release)
+        self._build_drift_watch()
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
@@ -181,6 +189,27 @@ class Trainer:
         self.total_skips = 0
 
     # ------------------------------------------------------------------ helpers
+
+    def _build_drift_watch(self) -> None:
+        """The lower layers' drift (the adaptive release's signal) and the early warning, which
+        needs it to know whether the lower layers still move."""
+        from slowqk.early_warning import SpecializationWarning
+        from slowqk.lower_drift import LowerLayerDrift
+        from slowqk.optim import drift_tracker, lower_layers, selected_layers
+
+        d, lower = self.recipe.diagnostics, lower_layers(self.recipe)
+        self.warning = None
+        if d.interval > 0 and d.warn and lower:
+            self.warning = SpecializationWarning(selected_layers(self.recipe), lower, d.warn_entropy_gap)
+        self.tracker = self.release.tracker if self.release is not None else (
+            drift_tracker(self.recipe) if self.warning is not None else None)
+        self.drift = LowerLayerDrift(self.optimizer, self.chunks, lower) if self.tracker is not None else None
+
+    def _measure_drift(self) -> bool:
+        """Measure this step? Until the lower layers settle, and only while someone needs it."""
+        if self.drift is None or self.tracker.settled:
+            return False
+        return self.warning is not None or not self.release.decided
 
     def _init_weights(self, model, source: str) -> None:
         """Load weights only (before DDP and the optimizer copy them into their buffers)."""
@@ -262,6 +291,9 @@ class Trainer:
         mult_q = mult_k = 1.0
         if self.qk is not None:
             mult_q, mult_k = self.qk.set_step(self.step)
+        measuring = self._measure_drift()
+        if measuring:
+            self.drift.arm()
         _INJECT_NAN = self.step in faults.nan_steps()
         try:
             loss = self._run_schedule(self.train_ds, self.step, forward_only=False)
@@ -285,11 +317,15 @@ class Trainer:
         else:
             self.consecutive_skips = 0
             self.scheduler.step(1)
+        drift = self.drift.collect(lr) if measuring else None  # None after a skipped update
         self.step += 1
+        released = self.release.observe(self.step, drift) if self.release is not None else False
+        if self.release is None and drift is not None:
+            self.tracker.update(self.step, drift)
         if self.monitor is not None:
             with self.monitor.timed():
                 self.monitor.after_update(self.step)
-        return {
+        rec = {
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
@@ -298,6 +334,13 @@ class Trainer:
             "skipped": skipped,
             "skipped_total": self.total_skips,
         }
+        if measuring:
+            rec["lower_drift"], rec["lower_drift_ratio"] = drift, self.tracker.ratio
+        if released:
+            rec["qk_release"] = self.release.record()
+            if self.rank == 0:
+                log.info("qk: release at step %d: %s", self.release.release_step, self.release.describe())
+        return rec
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -314,11 +357,34 @@ class Trainer:
                 "tokenizer_file": f"tokenizer/{self.tokenizer.path.name}",
                 "consumed_samples": self.step * self.recipe.train.global_batch_size,
                 "skipped_total": self.total_skips,
+                **self._decision_state(),
             },
             files={f"tokenizer/{self.tokenizer.path.name}": self.tokenizer.path},
         )
         prune_checkpoints(self.ckpt_root, self.recipe.train.keep_last, self.recipe.train.keep_every)
         return path
+
+    def _decision_state(self) -> dict:
+        """The release decision, the drift signal and the early warning: saved with the
+        checkpoint, so a resumed run decides as an uninterrupted one."""
+        state = {}
+        if self.release is not None:
+            state["qk_release"] = self.release.state_dict()
+        elif self.tracker is not None:
+            state["drift_tracker"] = self.tracker.state_dict()
+        if self.warning is not None:
+            state["specialization_warning"] = self.warning.state_dict()
+        return state
+
+    def _load_decision_state(self, extra: dict) -> None:
+        if self.release is not None and "qk_release" in extra:
+            self.release.load_state_dict(extra["qk_release"])
+        elif self.tracker is not None and "drift_tracker" in extra:
+            self.tracker.load_state_dict(extra["drift_tracker"])
+        elif self.tracker is not None and "qk_release" in extra:  # the tracker of an adaptive run
+            self.tracker.load_state_dict(extra["qk_release"]["tracker"])
+        if self.warning is not None and "specialization_warning" in extra:
+            self.warning.load_state_dict(extra["specialization_warning"])
 
     def _resumable_checkpoint(self, allow_recipe_change: bool) -> tuple[Path, dict, list[str]] | None:
         """The checkpoint a resume would load, its run information and the recipe changes; refused
@@ -362,6 +428,7 @@ class Trainer:
         extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = int(extra["step"])
         self.total_skips = int(extra.get("skipped_total", 0))
+        self._load_decision_state(extra)
         if self.rank == 0:
             self._truncate_metrics(self.step)
         return True
@@ -414,7 +481,8 @@ class Trainer:
                 rec["val_loss"] = self.evaluate()
                 rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
                 timer.lap()  # evaluation is not training time
-            if self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps or rec["skipped"]:
+            if (self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps or rec["skipped"]
+                    or "qk_release" in rec):
                 self.metrics.log(self.step, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
@@ -428,6 +496,8 @@ class Trainer:
 
     def run(self) -> dict:
         from tqdm import tqdm
+
+        from slowqk.optim import release_record
 
         r, t = self.recipe, self.recipe.train
         if self.rank == 0:
@@ -457,9 +527,14 @@ class Trainer:
             "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
             "skipped_steps": self.total_skips,
             "qk_enabled": self.qk is not None,
+            "qk_release": release_record(r, self.release),
+            "specialization_warning": self.warning.record() if self.warning is not None else None,
             "diagnostics_seconds": self.monitor.seconds if self.monitor is not None else 0.0,
         }
         if self.rank == 0:
+            from slowqk.provenance import provenance
+
+            summary["provenance"] = provenance()
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(self.run_dir / "summary.json")

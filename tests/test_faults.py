@@ -19,7 +19,9 @@ from multiproc import _free_port
 
 CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 STEPS = 12
-HOLD, RAMP = 5, 4  # the intervention holds for steps 0-4 and ramps over 5-8
+# The adaptive release (qk.release=adaptive): the lower layers' drift settles at step 5 in these
+# runs, so the slowdown holds for steps 0-4 and ramps over 5-8; kills land before, in and after it.
+RELEASE, RAMP = 5, 4
 FAILURE_GRACE_S = 120  # how long the other ranks get to exit by themselves once one has failed
 
 
@@ -41,7 +43,8 @@ def _args(dataset: str, run_dir: Path, **extra) -> list[str]:
         "train.log_interval": 1, "train.eval_interval": 6, "train.eval_iters": 1,
         "train.save_interval": 2, "train.keep_last": 3, "train.progress_bar": "false", "train.tensorboard": "false",
         "optimizer.warmup_steps": 2,
-        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": HOLD, "qk.ramp": RAMP,
+        "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": RAMP, "qk.release": "adaptive",
+        "qk.adaptive.min_hold": 2, "qk.adaptive.max_hold": 8, "qk.adaptive.threshold": 0.6,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -92,7 +95,7 @@ def _losses(run_dir: Path) -> dict[int, tuple]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[r["step"]] = (r["loss"], r.get("val_loss"), r["mult_q"])
+        out[r["step"]] = (r["loss"], r.get("val_loss"), r["mult_q"], r.get("lower_drift"), r.get("lower_drift_ratio"))
     return out
 
 
@@ -102,6 +105,8 @@ def reference(dataset, tmp_path_factory) -> dict[int, tuple]:
     assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
     losses = _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
+    release = json.loads((run / "summary.json").read_text())["qk_release"]
+    assert (release["step"], release["reason"]) == (RELEASE, "settled"), release
     return losses
 
 
@@ -109,17 +114,23 @@ def reference(dataset, tmp_path_factory) -> dict[int, tuple]:
 def test_kill9_at_random_steps_resumes_bitwise(dataset, reference, tmp_path, fault_record) -> None:
     rng = random.Random(2026)
     kills = sorted(rng.sample(range(1, STEPS), 5))
-    assert any(k < HOLD for k in kills) and any(HOLD <= k < HOLD + RAMP for k in kills)  # mid-hold, mid-ramp
+    # before the release was decided, during the ramp, after it
+    assert any(k < RELEASE for k in kills) and any(RELEASE <= k < RELEASE + RAMP for k in kills)
+    assert any(k >= RELEASE + RAMP for k in kills)
     run = tmp_path / "run"
     for k in kills:
         codes = launch(_args(dataset, run), env={"SLOWQK_FAULT_KILL_AT_STEP": str(k)})
         assert codes[0] == -signal.SIGKILL, (k, codes, launch.last[0].stderr_text[-2000:])
     assert launch(_args(dataset, run)) == [0, 0], launch.last[0].stderr_text[-2000:]
     got = _losses(run)
-    assert got == reference  # train loss, validation loss and Q multiplier of every step, bitwise
-    fault_record("kill -9 during training", f"SIGKILL of rank 0 (of 2) after steps {kills}, each run resumed",
-                 "losses after resume bitwise equal to an uninterrupted run, intervention across the kills",
-                 f"{len(got)}/{STEPS} steps bitwise equal (train and validation loss, multiplier)")
+    assert got == reference  # train and validation loss, Q multiplier and drift signal of every step, bitwise
+    summary = json.loads((run / "summary.json").read_text())["qk_release"]
+    assert (summary["step"], summary["reason"]) == (RELEASE, "settled")
+    fault_record("kill -9 during training", f"SIGKILL of rank 0 (of 2) after steps {kills}, each run resumed; "
+                 f"adaptive Q/K release decided at step {RELEASE}",
+                 "losses after resume bitwise equal to an uninterrupted run; the release decided as in it",
+                 f"{len(got)}/{STEPS} steps bitwise equal (train and validation loss, multiplier, drift signal); "
+                 f"released at step {RELEASE} as uninterrupted")
 
 
 @pytest.mark.slow

@@ -1,0 +1,128 @@
+"""Measure the lower layers' drift around the optimizer step (the adaptive release's signal).
+
+``drift = ||dW||_F / (lr * ||W||_F)`` over the weight matrices of the given layers, where ``W`` are
+the fp32 main parameters the optimizer updates (megatron-core's, shards of its distributed
+optimizer, or DeepSpeed ZeRO partitions) and ``dW`` is one step's update. Each element is counted
+once over all ranks (tensor-parallel pieces and optimizer shards add up; data-parallel replicas
+count on DP rank 0 only), and the two sums are reduced over the whole world in one float64
+all-reduce, so every rank and every layout sees the same number up to summation order.
+
+Cost while armed: one copy of this rank's share of the lower layers' matrices and two norms per
+step. Unarmed steps cost nothing; the trainer stops arming once the decision is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def _is_matrix(param: torch.nn.Parameter) -> bool:
+    return len(getattr(param, "ds_shape", param.shape)) >= 2  # ZeRO-3 keeps the full shape aside
+
+
+def _optimizer_is_sharded(optimizer) -> bool:
+    """True if each data-parallel rank updates its own share (no replicas to skip)."""
+    if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer"):
+        return True
+    from megatron.core.optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in chained)
+
+
+def _counts_here(param: torch.nn.Parameter, sharded: bool) -> bool:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    if not param_is_not_tensor_parallel_duplicate(param):
+        return False
+    if sharded or not ps.model_parallel_is_initialized():
+        return True
+    return ps.get_data_parallel_rank() == 0
+
+
+class LowerLayerDrift:
+    """``arm()`` before ``optimizer.step()``, ``collect(lr)`` after it (on every rank)."""
+
+    def __init__(self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]) -> None:
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
+        from slowqk.patches.qk_lr_scaling import iter_main_params
+
+        layers = set(layers)
+        layer_of = {
+            id(p): m.layer_number - 1
+            for chunk in model_chunks for m in chunk.modules() if isinstance(m, TransformerLayer)
+            for p in m.parameters()
+        }
+        sharded = _optimizer_is_sharded(optimizer)
+        self._views: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
+        for inner, model_param, main_param, _lo, _hi in iter_main_params(optimizer):
+            if layer_of.get(id(model_param)) in layers and _is_matrix(model_param) and _counts_here(model_param, sharded):
+                self._views.setdefault(inner, []).append(main_param)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._snapshots: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
+        self._armed = False
+        self._handles = []
+        for inner in self._views:
+            self._handles.append(inner.register_step_pre_hook(self._pre(inner)))
+            self._handles.append(inner.register_step_post_hook(self._post(inner)))
+
+    @property
+    def num_elements(self) -> int:
+        """Elements this rank counts (summed over ranks: the lower layers' matrices, once)."""
+        return sum(v.numel() for views in self._views.values() for v in views)
+
+    def _pre(self, inner):
+        def hook(optimizer, args, kwargs):
+            if self._armed:
+                with torch.no_grad():
+                    self._snapshots[inner] = [v.detach().clone() for v in self._views[inner]]
+
+        return hook
+
+    def _post(self, inner):
+        def hook(optimizer, args, kwargs):
+            old = self._snapshots.pop(inner, None)
+            if not self._armed or old is None:
+                return
+            with torch.no_grad():
+                new = [v.detach() for v in self._views[inner]]
+                diffs = torch._foreach_sub(new, old)
+                for i, tensors in enumerate((diffs, old)):  # stays on the device: no sync per tensor
+                    norms = torch.stack(torch._foreach_norm(tensors)).double()
+                    self._sums[i] += norms.pow(2).sum().to(self.device)
+
+        return hook
+
+    def arm(self) -> None:
+        self._armed = True
+        self._sums.zero_()
+        self._snapshots.clear()
+
+    def collect(self, lr: float) -> float | None:
+        """The drift of the step just taken (collective: call on every rank). None if no update
+        was made (e.g. a skipped step) or ``lr`` is 0."""
+        self._armed = False
+        self._snapshots.clear()
+        sums = self._sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        update_sq, weight_sq = sums.tolist()
+        if weight_sq == 0.0 or lr <= 0.0:
+            return None
+        return (update_sq / weight_sq) ** 0.5 / lr
+
+    def disarm(self) -> None:
+        """Forget an armed step that made no update (every rank must do the same)."""
+        self._armed = False
+        self._snapshots.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
