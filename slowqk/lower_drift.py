@@ -7,8 +7,8 @@ once over all ranks (tensor-parallel pieces and optimizer shards add up; data-pa
 count on DP rank 0 only), and the two sums are reduced over the whole world in one float64
 all-reduce, so every rank and every layout sees the same number up to summation order.
 
-Cost while armed: one copy of this rank's share of the lower layers' matrices and two norms per
-step. Unarmed steps cost nothing; the trainer stops arming once the decision is made.
+Cost while armed: one copy of this rank's share of the lower layers' matrices, one subtraction
+and two norms per step. Unarmed steps cost nothing; the trainer stops arming once the decision is made.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _counts_here(param: torch.nn.Parameter, sharded: bool) -> bool:
     if sharded or not ps.model_parallel_is_initialized():
         return True
     return ps.get_data_parallel_rank() == 0
+
+
+def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors)).double().pow(2).sum()
 
 
 class LowerLayerDrift:
@@ -91,18 +97,21 @@ class LowerLayerDrift:
             if not self._armed or old is None:
                 return
             with torch.no_grad():
-                new = [v.detach() for v in self._views[inner]]
-                diffs = torch._foreach_sub(new, old)
-                for i, tensors in enumerate((diffs, old)):  # stays on the device: no sync per tensor
-                    norms = torch.stack(torch._foreach_norm(tensors)).double()
-                    self._sums[i] += norms.pow(2).sum().to(self.device)
+                diffs = torch._foreach_sub([v.detach() for v in self._views[inner]], old)
+                self._sums[0] += _sum_sq(diffs).to(self.device)  # stays on the device: no sync per tensor
 
         return hook
 
     def arm(self) -> None:
+        """Before ``optimizer.step()``: the weights' norm now, their update in the step hooks.
+        (DeepSpeed ZeRO calls the inner optimizer once per param group, so the hooks may fire
+        more than once per step: each call adds only the update it made.)"""
         self._armed = True
-        self._sums.zero_()
         self._snapshots.clear()
+        self._sums.zero_()
+        with torch.no_grad():
+            for views in self._views.values():
+                self._sums[1] += _sum_sq([v.detach() for v in views]).to(self.device)
 
     def collect(self, lr: float) -> float | None:
         """The drift of the step just taken (collective: call on every rank). None if no update

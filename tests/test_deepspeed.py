@@ -21,7 +21,9 @@ def _overrides(dataset: str, out: Path, **extra) -> list[str]:
         "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.log_interval": 1, "train.eval_interval": 3,
         "train.eval_iters": 1, "train.tensorboard": "false", "train.progress_bar": "false", "optimizer.warmup_steps": 2,
         "optimizer.eps": 1e-3,  # Adam amplifies rounding on tiny gradients; see the Q/K exactness notes
-        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": 3, "qk.ramp": 2,
+        # the adaptive release: both engines must measure the same drift and release at the same step
+        "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": 2, "qk.release": "adaptive",
+        "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 5, "qk.adaptive.threshold": 0.76,  # settles at step 4
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -48,14 +50,32 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
 
 
+def _drift(run: Path) -> list[float]:
+    from slowqk.metrics import read_metrics
+
+    return [r["lower_drift"] for r in read_metrics(run / "metrics.jsonl") if "lower_drift" in r]
+
+
+@pytest.fixture(scope="module")
+def megatron_run(small_dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("megatron") / "run"
+    run_ranks(_megatron, 2, _overrides(small_dataset, run))
+    return run
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_matches_the_megatron_path(small_dataset, tmp_path, stage) -> None:
-    run_ranks(_megatron, 2, _overrides(small_dataset, tmp_path / "megatron"))
-    run_ranks(_deepspeed, 2, _overrides(small_dataset, tmp_path / "ds"), stage)
-    ref, got = _losses(tmp_path / "megatron"), _losses(tmp_path / "ds")
+def test_zero_stage_matches_the_megatron_path(small_dataset, megatron_run, tmp_path, stage) -> None:
+    import json
+
+    summaries = run_ranks(_deepspeed, 2, _overrides(small_dataset, tmp_path / "ds"), stage)
+    ref, got = _losses(megatron_run), _losses(tmp_path / "ds")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in ref:  # same model, data, schedule and Q/K intervention; only the engine differs
         assert got[step] == pytest.approx(ref[step], rel=2e-5), (stage, step, got[step], ref[step])
+    release = json.loads((megatron_run / "summary.json").read_text())["qk_release"]
+    assert (release["reason"], release["step"]) == ("settled", 4), release
+    assert summaries[0]["qk_release"]["step"] == release["step"]
+    assert _drift(tmp_path / "ds") == pytest.approx(_drift(megatron_run), rel=1e-4)
 
 
 def _rows_worker(rank: int, world: int, stage: int, mult_q: float, mult_k: float) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from slowqk.cli import main as reproduce_main
 from slowqk.config import RecipeError
 from slowqk.experiments import expand, load_grid, run_grid
 from slowqk.summary import RunResult, paired_interval, summarize, write_summary
@@ -86,11 +87,14 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     small = {"train.steps": 4, "train.eval_interval": 2, "train.eval_iters": 1, "model.num_layers": 2,
              "model.hidden_size": 32, "model.seq_length": 32, "data.corpus": str(corpus),
              "data.tokenizer_vocab_size": 384, "diagnostics.interval": 2, "train.tensorboard": False}
-    path = _grid_file(tmp_path, overrides=small, variants={"gpt": {"recipe": "tiny/gpt"}})
+    arms = {"control": {"qk.enabled": False}, "slowqk": {"qk.enabled": True},
+            "adaptive": {"qk.enabled": True, "qk.release": "adaptive", "qk.unit": "steps", "qk.ramp": 1,
+                         "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 2}}
+    path = _grid_file(tmp_path, overrides=small, variants={"gpt": {"recipe": "tiny/gpt"}}, arms=arms)
     grid = load_grid(path)
     assert run_grid(grid, jobs=2) == 0
     out = tmp_path / "out"
-    for arm in ("control", "slowqk"):
+    for arm in ("control", "slowqk", "adaptive"):
         for seed in (1, 2):
             run = out / "gpt" / arm / f"seed{seed}"
             assert json.loads((run / "summary.json").read_text())["steps"] == 4
@@ -98,13 +102,31 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     assert len(list((out / "data").iterdir())) == 1  # the corpus was prepared once for all runs
     capsys.readouterr()
     assert run_grid(load_grid(path), jobs=2) == 0
-    assert "4 finished, 0 to run" in capsys.readouterr().out
+    assert "6 finished, 0 to run" in capsys.readouterr().out
 
     table, files = write_summary(out)
     assert "| gpt | slowqk | 2 |" in table
     names = {f.name for f in files}
     assert {"summary.md", "loss_curves.png", "paired_differences.png", "entropy_gpt.png", "lambda.png"} <= names
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
-    pair, = json.loads((out / "summary" / "summary.json").read_text())["pairs"]
+    pair = next(p for p in json.loads((out / "summary" / "summary.json").read_text())["pairs"] if p["arm"] == "slowqk")
     assert pair["seeds"] == [1, 2] and pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
     assert 0.0 < pair["upper_entropy"]["control"] <= 1.0 and "Final attention entropy" in table
+    # release steps beside the losses: fixed 4% of 4 steps = 0; adaptive by max_hold 2 at the latest
+    rows = {r["arm"]: r for r in json.loads((out / "summary" / "summary.json").read_text())["rows"]}
+    assert rows["slowqk"]["release"]["steps"] == [0, 0] and rows["slowqk"]["release"]["rule"] == "fixed"
+    assert rows["adaptive"]["release"]["rule"] == "adaptive" and all(1 <= s <= 2 for s in rows["adaptive"]["release"]["steps"])
+    assert "release step" in table and "| gpt | adaptive | 2 |" in table and "adaptive: " in table
+    assert "commit " in table and "threads" in table  # what the runs were made with
+
+    # one listed run re-run from scratch: bitwise equal; a tampered record is caught
+    assert reproduce_main(["experiment", "reproduce", str(out), "gpt/adaptive/seed1"]) == 0
+    assert "reproduces bitwise" in capsys.readouterr().out
+    metrics = out / "gpt" / "adaptive" / "seed1" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["loss"] = math.nextafter(first["loss"], math.inf)  # one ulp
+    metrics.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    assert reproduce_main(["experiment", "reproduce", str(out), "gpt/adaptive/seed1"]) == 1
+    report = capsys.readouterr().out
+    assert f"does NOT reproduce: step {first['step']}: loss" in report, report

@@ -205,3 +205,29 @@ def test_adaptive_forced_at_the_fixed_hold_trains_bitwise_like_fixed(small_datas
     fixed, forced = _records(tmp_path / "fixed"), _records(tmp_path / "forced")
     assert [(r["loss"], r["mult_q"]) for r in fixed.values()] == [(r["loss"], r["mult_q"]) for r in forced.values()]
     assert json.loads((tmp_path / "fixed" / "summary.json").read_text())["qk_release"]["rule"] == "fixed"
+
+
+def _warning_run(dataset: str, out: Path, **extra) -> tuple[dict, list[dict]]:
+    from slowqk.monitor import read_diagnostics
+
+    args = {**dict(a.split("=", 1) for a in _overrides(dataset, out)), "model.num_layers": 4, "train.steps": 24,
+            "train.log_interval": 4, "train.eval_interval": 24, "diagnostics.interval": 3, "qk.release": "fixed",
+            "qk.enabled": "false", "qk.hold": 0, "optimizer.warmup_steps": 5, **{k: str(v) for k, v in extra.items()}}
+    run_ranks(_train, 1, [f"{k}={v}" for k, v in args.items() if not k.startswith("qk.adaptive.")])
+    return json.loads((out / "summary.json").read_text()), read_diagnostics(out / "diagnostics.jsonl")
+
+
+@pytest.mark.slow
+def test_early_warning_fires_in_a_harsh_run_and_stays_quiet_in_the_control(small_dataset, tmp_path) -> None:
+    """Harsh: no warmup, lr 1e-2 (3x the recipe's) and the upper layers' W_Q, W_K at 8x that (the
+    opposite of the intervention): their attention sharpens within a few steps while the lower
+    layers still move. The control has the same lr with a 5-step warmup and no Q/K boost."""
+    harsh, harsh_diag = _warning_run(small_dataset, tmp_path / "harsh", **{
+        "optimizer.warmup_steps": 0, "optimizer.lr": 0.01, "qk.enabled": "true", "qk.mult_q": 8, "qk.mult_k": 8, "qk.hold": 24, "qk.ramp": 0})
+    control, control_diag = _warning_run(small_dataset, tmp_path / "control", **{"optimizer.lr": 0.01})
+    fired = harsh["specialization_warning"]
+    assert fired["fired"] and fired["first"]["drop_upper"] - fired["first"]["drop_lower"] >= 0.1, fired
+    assert fired["first"]["upper_layers"] == [2, 3] and fired["first"]["lower_layers"] == [0, 1]
+    assert any("warning" in r for r in harsh_diag)
+    assert control["specialization_warning"] == {"fired": False, "probes_firing": 0, "first": None, "gap": 0.1}
+    assert not any("warning" in r for r in control_diag)
