@@ -12,7 +12,7 @@ A grid file (YAML)::
       slowqk: {qk.enabled: true}
     variants:
       gpt: {recipe: tiny/gpt}
-      llama: {recipe: tiny/llama, seeds: [1, 2]}   # a variant may use fewer seeds
+      llama: {recipe: tiny/llama, seeds: [1, 2]}   # a variant may use fewer seeds (or arms: [...])
     sweep: {qk.mult_q: [0.1, 0.25]}         # optional: every non-control arm x each point
 
 Each run lives in ``<out_dir>/<variant>/<arm>/seed<k>/`` with its resolved recipe; a run whose
@@ -45,6 +45,7 @@ class Variant(_Strict):
     recipe: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] | None = None
+    arms: list[str] | None = Field(None, description="only these arms (default: all); the control always runs")
 
 
 class Grid(_Strict):
@@ -84,6 +85,10 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
     if grid.control not in grid.arms:
         raise RecipeError(f"{path}: control arm {grid.control!r} is not among arms {sorted(grid.arms)}")
+    for vname, variant in grid.variants.items():
+        unknown = sorted(set(variant.arms or []) - set(grid.arms))
+        if unknown:
+            raise RecipeError(f"{path}: key 'variants.{vname}.arms': {unknown} not among arms {sorted(grid.arms)}")
     for text in cli_overrides or []:
         parts, value = parse_override(text)
         key = ".".join(parts)
@@ -114,6 +119,8 @@ def expand(grid: Grid) -> list[Run]:
     runs: list[Run] = []
     for vname, variant in grid.variants.items():
         for arm, arm_overrides in grid.arms.items():
+            if variant.arms is not None and arm != grid.control and arm not in variant.arms:
+                continue
             points = [{}] if arm == grid.control else _sweep_points(grid.sweep)
             for point in points:
                 name = _point_name(arm, point)
