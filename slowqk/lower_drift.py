@@ -13,6 +13,7 @@ and two norms per step. Unarmed steps cost nothing; the trainer stops arming onc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -73,6 +74,7 @@ class LowerLayerDrift:
         self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._snapshots: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
         self._armed = False
+        self.seconds = 0.0  # time spent measuring (part of the training time)
         self._handles = []
         for inner in self._views:
             self._handles.append(inner.register_step_pre_hook(self._pre(inner)))
@@ -86,8 +88,10 @@ class LowerLayerDrift:
     def _pre(self, inner):
         def hook(optimizer, args, kwargs):
             if self._armed:
+                start = time.perf_counter()
                 with torch.no_grad():
                     self._snapshots[inner] = [v.detach().clone() for v in self._views[inner]]
+                self.seconds += time.perf_counter() - start
 
         return hook
 
@@ -96,9 +100,11 @@ class LowerLayerDrift:
             old = self._snapshots.pop(inner, None)
             if not self._armed or old is None:
                 return
+            start = time.perf_counter()
             with torch.no_grad():
                 diffs = torch._foreach_sub([v.detach() for v in self._views[inner]], old)
                 self._sums[0] += _sum_sq(diffs).to(self.device)  # stays on the device: no sync per tensor
+            self.seconds += time.perf_counter() - start
 
         return hook
 
@@ -106,22 +112,26 @@ class LowerLayerDrift:
         """Before ``optimizer.step()``: the weights' norm now, their update in the step hooks.
         (DeepSpeed ZeRO calls the inner optimizer once per param group, so the hooks may fire
         more than once per step: each call adds only the update it made.)"""
+        start = time.perf_counter()
         self._armed = True
         self._snapshots.clear()
         self._sums.zero_()
         with torch.no_grad():
             for views in self._views.values():
                 self._sums[1] += _sum_sq([v.detach() for v in views]).to(self.device)
+        self.seconds += time.perf_counter() - start
 
     def collect(self, lr: float) -> float | None:
         """The drift of the step just taken (collective: call on every rank). None if no update
         was made (e.g. a skipped step) or ``lr`` is 0."""
+        start = time.perf_counter()
         self._armed = False
         self._snapshots.clear()
         sums = self._sums.clone()
         if dist.is_initialized():
             dist.all_reduce(sums)
         update_sq, weight_sq = sums.tolist()
+        self.seconds += time.perf_counter() - start
         if weight_sq == 0.0 or lr <= 0.0:
             return None
         return (update_sq / weight_sq) ** 0.5 / lr

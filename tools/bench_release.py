@@ -1,0 +1,56 @@
+"""Cost of measuring the lower layers' drift (the adaptive release's signal), side by side.
+
+    python tools/bench_release.py [--recipe tiny/gpt] [--steps 100] [--repeats 3] [overrides...]
+
+Two arms with identical training: the fixed rule holding for the whole run ("off": nothing is
+measured) and the adaptive rule with a threshold it never reaches ("on": the drift is measured at
+every step of the run, the worst case; a real run stops measuring at the release). Pairs run in
+alternating order; prints each pair's training seconds, the run-to-run overhead and the meter's own
+time measured inside the "on" run (``drift_seconds`` in summary.json), which machine noise does not
+move. Extra arguments are recipe overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_diagnostics import run  # noqa: E402 - one way to launch a measured run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="tiny/gpt")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    n = args.steps
+    base = [*args.overrides, f"train.steps={n}", f"train.eval_interval={n}", "diagnostics.interval=0",
+            "qk.enabled=true", "qk.unit=steps", f"qk.hold={n}", "qk.ramp=0"]
+    arms = {"off": [*base, "qk.release=fixed"],
+            "on": [*base, "qk.release=adaptive", "qk.adaptive.threshold=1e-9", "qk.adaptive.min_hold=0",
+                   f"qk.adaptive.max_hold={n}"]}
+    print(f"{args.recipe}, {n} steps, drift measured at every step in the 'on' arm")
+    overheads, inside = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
+            runs = {arm: run(args.recipe, arms[arm], Path(tmp, f"{arm}{i}")) for arm in order}
+            secs = {arm: r["train_seconds"] for arm, r in runs.items()}
+            meter = runs["on"]["drift_seconds"]
+            overheads.append(100.0 * (secs["on"] / secs["off"] - 1.0))
+            inside.append(100.0 * meter / (secs["on"] - meter))
+            print(f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead {overheads[-1]:+.2f}% "
+                  f"(run-to-run); meter time inside the run {meter:.3f} s = {inside[-1]:.3f}% of the rest")
+    overheads.sort()
+    inside.sort()
+    print(f"  median overhead: {overheads[len(overheads) // 2]:+.2f}% off-vs-on, "
+          f"{inside[len(inside) // 2]:.3f}% measured inside the run (the meter's own time)")
+
+
+if __name__ == "__main__":
+    main()
