@@ -396,7 +396,6 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """What needs more than one field to check (layers against the model, lengths against the run,
     shapes against the parallel layout), so that loading a recipe (print-recipe, train, submit)
     refuses everything the run would, before any data work. ``(key, what is wrong)`` pairs."""
-    from slowqk.qk.schedule import to_steps
     from slowqk.qk.selection import select_layers
 
     m, par, qk, t = recipe.model, recipe.parallel, recipe.qk, recipe.train
@@ -406,16 +405,8 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
         select_layers(m.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
     except ValueError as exc:
         out.append(("qk.layers", str(exc)))
-    lengths = {}
-    for key in ("hold", "ramp") if qk.release == "fixed" else ("ramp",):  # adaptive: hold is unused
-        value = getattr(qk, key)
-        if qk.unit == "fraction" and value > 1:
-            out.append((f"qk.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
-            continue
-        try:
-            lengths[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
-        except ValueError as exc:
-            out.append((f"qk.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
+    # adaptive: hold is unused
+    lengths = _lengths_in_steps(recipe, qk, ("hold", "ramp") if qk.release == "fixed" else ("ramp",), "qk", out)
     if qk.release == "fixed" and qk.unit == "fraction" and len(lengths) == 2 and qk.hold + qk.ramp > 1:
         out.append(("qk.hold", f"hold + ramp = {qk.hold} + {qk.ramp} of train.steps: more than the whole run, "
                                "the slowdown would never end"))
@@ -447,21 +438,29 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     return out
 
 
-def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
+def _lengths_in_steps(recipe: Recipe, section: BaseModel, keys: tuple[str, ...], prefix: str,
+                      problems: list[tuple[str, str]]) -> dict[str, int]:
+    """Each length ``section.<key>`` (in ``qk.unit``) in steps; what is wrong goes to ``problems``."""
     from slowqk.qk.schedule import to_steps
-    from slowqk.qk.selection import select_layers
 
-    qk, a, t, out = recipe.qk, recipe.qk.adaptive, recipe.train, []
-    steps = {}
-    for key in ("min_hold", "max_hold"):
-        value = getattr(a, key)
-        if qk.unit == "fraction" and value > 1:
-            out.append((f"qk.adaptive.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
+    unit, out = recipe.qk.unit, {}
+    for key in keys:
+        value = getattr(section, key)
+        if unit == "fraction" and value > 1:
+            problems.append((f"{prefix}.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
             continue
         try:
-            steps[key] = to_steps(value, qk.unit, t.steps, recipe.tokens_per_step)
+            out[key] = to_steps(value, unit, recipe.train.steps, recipe.tokens_per_step)
         except ValueError as exc:
-            out.append((f"qk.adaptive.{key}", f"got {value}; {exc} (qk.unit={qk.unit})"))
+            problems.append((f"{prefix}.{key}", f"got {value}; {exc} (qk.unit={unit})"))
+    return out
+
+
+def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    from slowqk.qk.selection import select_layers
+
+    qk, a, out = recipe.qk, recipe.qk.adaptive, []
+    steps = _lengths_in_steps(recipe, a, ("min_hold", "max_hold"), "qk.adaptive", out)
     if len(steps) == 2 and a.min_hold > a.max_hold:
         out.append(("qk.adaptive.min_hold", f"got {a.min_hold}; it must be <= qk.adaptive.max_hold ({a.max_hold})"))
     if qk.unit == "fraction" and a.max_hold <= 1 and a.max_hold + qk.ramp > 1:

@@ -26,6 +26,21 @@ def small_dataset(tmp_path_factory) -> str:
     return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
 
 
+def small_run_overrides(dataset: str, out: Path, **extra) -> list[str]:
+    """``key=value`` overrides of tiny/gpt for a 2-layer run on ``dataset`` with the adaptive Q/K
+    release (``extra`` replaces or adds keys)."""
+    base = {
+        "out_dir": str(out), "data.corpus": "null", "data.dataset": dataset, "model.num_layers": 2,
+        "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32, "train.steps": 6,
+        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.log_interval": 1, "train.eval_interval": 3,
+        "train.eval_iters": 1, "train.tensorboard": "false", "train.progress_bar": "false", "optimizer.warmup_steps": 2,
+        "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": 2, "qk.release": "adaptive",
+        "qk.adaptive.min_hold": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 # ----------------------------------------------------------------------------- fault-case table
 # Fault tests record what they injected and what happened; `pytest --fault-table docs/fault-cases.md`
 # writes the table (so the document is produced by the suite, never by hand).

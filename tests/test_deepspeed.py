@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_run_overrides
 from multiproc import run_ranks
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
@@ -15,18 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(dataset: str, out: Path, **extra) -> list[str]:
-    base = {
-        "out_dir": str(out), "data.corpus": "null", "data.dataset": dataset, "model.num_layers": 2,
-        "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32, "train.steps": 6,
-        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.log_interval": 1, "train.eval_interval": 3,
-        "train.eval_iters": 1, "train.tensorboard": "false", "train.progress_bar": "false", "optimizer.warmup_steps": 2,
+    # the adaptive release: both engines must measure the same drift and release at the same step
+    return small_run_overrides(dataset, out, **{
         "optimizer.eps": 1e-3,  # Adam amplifies rounding on tiny gradients; see the Q/K exactness notes
-        # the adaptive release: both engines must measure the same drift and release at the same step
-        "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": 2, "qk.release": "adaptive",
-        "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 5, "qk.adaptive.threshold": 0.76,  # settles at step 4
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+        "qk.adaptive.max_hold": 5, "qk.adaptive.threshold": 0.76, **extra})  # settles at step 4
 
 
 def _megatron(rank: int, world: int, overrides: list[str]) -> dict:

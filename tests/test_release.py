@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import small_run_overrides
 from multiproc import run_ranks
 
 from slowqk.config import RecipeError, load_recipe
@@ -119,16 +120,8 @@ RELEASE = 4  # where the lower layer's drift settles in these runs (threshold 0.
 
 
 def _overrides(dataset: str, out: Path, **extra) -> list[str]:
-    base = {
-        "out_dir": str(out), "data.corpus": "null", "data.dataset": dataset, "model.num_layers": 2,
-        "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32, "train.steps": 8,
-        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.log_interval": 1, "train.eval_interval": 8,
-        "train.eval_iters": 1, "train.tensorboard": "false", "train.progress_bar": "false", "optimizer.warmup_steps": 2,
-        "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": 2, "qk.release": "adaptive",
-        "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 7, "qk.adaptive.threshold": 0.7,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return small_run_overrides(dataset, out, **{"train.steps": 8, "train.eval_interval": 8, "qk.adaptive.max_hold": 7,
+                                                "qk.adaptive.threshold": 0.7, **extra})
 
 
 def _train(rank: int, world: int, overrides: list[str]) -> dict:

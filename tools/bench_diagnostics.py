@@ -37,21 +37,27 @@ def main() -> None:
     base = [*args.overrides, f"train.steps={args.steps}", f"train.eval_interval={args.steps}"]
     arms = {"off": [*base, "diagnostics.interval=0"], "on": [*base, f"diagnostics.interval={args.interval}"]}
     print(f"{args.recipe}, {args.steps} steps, probe every {args.interval} steps")
+    compare_pairs(args.recipe, arms, args.repeats, "diagnostics_seconds", "probe")
+
+
+def compare_pairs(recipe: str, arms: dict[str, list[str]], repeats: int, inside_key: str, what: str) -> None:
+    """Run "off"/"on" pairs in alternating order; print each pair and the median overheads, between
+    runs and as ``what``'s own time recorded inside the "on" run (summary.json's ``inside_key``)."""
     overheads, inside = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
+        for i in range(repeats):
             order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
-            runs = {arm: run(args.recipe, arms[arm], Path(tmp, f"{arm}{i}")) for arm in order}
+            runs = {arm: run(recipe, arms[arm], Path(tmp, f"{arm}{i}")) for arm in order}
             secs = {arm: r["train_seconds"] for arm, r in runs.items()}
-            probe = runs["on"]["diagnostics_seconds"]
+            own = runs["on"][inside_key]
             overheads.append(100.0 * (secs["on"] / secs["off"] - 1.0))
-            inside.append(100.0 * probe / (secs["on"] - probe))
+            inside.append(100.0 * own / (secs["on"] - own))
             print(f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead {overheads[-1]:+.2f}% "
-                  f"(run-to-run); probe time inside the run {probe:.2f} s = {inside[-1]:.2f}% of the rest")
+                  f"(run-to-run); {what} time inside the run {own:.3f} s = {inside[-1]:.3f}% of the rest")
     overheads.sort()
     inside.sort()
     print(f"  median overhead: {overheads[len(overheads) // 2]:+.2f}% off-vs-on, "
-          f"{inside[len(inside) // 2]:.2f}% measured inside the run (the probe's own time; immune to machine noise)")
+          f"{inside[len(inside) // 2]:.3f}% measured inside the run (the {what}'s own time; immune to machine noise)")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diagnostics import run  # noqa: E402 - one way to launch a measured run
+from bench_diagnostics import compare_pairs  # noqa: E402 - one way to run and compare pairs
 
 
 def main() -> None:
@@ -35,22 +34,7 @@ def main() -> None:
             "on": [*base, "qk.release=adaptive", "qk.adaptive.threshold=1e-9", "qk.adaptive.min_hold=0",
                    f"qk.adaptive.max_hold={n}"]}
     print(f"{args.recipe}, {n} steps, drift measured at every step in the 'on' arm")
-    overheads, inside = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
-            runs = {arm: run(args.recipe, arms[arm], Path(tmp, f"{arm}{i}")) for arm in order}
-            secs = {arm: r["train_seconds"] for arm, r in runs.items()}
-            meter = runs["on"]["drift_seconds"]
-            overheads.append(100.0 * (secs["on"] / secs["off"] - 1.0))
-            inside.append(100.0 * meter / (secs["on"] - meter))
-            print(f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead {overheads[-1]:+.2f}% "
-                  f"(run-to-run); meter time inside the run {meter:.3f} s = {inside[-1]:.3f}% of the rest")
-    overheads.sort()
-    inside.sort()
-    print(f"  median overhead: {overheads[len(overheads) // 2]:+.2f}% off-vs-on, "
-          f"{inside[len(inside) // 2]:.3f}% measured inside the run (the meter's own time)")
-
+    compare_pairs(args.recipe, arms, args.repeats, "drift_seconds", "meter")
 
 if __name__ == "__main__":
     main()
