@@ -214,7 +214,8 @@ def format_markdown(summary: dict) -> str:
             lines.append(f"- {rec['runs']} runs: commit {rec.get('commit') or 'unknown'}"
                          f"{' (uncommitted changes)' if rec.get('dirty') else ''}, "
                          + ", ".join(f"{k} {v}" for k, v in sorted(pk.items()))
-                         + f", Python {rec.get('python')}, {rec.get('threads')} threads, {rec.get('device')}")
+                         + f", Python {rec.get('python')}, {rec.get('threads')} thread{'' if rec.get('threads') == 1 else 's'}, "
+                         + f"{rec.get('device')}")
         if prov["unrecorded_runs"]:
             lines.append(f"- {prov['unrecorded_runs']} runs without a record (made before records were kept)")
     return "\n".join(lines) + "\n"

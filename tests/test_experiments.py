@@ -117,7 +117,7 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     assert rows["slowqk"]["release"]["steps"] == [0, 0] and rows["slowqk"]["release"]["rule"] == "fixed"
     assert rows["adaptive"]["release"]["rule"] == "adaptive" and all(1 <= s <= 2 for s in rows["adaptive"]["release"]["steps"])
     assert "release step" in table and "| gpt | adaptive | 2 |" in table and "adaptive: " in table
-    assert "commit " in table and "threads" in table  # what the runs were made with
+    assert "commit " in table and " thread" in table  # what the runs were made with
 
     # one listed run re-run from scratch: bitwise equal; a tampered record is caught
     assert reproduce_main(["experiment", "reproduce", str(out), "gpt/adaptive/seed1"]) == 0
