@@ -49,12 +49,19 @@ def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = Non
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        if world == 1 and "MASTER_PORT" not in os.environ and port is None:
+            # one process and no launcher: let the store bind any free port itself (picking a
+            # "free" port first races with other processes starting at the same moment)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, True)
+            os.environ["MASTER_PORT"] = str(store.port)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
+            dist.init_process_group(backend, rank=rank, world_size=world)
     world = dist.get_world_size()
     data = check_layout(world, parallel.tensor, parallel.pipeline)
     if not parallel_state.model_parallel_is_initialized():
@@ -65,6 +72,16 @@ def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = Non
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Layout(world, parallel.tensor, parallel.pipeline, data, dist.get_rank())
+
+
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def single_process_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that is a run of its own (not a rank of ours)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(extra)
+    return env
 
 
 def seed_everything(seed: int) -> None:

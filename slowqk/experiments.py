@@ -177,7 +177,9 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "slowqk.cli", "train", run.recipe, *run.overrides,
            "train.progress_bar=false", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    from slowqk.distributed import single_process_env
+
+    env = single_process_env(OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
     with open(run_dir / "train.log", "ab") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -19,7 +19,9 @@ def run_arm(recipe: str, overrides: list[str], out: Path, arm: str) -> dict:
     args = [*overrides, *ARMS[arm], f"out_dir={out / arm}", f"name={arm}"]
     load_recipe(recipe, args)  # fail fast, with the recipe error, before starting a process
     cmd = [sys.executable, "-m", "slowqk.cli", "train", recipe, *args, "--no-resume"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    from slowqk.distributed import single_process_env
+
+    env = single_process_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the {arm} arm failed (exit code {proc.returncode}); its output is above")

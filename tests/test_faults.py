@@ -376,11 +376,12 @@ def test_bad_recipe_values_are_refused_when_the_recipe_loads(dataset, tmp_path, 
     assert "key 'qk.layers'" in line and not run.exists()
     fault_record("bad recipe value", "qk.layers={top: 99} (4 layers)", "refused at load, one line naming the key",
                  line.split("key ", 1)[-1])
-    for overrides, key in ((["qk.layers={indices: [9]}"], "qk.layers"), (["qk.hold=2.5"], "qk.hold"),
-                           (["qk.unit=fraction", "qk.hold=1.5"], "qk.hold"), (["parallel.tensor=3"], "parallel.tensor")):
+    for overrides, key in ((["qk.layers={indices: [9]}"], "qk.layers"), (["qk.release=fixed", "qk.hold=2.5"], "qk.hold"),
+                           (["qk.release=fixed", "qk.unit=fraction", "qk.hold=1.5"], "qk.hold"),
+                           (["qk.adaptive.max_hold=2.5"], "qk.adaptive.max_hold"), (["parallel.tensor=3"], "parallel.tensor")):
         assert main(["train", "tiny/gpt", *_args(dataset, run), *overrides]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"key '{key}'" in err and not run.exists(), err
-        shown = " ".join(overrides) + (" (qk.unit=steps)" if overrides == ["qk.hold=2.5"] else "")
+        shown = " ".join(overrides) + (" (qk.unit=steps)" if "=2.5" in overrides[-1] else "")
         fault_record("bad recipe value", shown, "refused at load, one line naming the key",
                      err.strip().split("key ", 1)[-1])
