@@ -274,7 +274,7 @@ def reproduce(grid_dir: str | Path, which: str, out_dir: str | Path | None = Non
     if diff is None and recorded["final_val_loss"] != new["final_val_loss"]:
         diff = f"final val loss {recorded['final_val_loss']!r} recorded, {new['final_val_loss']!r} re-run"
     env = differences(prov, new.get("provenance") or {}) if prov else ["the run has no provenance record"]
-    lines = [f"{which}: re-ran in {seconds:.0f} s with {threads} threads into {target}"]
+    lines = [f"{which}: re-ran in {seconds:.0f} s with {threads} thread{'' if threads == 1 else 's'} into {target}"]
     if diff is None:
         lines.append(f"reproduces bitwise: every logged loss and gradient norm, final val loss {new['final_val_loss']!r}")
     else:
