@@ -59,14 +59,12 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     from slowqk.metrics import MetricsWriter
     from slowqk.models import build_gpt_model, build_transformer_config
     from slowqk.optim import (
+        build_qk_scaling,
         build_release,
         build_scheduler,
         lower_layers,
-        qk_schedules,
         release_record,
-        selected_layers,
     )
-    from slowqk.patches import qk_lr_scaling
     from slowqk.train import masked_mean_loss
 
     if stage not in (1, 2, 3):
@@ -86,14 +84,9 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))
     scheduler = build_scheduler(recipe, ds_optimizer)
-    qk, release, drift_meter = None, build_release(recipe), None
-    if release is not None:
-        sq, sk = release.schedule(recipe.qk.mult_q), release.schedule(recipe.qk.mult_k)
-        drift_meter = LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe))
-    elif recipe.qk.enabled:
-        sq, sk = qk_schedules(recipe)
-    if recipe.qk.enabled:
-        qk = qk_lr_scaling.register(ds_optimizer, [model], selected_layers(recipe), sq, sk)
+    release = build_release(recipe)
+    qk = build_qk_scaling(recipe, ds_optimizer, [model], release)
+    drift_meter = LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe)) if release is not None else None
 
     def mean_loss(batch) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -24,7 +24,15 @@ def _is_matrix(param: torch.nn.Parameter) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) >= 2  # ZeRO-3 keeps the full shape aside
 
 
-def _optimizer_is_sharded(optimizer) -> bool:
+def layer_of_params(modules: Iterable[torch.nn.Module]) -> dict[int, int]:
+    """``id(parameter) -> 0-based global layer index`` for every transformer layer's parameters."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return {id(p): m.layer_number - 1 for module in modules for m in module.modules()
+            if isinstance(m, TransformerLayer) for p in m.parameters()}
+
+
+def optimizer_is_sharded(optimizer) -> bool:
     """True if each data-parallel rank updates its own share (no replicas to skip)."""
     if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer"):
         return True
@@ -55,17 +63,11 @@ class LowerLayerDrift:
     """``arm()`` before ``optimizer.step()``, ``collect(lr)`` after it (on every rank)."""
 
     def __init__(self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]) -> None:
-        from megatron.core.transformer.transformer_layer import TransformerLayer
-
         from slowqk.patches.qk_lr_scaling import iter_main_params
 
         layers = set(layers)
-        layer_of = {
-            id(p): m.layer_number - 1
-            for chunk in model_chunks for m in chunk.modules() if isinstance(m, TransformerLayer)
-            for p in m.parameters()
-        }
-        sharded = _optimizer_is_sharded(optimizer)
+        layer_of = layer_of_params(model_chunks)
+        sharded = optimizer_is_sharded(optimizer)
         self._views: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
         for inner, model_param, main_param, _lo, _hi in iter_main_params(optimizer):
             if layer_of.get(id(model_param)) in layers and _is_matrix(model_param) and _counts_here(model_param, sharded):
@@ -79,11 +81,6 @@ class LowerLayerDrift:
         for inner in self._views:
             self._handles.append(inner.register_step_pre_hook(self._pre(inner)))
             self._handles.append(inner.register_step_post_hook(self._post(inner)))
-
-    @property
-    def num_elements(self) -> int:
-        """Elements this rank counts (summed over ranks: the lower layers' matrices, once)."""
-        return sum(v.numel() for views in self._views.values() for v in views)
 
     def _pre(self, inner):
         def hook(optimizer, args, kwargs):
@@ -135,11 +132,6 @@ class LowerLayerDrift:
         if weight_sq == 0.0 or lr <= 0.0:
             return None
         return (update_sq / weight_sq) ** 0.5 / lr
-
-    def disarm(self) -> None:
-        """Forget an armed step that made no update (every rank must do the same)."""
-        self._armed = False
-        self._snapshots.clear()
 
     def remove(self) -> None:
         for h in self._handles:

@@ -31,6 +31,7 @@ from slowqk.diagnostics import (
     pathway_energy_ratio,
     qk_logit_change_sums,
 )
+from slowqk.lower_drift import layer_of_params, optimizer_is_sharded
 
 log = logging.getLogger("slowqk.monitor")
 
@@ -62,8 +63,6 @@ def _probe_loss(output: torch.Tensor):
 
 class Monitor:
     def __init__(self, trainer) -> None:
-        from megatron.core.transformer.transformer_layer import TransformerLayer
-
         from slowqk.data.loader import collate
         from slowqk.patches.qk_lr_scaling import find_qkv_params
 
@@ -76,10 +75,7 @@ class Monitor:
         qkv = find_qkv_params([self.model], set(range(self.num_layers)))
         self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}
         self.qkv_biases = {t.layer: t for t in qkv if t.row_len == 1}
-        self.layer_of_param = {
-            id(p): m.layer_number - 1
-            for m in self.model.modules() if isinstance(m, TransformerLayer) for p in m.parameters()
-        }
+        self.layer_of_param = layer_of_params([self.model])
         self._before: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._grad_sq: torch.Tensor | None = None
         self.path = trainer.run_dir / "diagnostics.jsonl"
@@ -121,15 +117,12 @@ class Monitor:
     def _layer_grad_sq(self) -> torch.Tensor:
         """Squared gradient norm per layer, over all ranks (each element counted once)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.optimizer import DistributedOptimizer
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
         from slowqk.patches.qk_lr_scaling import iter_main_params
 
         sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.trainer.device)
-        sharded = False
-        for opt in getattr(self.trainer.optimizer, "chained_optimizers", [self.trainer.optimizer]):
-            sharded = sharded or isinstance(opt, DistributedOptimizer)
+        sharded = optimizer_is_sharded(self.trainer.optimizer)
         for _, model_param, _, lo, hi in iter_main_params(self.trainer.optimizer):
             layer = self.layer_of_param.get(id(model_param))
             if layer is None or not param_is_not_tensor_parallel_duplicate(model_param):

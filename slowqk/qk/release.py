@@ -1,6 +1,6 @@
 """When to release the Q/K slowdown: on evidence that the lower layers have settled (pure logic).
 
-The signal (measured by :mod:`slowqk.lower_drift`, defined in ``docs/diagnostics.md``) is the
+The signal (measured by :mod:`slowqk.lower_drift`, documented in the README's diagnostics table) is the
 **lower-layer drift** of each optimizer step: the relative update of the weight matrices of the
 layers below the slowed ones, per unit of learning rate::
 
