@@ -41,6 +41,20 @@ def small_run_overrides(dataset: str, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# The longest files first: with two xdist workers taking whole files in collection order, a long
+# file picked up last would run alone at the end.
+LONGEST_FIRST = ["test_hf.py", "test_faults.py", "test_slurm.py", "test_diagnostics.py", "test_deepspeed.py",
+                 "test_training.py", "test_attention.py", "test_release.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each file stays as written
+
+
 # ----------------------------------------------------------------------------- fault-case table
 # Fault tests record what they injected and what happened; `pytest --fault-table docs/fault-cases.md`
 # writes the table (so the document is produced by the suite, never by hand).

@@ -1,10 +1,19 @@
-"""Run a function on N gloo ranks from pytest (one process per rank, spawned fresh)."""
+"""Run a function on N gloo ranks, or the CLI as one launcher-started rank, from pytest.
+
+Ranks are forked from a forkserver that has already imported torch, megatron-core and SlowQK:
+each rank then starts in well under a second instead of paying those imports again, while still
+getting a clean process (the server itself never runs a model, a thread pool or a process group).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -14,6 +23,11 @@ from typing import Any
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+# slowqk first: its import-time shims must precede megatron-core's import
+_PRELOAD = ["slowqk", "slowqk.train", "slowqk.models", "slowqk.checkpoint", "slowqk.cli", "megatron.core.optimizer",
+            "megatron.core.distributed", "megatron.core.models.gpt", "multiproc"]
+multiprocessing.set_forkserver_preload(_PRELOAD)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -21,7 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple) -> None:
+    # the caller's environment now, as spawn would pass it (the server's is from when it started)
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
@@ -41,10 +58,10 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
 
 
 def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
-    """Call ``fn(rank, world, *args)`` in ``world`` spawned processes; return each rank's result."""
+    """Call ``fn(rank, world, *args)`` in ``world`` fresh processes; return each rank's result."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(world, _free_port(), out, dict(os.environ), fn, args), nprocs=world,
+                                 join=False, start_method="forkserver")
         crash = None
         try:
             while not ctx.join():
@@ -64,3 +81,65 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
         if crash is not None or len(results) != world:
             raise RuntimeError(f"a rank died without reporting: {crash}")
         return results
+
+
+def _cli_entry(argv: list[str], env: dict[str, str], log_path: str, out_path: str | None, cwd: str | None) -> None:
+    # the process a launcher would start: its own environment and directory, stdout to out_path
+    # (dropped when None), stderr to log_path
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    os.dup2(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    out = os.devnull if out_path is None else out_path
+    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # the server read OMP_NUM_THREADS already
+    from slowqk.cli import main
+
+    sys.exit(main(argv))
+
+
+class CliProcess:
+    """``python -m slowqk.cli ARGV`` as a forked process (what ``subprocess.Popen`` offers that the
+    fault tests use: pid, poll, returncode, send_signal, kill); exit codes as Popen gives them."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: str, out_path: str | None = None,
+                 cwd: str | None = None) -> None:
+        self._proc = multiprocessing.get_context("forkserver").Process(
+            target=_cli_entry, args=(argv, env, log_path, out_path, cwd), daemon=False)
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._proc.join(timeout)
+        return self._proc.exitcode
+
+
+def run_cli(argv: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m slowqk.cli ARGV`` in a forked process, as ``subprocess.run(..., capture_output=True,
+    text=True)`` would return it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        err, out = f"{tmp}/stderr", f"{tmp}/stdout"
+        proc = CliProcess(argv, dict(os.environ if env is None else env), err, out, None if cwd is None else str(cwd))
+        if proc.wait(timeout) is None:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(["slowqk", *argv], timeout)
+        return subprocess.CompletedProcess(["slowqk", *argv], proc.returncode, Path(out).read_text(), Path(err).read_text())

@@ -8,14 +8,13 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import SHARED
-from multiproc import _free_port
+from multiproc import CliProcess, _free_port
 
 CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 STEPS = 12
@@ -52,21 +51,16 @@ def _args(dataset: str, run_dir: Path, **extra) -> list[str]:
 
 def launch(args: list[str], nproc: int = 2, env: dict | None = None, flags: list[str] | None = None,
            on_start=None, timeout: float = 300) -> list[int]:
-    """Run `slowqk train` as ``nproc`` ranks (torchrun-style env). When one rank dies, the others
-    are killed, as torchrun does. Returns the exit codes (negative: killed by that signal)."""
-    import tempfile
-
+    """Run `slowqk train` as ``nproc`` ranks (torchrun-style env), each its own process forked with
+    the imports done. When one rank dies, the others are killed, as torchrun does. Returns the exit
+    codes (negative: killed by that signal)."""
     port = _free_port()
     procs = []
-    logs = []
+    logs = tempfile.mkdtemp(prefix="ranks")
     for rank in range(nproc):
         e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
-        # a file, not a pipe: an unread pipe fills up and blocks the rank
-        logs.append(tempfile.TemporaryFile(mode="w+"))  # noqa: SIM115 - closed below
-        procs.append(subprocess.Popen([sys.executable, "-m", "slowqk.cli", "train", "tiny/gpt", *args,
-                                       "--quiet", *(flags or [])], env=e,
-                                      stdout=subprocess.DEVNULL, stderr=logs[-1], text=True))
+        procs.append(CliProcess(["train", "tiny/gpt", *args, "--quiet", *(flags or [])], e, f"{logs}/rank{rank}.err"))
     if on_start is not None:
         on_start(procs)
     deadline = time.time() + timeout
@@ -83,10 +77,9 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, flags: list
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.05)
-    for p, log in zip(procs, logs, strict=True):
-        log.seek(0)
-        p.stderr_text = log.read()
-        log.close()
+    for rank, p in enumerate(procs):
+        p.stderr_text = Path(logs, f"rank{rank}.err").read_text()
+    shutil.rmtree(logs)
     launch.last = procs
     return [p.returncode for p in procs]
 

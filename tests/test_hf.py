@@ -7,13 +7,12 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO
-from multiproc import run_ranks
+from multiproc import run_cli, run_ranks
 
 pytestmark = pytest.mark.slow
 LAYOUTS = {"tp1": {}, "tp2": {"parallel.tensor": 2}, "pp2": {"parallel.pipeline": 2}}
@@ -101,9 +100,7 @@ def test_exported_logits_equal_megatron_logits(checkpoints, tmp_path, case) -> N
 
 
 def _import(hf_dir: Path, out: Path, recipe: str, tp: int, pp: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "slowqk.cli", "import-hf", str(hf_dir), str(out), "--recipe", recipe,
-           "--tp", str(tp), "--pp", str(pp)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    return run_cli(["import-hf", str(hf_dir), str(out), "--recipe", recipe, "--tp", str(tp), "--pp", str(pp)], cwd=REPO)
 
 
 @pytest.mark.parametrize("fam, tp, pp", [("llama", 2, 1), ("gpt", 1, 2)])
@@ -245,8 +242,7 @@ def test_evaluate_command_scores_every_task(checkpoints, tmp_path) -> None:
     hf = export_checkpoint(checkpoints["llama-tp1"], tmp_path / "hf")
     out = tmp_path / "eval" / "results.json"
     # RoPE: a window past the 32-token training length so every continuation fits
-    cmd = [sys.executable, "-m", "slowqk.cli", "evaluate", str(hf), "--limit", "3", "--out", str(out), "--max-length", "320"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = run_cli(["evaluate", str(hf), "--limit", "3", "--out", str(out), "--max-length", "320"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     expected = {"shakespeare_lastword", "shakespeare_ppl", "lambada_openai_local", "hellaswag_local",
@@ -260,8 +256,7 @@ def test_evaluate_command_scores_every_task(checkpoints, tmp_path) -> None:
                 assert 1.0 < value < float("inf") or name == "bits_per_byte" and 0.0 < value < 20.0, (task, name, value)
         assert task in record["scores"]
     assert "shakespeare_ppl / word_perplexity" in proc.stdout
-    compare = subprocess.run([sys.executable, "-m", "slowqk.cli", "evaluate", "--compare", str(out), str(out)],
-                             cwd=REPO, capture_output=True, text=True)
+    compare = run_cli(["evaluate", "--compare", str(out), str(out)], cwd=REPO)
     assert compare.returncode == 0 and compare.stdout.count("arc_easy_local / acc ") == 1
 
 
@@ -334,8 +329,7 @@ def test_import_refuses_an_existing_destination_and_checks_before_launching(chec
     capsys.readouterr()
     assert main(["import-hf", str(hf), str(dest), "--recipe", "tiny/gpt"]) == 2  # refused before any work
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    again = subprocess.run([sys.executable, "-m", "slowqk.cli", "import-hf", str(hf), str(dest), "--recipe", "tiny/gpt",
-                            "--overwrite"], cwd=REPO, capture_output=True, text=True)
+    again = run_cli(["import-hf", str(hf), str(dest), "--recipe", "tiny/gpt", "--overwrite"], cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(p.name for p in dest.iterdir()) == before
     # TP=3 does not divide the vocabulary: one line from the launcher, no rank started
@@ -367,9 +361,8 @@ def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
     for name, rows in (("boolq_validation", boolq), ("copa_validation", copa)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "-m", "slowqk.cli", "evaluate", str(hf), "--tasks", "boolq,copa", "--eval-data", str(data),
-           "--corpus", "", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = run_cli(["evaluate", str(hf), "--tasks", "boolq,copa", "--eval-data", str(data), "--corpus", "",
+                    "--out", str(out)], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert set(record["tasks"]) == {"boolq_local", "copa_local"}

@@ -49,12 +49,14 @@ def cluster(tmp_path_factory):
                     "--seed-file", str(root / "munge" / "seed")], check=True)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
+    # cred_expire also sets how long a requeued job waits before it may start again (120 s by
+    # default); 20 s is still far longer than a step launch takes on one machine
     conf.write_text(f"""ClusterName=slowqktest
 SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock},cred_expire=20
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -133,7 +135,7 @@ def test_sbatch_job_trains_with_two_tasks(cluster, small_dataset, tmp_path) -> N
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, tmp_path) -> None:
-    job = _submit(cluster, tmp_path, "pre", 200, small_dataset)
+    job = _submit(cluster, tmp_path, "pre", 100, small_dataset)
     run = tmp_path / "runs" / f"pre-{job}"
     deadline = time.time() + 300
     while not (run / "checkpoints" / "latest").is_file():  # let it get going
@@ -148,6 +150,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, 
     rank0 = (run / "logs" / "rank0.log").read_text()
     assert "stop signal received; checkpoint saved at step" in rank0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 200 and summary["resumed"] is True
+    assert summary["steps"] == 100 and summary["resumed"] is True
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 200  # no step logged twice after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == 100  # no step logged twice after the resume
