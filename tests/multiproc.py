@@ -35,18 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple) -> None:
-    # the caller's environment now, as spawn would pass it (the server's is from when it started)
+def _adopt_environment(env: dict[str, str]) -> None:
+    """Make ``env`` this child's whole environment: the caller's at the time of the call, as spawn
+    would pass it (the server's own is from when it started), and its thread count (the server's
+    torch read OMP_NUM_THREADS already)."""
     os.environ.clear()
     os.environ.update(env)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
     import torch
 
     import slowqk  # noqa: F401 - first: its import-time shims must precede megatron-core's import
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple) -> None:
+    _adopt_environment({**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
     try:
         result = fn(rank, world, *args)
         err = None
@@ -86,16 +89,12 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
 def _cli_entry(argv: list[str], env: dict[str, str], log_path: str, out_path: str | None, cwd: str | None) -> None:
     # the process a launcher would start: its own environment and directory, stdout to out_path
     # (dropped when None), stderr to log_path
-    os.environ.clear()
-    os.environ.update(env)
+    _adopt_environment(env)
     if cwd is not None:
         os.chdir(cwd)
     os.dup2(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
     out = os.devnull if out_path is None else out_path
     os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
-    import torch
-
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # the server read OMP_NUM_THREADS already
     from slowqk.cli import main
 
     sys.exit(main(argv))
@@ -131,13 +130,12 @@ class CliProcess:
         return self._proc.exitcode
 
 
-def run_cli(argv: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(argv: list[str], cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m slowqk.cli ARGV`` in a forked process, as ``subprocess.run(..., capture_output=True,
     text=True)`` would return it."""
     with tempfile.TemporaryDirectory() as tmp:
         err, out = f"{tmp}/stderr", f"{tmp}/stdout"
-        proc = CliProcess(argv, dict(os.environ if env is None else env), err, out, None if cwd is None else str(cwd))
+        proc = CliProcess(argv, dict(os.environ), err, out, None if cwd is None else str(cwd))
         if proc.wait(timeout) is None:
             proc.kill()
             proc.wait()
