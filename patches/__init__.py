@@ -2,6 +2,6 @@
 
 - ``cpu_compat``: lets megatron-core's CUDA-only code paths (DDP, optimizers, RNG tracker,
   pipeline schedules, dist_checkpointing) run on CPU with gloo. Applied only without CUDA.
-- ``qk_lr_scaling``: per-layer Q/K learning-rate scaling groups inside megatron-core's
-  optimizers (FP32, mixed-precision, distributed), exact for the fused ``linear_qkv`` weight.
+- ``lr_groups``: learning-rate groups of any part of any layer inside megatron-core's and DeepSpeed's
+  optimizers (FP32, mixed-precision, distributed, ZeRO), exact on fused weights (Q/K/V, gate/up).
 """

@@ -121,10 +121,10 @@ class LayerSelection(_Strict):
         given = [k for k in ("top", "top_fraction", "indices") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"qk.layers needs exactly one of top, top_fraction, indices; got {given or 'none'}"
+                f"layers needs exactly one of top, top_fraction, indices; got {given or 'none'}"
             )
         if self.indices is not None and any(i < 0 for i in self.indices):
-            raise ValueError(f"qk.layers.indices must be >= 0, got {self.indices}")
+            raise ValueError(f"layers.indices must be >= 0, got {self.indices}")
         return self
 
 
@@ -152,6 +152,35 @@ class QKConfig(_Strict):
     release: Literal["fixed", "adaptive"] = Field(
         "fixed", description="fixed: ramp after `hold`; adaptive: ramp once the lower layers settle (qk.adaptive)")
     adaptive: AdaptiveReleaseConfig = Field(default_factory=AdaptiveReleaseConfig)
+
+
+PartName = Literal["q", "k", "v", "o", "gate", "up", "fc1", "fc2", "norm", "embedding", "output"]
+
+
+class LRGroupConfig(_Strict):
+    """One entry of ``lr_groups``: these parts of these layers train at ``lr x multiplier(step)``.
+
+    The multiplier is ``mult`` for ``hold`` (in ``unit``), then returns to 1.0 over ``ramp`` with
+    ``shape``, as in ``qk:``; without ``hold`` it stays ``mult`` for the whole run.
+    """
+
+    name: str | None = Field(None, description="label in step records, TensorBoard and summaries; "
+                             "default: the params and layers, e.g. 'v@2-3'")
+    params: list[PartName] = Field(min_length=1)
+    layers: LayerSelection | None = Field(None, description="as qk.layers; None = every layer "
+                                          "(not used for embedding/output)")
+    mult: float = Field(ge=0)
+    unit: Literal["fraction", "steps", "tokens"] = "fraction"
+    hold: float | None = Field(None, ge=0, description="length at `mult`, in `unit`; None = the whole run")
+    ramp: float = Field(0.0, ge=0, description="length of the return to 1.0, in `unit`")
+    shape: Literal["linear", "cosine", "step"] = "linear"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_param_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("params"), str):
+            data = {**data, "params": [data["params"]]}
+        return data
 
 
 class DataConfig(_Strict):
@@ -242,6 +271,8 @@ class Recipe(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     qk: QKConfig = Field(default_factory=QKConfig)
+    lr_groups: list[LRGroupConfig] = Field(
+        default_factory=list, description="learning-rate groups of any part of any layer (slowqk.lr_groups)")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
@@ -396,13 +427,10 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """What needs more than one field to check (layers against the model, lengths against the run,
     shapes against the parallel layout), so that loading a recipe (print-recipe, train, submit)
     refuses everything the run would, before any data work. ``(key, what is wrong)`` pairs."""
-    from slowqk.qk.selection import select_layers
-
     m, par, qk, t = recipe.model, recipe.parallel, recipe.qk, recipe.train
     out: list[tuple[str, str]] = []
-    sel = qk.layers
     try:
-        select_layers(m.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+        resolve_layers(qk.layers, m.num_layers)
     except ValueError as exc:
         out.append(("qk.layers", str(exc)))
     # adaptive: hold is unused
@@ -412,6 +440,7 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                                "the slowdown would never end"))
     if qk.release == "adaptive":
         out.extend(_adaptive_problems(recipe))
+    out.extend(_lr_group_problems(recipe))
     tp, pp, groups = par.tensor, par.pipeline, m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % tp:
         out.append(("parallel.tensor", f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})"))
@@ -439,26 +468,125 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def _lengths_in_steps(recipe: Recipe, section: BaseModel, keys: tuple[str, ...], prefix: str,
-                      problems: list[tuple[str, str]]) -> dict[str, int]:
-    """Each length ``section.<key>`` (in ``qk.unit``) in steps; what is wrong goes to ``problems``."""
+                      problems: list[tuple[str, str]], unit_key: str = "qk.unit") -> dict[str, int]:
+    """Each length ``section.<key>`` (in the unit at ``unit_key``) in steps; what is wrong goes to
+    ``problems``."""
     from slowqk.qk.schedule import to_steps
 
-    unit, out = recipe.qk.unit, {}
+    unit = recipe.qk.unit if unit_key == "qk.unit" else section.unit
+    out = {}
     for key in keys:
         value = getattr(section, key)
         if unit == "fraction" and value > 1:
-            problems.append((f"{prefix}.{key}", f"got {value}; with qk.unit=fraction it is a fraction of train.steps, at most 1"))
+            problems.append((f"{prefix}.{key}", f"got {value}; with {unit_key}=fraction it is a fraction of "
+                                                "train.steps, at most 1"))
             continue
         try:
             out[key] = to_steps(value, unit, recipe.train.steps, recipe.tokens_per_step)
         except ValueError as exc:
-            problems.append((f"{prefix}.{key}", f"got {value}; {exc} (qk.unit={unit})"))
+            problems.append((f"{prefix}.{key}", f"got {value}; {exc} ({unit_key}={unit})"))
+    return out
+
+
+def group_label(group: LRGroupConfig, num_layers: int) -> str:
+    """A group's name: its own, or its params and layers (``v@2-3``, ``q+k@0,2``, ``embedding``)."""
+    if group.name:
+        return group.name
+    label = "+".join(group.params)
+    layer_parts = [p for p in group.params if p not in ("embedding", "output")]
+    if layer_parts and group.layers is not None:
+        layers = resolve_layers(group.layers, num_layers)
+        if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+            label += f"@{layers[0]}-{layers[-1]}"
+        else:
+            label += "@" + ",".join(map(str, layers))
+    return label
+
+
+def resolve_layers(sel: LayerSelection | None, num_layers: int) -> list[int]:
+    """0-based indices a layer selection names; ``None`` is every layer."""
+    from slowqk.qk.selection import select_layers
+
+    if sel is None:
+        return list(range(num_layers))
+
+    return select_layers(num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+
+
+def group_coverage(recipe: Recipe) -> list[tuple[str, str, dict[int | None, set[str]]]]:
+    """``(key, label, {layer or None: atoms})`` for ``qk`` (when enabled) and every ``lr_groups``
+    entry whose layers are valid; ``None`` is the model (embedding, output)."""
+    from slowqk.qk.parts import MODEL_PARTS, atoms
+
+    m = recipe.model
+    gated = m.ffn == "swiglu"
+    out = []
+    entries: list[tuple[str, str, list[str], LayerSelection | None]] = []
+    if recipe.qk.enabled:
+        entries.append(("qk", "qk", ["q", "k"], recipe.qk.layers))
+    for i, g in enumerate(recipe.lr_groups):
+        try:
+            label = group_label(g, m.num_layers)
+        except ValueError:
+            continue  # reported with the entry's layers
+        entries.append((f"lr_groups.{i}", label, list(g.params), g.layers))
+    for key, label, parts, sel in entries:
+        try:
+            layers = resolve_layers(sel, m.num_layers)
+        except ValueError:
+            continue  # reported with the section's layers
+        cover: dict[int | None, set[str]] = {}
+        for part in parts:
+            for layer in ([None] if part in MODEL_PARTS else layers):
+                cover.setdefault(layer, set()).update(atoms(part, gated))
+        out.append((key, label, cover))
+    return out
+
+
+def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    m, out = recipe.model, []
+    labels: dict[str, str] = {}
+    for i, g in enumerate(recipe.lr_groups):
+        key = f"lr_groups.{i}"
+        if g.layers is not None:
+            try:
+                resolve_layers(g.layers, m.num_layers)
+            except ValueError as exc:
+                out.append((f"{key}.layers", str(exc)))
+                continue
+        for part in g.params:
+            if part in ("gate", "up") and m.ffn != "swiglu":
+                out.append((f"{key}.params", f"got {part!r}; model.ffn={m.ffn} has no gated FFN (gate/up need "
+                                             "ffn=swiglu; fc1 is the whole first FFN layer)"))
+            if part == "output" and m.tie_embeddings:
+                out.append((f"{key}.params", "got 'output'; with model.tie_embeddings=true the output layer is "
+                                             "the embedding (name 'embedding', or set tie_embeddings=false)"))
+        if len(set(g.params)) != len(g.params):
+            out.append((f"{key}.params", f"got {g.params}; each part once"))
+        if g.hold is not None:
+            lengths = _lengths_in_steps(recipe, g, ("hold", "ramp"), key, out, unit_key=f"{key}.unit")
+            if g.unit == "fraction" and len(lengths) == 2 and g.hold + g.ramp > 1:
+                out.append((f"{key}.hold", f"hold + ramp = {g.hold} + {g.ramp} of train.steps: more than the whole "
+                                           "run (leave hold out for a constant multiplier)"))
+        elif g.ramp:
+            out.append((f"{key}.ramp", f"got {g.ramp} without a hold: a constant multiplier has no ramp"))
+        label = group_label(g, m.num_layers)
+        if label in labels:
+            out.append((f"{key}.name", f"{label!r} is also the name of {labels[label]}; give each group its own name"))
+        labels[label] = key
+    coverage = group_coverage(recipe)
+    for j, (key_b, label_b, cover_b) in enumerate(coverage):
+        for key_a, label_a, cover_a in coverage[:j]:
+            shared = sorted(((layer, part) for layer in cover_a.keys() & cover_b.keys()
+                             for part in cover_a[layer] & cover_b[layer]), key=lambda x: (x[0] is not None, x))
+            if shared:
+                where = ", ".join(f"{p}@{layer}" if layer is not None else p for layer, p in shared[:4])
+                out.append((key_b, f"{label_b!r} overlaps {key_a} ({label_a!r}) on {where}: each element may "
+                                   "belong to one group only"))
     return out
 
 
 def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    from slowqk.qk.selection import select_layers
-
     qk, a, out = recipe.qk, recipe.qk.adaptive, []
     steps = _lengths_in_steps(recipe, a, ("min_hold", "max_hold"), "qk.adaptive", out)
     if len(steps) == 2 and a.min_hold > a.max_hold:
@@ -466,9 +594,8 @@ def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if qk.unit == "fraction" and a.max_hold <= 1 and a.max_hold + qk.ramp > 1:
         out.append(("qk.adaptive.max_hold", f"max_hold + ramp = {a.max_hold} + {qk.ramp} of train.steps: more than "
                                             "the whole run, the slowdown might never end"))
-    sel = qk.layers
     try:
-        layers = select_layers(recipe.model.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+        layers = resolve_layers(qk.layers, recipe.model.num_layers)
     except ValueError:
         return out  # reported with qk.layers
     if layers and min(layers) == 0:

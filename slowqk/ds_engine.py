@@ -1,10 +1,11 @@
 """DeepSpeed as the data-parallel engine for the same megatron-core models (ZeRO stages 1, 2, 3).
 
-The model, data, learning-rate schedule and Q/K intervention are SlowQK's; DeepSpeed replaces
-megatron-core's DDP and optimizer. Supported: TP = PP = 1 (megatron-core's tensor/pipeline
-parallelism needs its own DDP and schedules); fp32, or bf16 where DeepSpeed supports it. The Q/K
-patch hooks the torch optimizer inside DeepSpeed's ZeRO optimizer and knows which elements of
-each flat fp32 partition are Q and K rows (see ``patches/qk_lr_scaling.iter_main_params``).
+The model, data, learning-rate schedule, Q/K intervention and learning-rate groups are SlowQK's;
+DeepSpeed replaces megatron-core's DDP and optimizer. Supported: TP = PP = 1 (megatron-core's
+tensor/pipeline parallelism needs its own DDP and schedules); fp32, or bf16 where DeepSpeed
+supports it. The learning-rate groups hook the torch optimizer inside DeepSpeed's ZeRO optimizer
+and know which elements of each flat fp32 partition they cover (see
+``patches/lr_groups.iter_main_params``).
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     from slowqk.metrics import MetricsWriter
     from slowqk.models import build_gpt_model, build_transformer_config
     from slowqk.optim import (
-        build_qk_scaling,
+        build_lr_groups,
         build_release,
         build_scheduler,
         lower_layers,
+        lr_groups_record,
         release_record,
+        step_multipliers,
     )
     from slowqk.train import masked_mean_loss
 
@@ -85,7 +88,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
         model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))
     scheduler = build_scheduler(recipe, ds_optimizer)
     release = build_release(recipe)
-    qk = build_qk_scaling(recipe, ds_optimizer, [model], release)
+    groups = build_lr_groups(recipe, ds_optimizer, [model], release)
     drift_meter = LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe)) if release is not None else None
 
     def mean_loss(batch) -> torch.Tensor:
@@ -113,7 +116,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     for step in range(t.steps):
-        mult_q, mult_k = qk.set_step(step) if qk is not None else (1.0, 1.0)
+        mults = step_multipliers(groups, step)
         lr = ds_optimizer.param_groups[0]["lr"]
         measuring = release is not None and not release.decided
         if measuring:
@@ -125,7 +128,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             losses.append(loss.item())
         scheduler.step(1)
-        rec = {"loss": across_dp(sum(losses) / len(losses)), "lr": lr, "mult_q": mult_q, "mult_k": mult_k}
+        rec = {"loss": across_dp(sum(losses) / len(losses)), "lr": lr, **mults}
         if measuring:
             rec["lower_drift"] = drift_meter.collect(lr)
             if release.observe(step + 1, rec["lower_drift"]):
@@ -138,8 +141,8 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     final = evaluate()
     metrics.close()
     summary = {"name": recipe.name, "engine": f"deepspeed-zero{stage}", "steps": t.steps, "final_val_loss": final,
-               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": qk is not None,
-               "qk_release": release_record(recipe, release)}
+               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": recipe.qk.enabled,
+               "qk_release": release_record(recipe, release), "lr_groups": lr_groups_record(recipe)}
     if layout.rank == 0:
         from slowqk.provenance import provenance
 

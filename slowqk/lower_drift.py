@@ -63,7 +63,7 @@ class LowerLayerDrift:
     """``arm()`` before ``optimizer.step()``, ``collect(lr)`` after it (on every rank)."""
 
     def __init__(self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]) -> None:
-        from slowqk.patches.qk_lr_scaling import iter_main_params
+        from slowqk.patches.lr_groups import iter_main_params
 
         layers = set(layers)
         layer_of = layer_of_params(model_chunks)

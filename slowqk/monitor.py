@@ -64,7 +64,7 @@ def _probe_loss(output: torch.Tensor):
 class Monitor:
     def __init__(self, trainer) -> None:
         from slowqk.data.loader import collate
-        from slowqk.patches.qk_lr_scaling import find_qkv_params
+        from slowqk.patches.lr_groups import find_qkv_params
 
         self.trainer = trainer
         self.interval = trainer.recipe.diagnostics.interval
@@ -119,7 +119,7 @@ class Monitor:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        from slowqk.patches.qk_lr_scaling import iter_main_params
+        from slowqk.patches.lr_groups import iter_main_params
 
         sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.trainer.device)
         sharded = optimizer_is_sharded(self.trainer.optimizer)

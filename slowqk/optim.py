@@ -1,4 +1,4 @@
-"""megatron-core DDP wrapping, optimizer, LR scheduler and the Q/K scaling groups, from a recipe."""
+"""megatron-core DDP wrapping, optimizer, LR scheduler and the learning-rate groups, from a recipe."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from slowqk.config import Recipe
-from slowqk.patches import qk_lr_scaling
+from slowqk.config import LRGroupConfig, Recipe, group_label, resolve_layers
+from slowqk.patches import lr_groups
 from slowqk.qk.release import AdaptiveRelease, DriftTracker, fixed_release_record
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
-from slowqk.qk.selection import select_layers
 
 log = logging.getLogger("slowqk.optim")
 
@@ -98,10 +97,7 @@ def qk_schedules(recipe: Recipe) -> tuple[MultiplierSchedule, MultiplierSchedule
 
 
 def selected_layers(recipe: Recipe) -> list[int]:
-    sel = recipe.qk.layers
-    return select_layers(
-        recipe.model.num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices
-    )
+    return resolve_layers(recipe.qk.layers, recipe.model.num_layers)
 
 
 def lower_layers(recipe: Recipe) -> list[int]:
@@ -137,17 +133,65 @@ def release_record(recipe: Recipe, release: AdaptiveRelease | None) -> dict | No
     return fixed_release_record(sq.hold_steps, sq.ramp_steps)
 
 
-def build_qk_scaling(recipe: Recipe, optimizer, model_chunks, release: AdaptiveRelease | None = None
-                     ) -> qk_lr_scaling.QKScaling | None:
-    """Register the Q/K scaling groups, or return None when the intervention is off. With an
-    adaptive ``release`` the multipliers follow its decision instead of the fixed hold."""
-    if not recipe.qk.enabled:
-        return None
-    if release is not None:
-        return qk_lr_scaling.register(optimizer, model_chunks, selected_layers(recipe),
-                                      release.schedule(recipe.qk.mult_q), release.schedule(recipe.qk.mult_k))
-    schedule_q, schedule_k = qk_schedules(recipe)
-    if schedule_q.end_step > recipe.train.steps or schedule_k.end_step > recipe.train.steps:
-        log.warning("qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it is never released "
-                    "in this run", max(schedule_q.end_step, schedule_k.end_step), recipe.train.steps)
-    return qk_lr_scaling.register(optimizer, model_chunks, selected_layers(recipe), schedule_q, schedule_k)
+QK_GROUPS = ("qk.q", "qk.k")  # the names of the qk: section's two groups
+
+
+def group_schedule(recipe: Recipe, group: LRGroupConfig) -> MultiplierSchedule:
+    """An ``lr_groups`` entry's multiplier over steps; constant for the whole run without ``hold``."""
+    if group.hold is None:
+        return MultiplierSchedule(group.mult, recipe.train.steps, 0, group.shape)
+    args = (group.unit, recipe.train.steps, recipe.tokens_per_step)
+    return MultiplierSchedule(group.mult, to_steps(group.hold, *args), to_steps(group.ramp, *args), group.shape)
+
+
+def group_specs(recipe: Recipe, release: AdaptiveRelease | None = None) -> list[lr_groups.GroupSpec]:
+    """The ``qk:`` section (its Q and K groups, when enabled) and every ``lr_groups`` entry. With an
+    adaptive ``release`` the Q/K multipliers follow its decision instead of the fixed hold."""
+    n, specs = recipe.model.num_layers, []
+    if recipe.qk.enabled:
+        qk = recipe.qk
+        if release is not None:
+            schedules = release.schedule(qk.mult_q), release.schedule(qk.mult_k)
+        else:
+            schedules = qk_schedules(recipe)
+            end = max(s.end_step for s in schedules)
+            if end > recipe.train.steps:
+                log.warning("qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it is never "
+                            "released in this run", end, recipe.train.steps)
+        layers = frozenset(selected_layers(recipe))
+        for name, part, schedule in zip(QK_GROUPS, "qk", schedules, strict=True):
+            specs.append(lr_groups.GroupSpec(name, frozenset(part), layers, schedule))
+    for g in recipe.lr_groups:
+        specs.append(lr_groups.GroupSpec(group_label(g, n), frozenset(g.params), frozenset(resolve_layers(g.layers, n)),
+                                         group_schedule(recipe, g)))
+    return specs
+
+
+def build_lr_groups(recipe: Recipe, optimizer, model_chunks, release: AdaptiveRelease | None = None
+                    ) -> lr_groups.LRGroups | None:
+    """Register the learning-rate groups (the Q/K intervention among them), or None if there are none."""
+    specs = group_specs(recipe, release)
+    return lr_groups.register(optimizer, model_chunks, specs) if specs else None
+
+
+def step_multipliers(groups: lr_groups.LRGroups | None, step: int) -> dict:
+    """The step record's multipliers: ``mult_q``/``mult_k`` (the ``qk:`` section, 1.0 when off)
+    and ``lr_mult`` (each ``lr_groups`` entry by name, when there are any)."""
+    mults = groups.set_step(step) if groups is not None else {}
+    rec = {"mult_q": mults.pop(QK_GROUPS[0], 1.0), "mult_k": mults.pop(QK_GROUPS[1], 1.0)}
+    if mults:
+        rec["lr_mult"] = mults
+    return rec
+
+
+def lr_groups_record(recipe: Recipe) -> list[dict]:
+    """Each ``lr_groups`` entry as run: name, parts, layers, multiplier and schedule in steps."""
+    out = []
+    n = recipe.model.num_layers
+    for g in recipe.lr_groups:
+        sched = group_schedule(recipe, g)
+        out.append({"name": group_label(g, n), "params": list(g.params), "layers": resolve_layers(g.layers, n),
+                    "mult": g.mult,
+                    "hold_steps": sched.hold_steps if g.hold is not None else None,
+                    "ramp_steps": sched.ramp_steps, "shape": g.shape})
+    return out

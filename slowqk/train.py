@@ -120,8 +120,8 @@ class Trainer:
             wrap_precision,
         )
         from slowqk.optim import (
+            build_lr_groups,
             build_optimizer,
-            build_qk_scaling,
             build_release,
             build_scheduler,
             wrap_ddp,
@@ -175,7 +175,7 @@ class Trainer:
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)
         self.release = build_release(recipe)
-        self.qk = build_qk_scaling(recipe, self.optimizer, self.chunks, self.release)
+        self.lr_groups = build_lr_groups(recipe, self.optimizer, self.chunks, self.release)
         self._build_drift_watch()
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
@@ -284,13 +284,12 @@ class Trainer:
     def train_step(self) -> dict:
         global _INJECT_NAN
         from slowqk import faults
+        from slowqk.optim import step_multipliers
 
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mult_q = mult_k = 1.0
-        if self.qk is not None:
-            mult_q, mult_k = self.qk.set_step(self.step)
+        mults = step_multipliers(self.lr_groups, self.step)
         measuring = self._measure_drift()
         if measuring:
             self.drift.arm()
@@ -329,8 +328,7 @@ class Trainer:
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
-            "mult_q": mult_q,
-            "mult_k": mult_k,
+            **mults,
             "skipped": skipped,
             "skipped_total": self.total_skips,
         }
@@ -497,7 +495,7 @@ class Trainer:
     def run(self) -> dict:
         from tqdm import tqdm
 
-        from slowqk.optim import release_record
+        from slowqk.optim import lr_groups_record, release_record
 
         r, t = self.recipe, self.recipe.train
         if self.rank == 0:
@@ -526,8 +524,9 @@ class Trainer:
             "train_seconds": train_time,
             "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
             "skipped_steps": self.total_skips,
-            "qk_enabled": self.qk is not None,
+            "qk_enabled": r.qk.enabled,
             "qk_release": release_record(r, self.release),
+            "lr_groups": lr_groups_record(r),
             "specialization_warning": self.warning.record() if self.warning is not None else None,
             "diagnostics_seconds": self.monitor.seconds if self.monitor is not None else 0.0,
             "drift_seconds": self.drift.seconds if self.drift is not None else 0.0,

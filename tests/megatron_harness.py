@@ -27,15 +27,18 @@ def tiny_recipe(**overrides) -> Recipe:
     return build_recipe(data)
 
 
-def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, init_from=None):
-    """init parallel state; build model, DDP, optimizer, scheduler, Q/K scaling.
+def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False, init_from=None):
+    """init parallel state; build model, DDP, optimizer, scheduler, learning-rate groups.
 
     ``float64`` runs the whole megatron-core stack in float64 (verification only);
     ``init_from`` copies the weights of another model of the same recipe.
     """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
     from slowqk.distributed import init_distributed
     from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
-    from slowqk.optim import build_optimizer, build_qk_scaling, build_scheduler, wrap_ddp
+    from slowqk.optim import build_lr_groups, build_optimizer, build_scheduler, wrap_ddp
 
     init_distributed(recipe.parallel, recipe.seed)
     cfg = build_transformer_config(
@@ -46,8 +49,9 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
         from slowqk.patches import cpu_compat
 
         cpu_compat.enable_float64_verification()
-        cfg.params_dtype = torch.float64
-    model = build_gpt_model(recipe.model, cfg, VOCAB)
+        cfg.params_dtype = cfg.pipeline_dtype = torch.float64
+    model = build_gpt_model(recipe.model, cfg, VOCAB, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
     if torch.cuda.is_available():
         model = model.cuda()
     model = wrap_precision(model, cfg)
@@ -57,18 +61,23 @@ def build_stack(recipe: Recipe, with_qk: bool = True, float64: bool = False, ini
         model.load_state_dict(init_from.state_dict())
     chunks = wrap_ddp([model], cfg, recipe.parallel.distributed_optimizer, grad_reduce_in_fp32=not float64)
     opt = build_optimizer(recipe, chunks)
+    cfg.finalize_model_grads_func = finalize_model_grads  # the pipeline schedule's grad sync
+    cfg.grad_scale_func = opt.scale_loss
     sched = build_scheduler(recipe, opt)
-    qk = build_qk_scaling(recipe, opt, chunks) if with_qk else None
-    return model, chunks, opt, sched, qk
+    groups = build_lr_groups(recipe, opt, chunks) if with_groups else None
+    return model, chunks, opt, sched, groups
 
 
 def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torch.Tensor]:
-    """TP-merged copy of a megatron-core GPTModel's parameters, in megatron naming."""
+    """TP-merged copy of a megatron-core GPTModel's parameters, in megatron naming with global
+    layer numbers (merged over pipeline stages too; a tied last stage's copy of the embedding is
+    ``output_layer.weight``)."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     out = {}
+    offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
     for name, p in model.named_parameters():
         t = p.detach().clone()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
@@ -78,33 +87,60 @@ def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torc
                 gates, ups = zip(*(x.chunk(2, dim=0) for x in parts), strict=True)
                 parts = [*gates, *ups]
             t = torch.cat(parts, dim=p.partition_dim)
+        if name.startswith("decoder.layers."):
+            layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
+            name = f"decoder.layers.{int(layer) + offset}.{rest}"
         out[name] = t
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, out, group=parallel_state.get_pipeline_model_parallel_group())
+        out = {k: v for stage in stages for k, v in stage.items()}
     return out
 
 
-def train_step(chunks, opt, sched, qk, step: int, ids: torch.Tensor) -> tuple[float, float]:
-    """One megatron-core step on ``ids`` (labels = next tokens of a random stream)."""
-    for c in chunks:
-        c.zero_grad_buffer()
-    opt.zero_grad()
-    if qk is not None:
-        qk.set_step(step)
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    pos = torch.arange(inputs.shape[1]).expand_as(inputs)
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Loss from TP-gathered logits in the model's own dtype: megatron's vocab-parallel cross
     # entropy works in fp32 even for float64 models, which would defeat float64 verification.
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    device = next(chunks[0].parameters()).device
-    inputs, labels = inputs.to(device), labels.to(device)
-    pos = pos.to(device)
-    logits = gather_from_tensor_model_parallel_region(chunks[0](inputs, pos, None))
+    logits = gather_from_tensor_model_parallel_region(logits)
     if logits.dtype in (torch.bfloat16, torch.float16):  # keep float64 runs in float64
         logits = logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    loss.backward()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tuple[float, float]:
+    """One megatron-core step on ``ids`` (labels = next tokens of a random stream); under pipeline
+    parallelism through megatron-core's schedule (one micro-batch)."""
+    from megatron.core import parallel_state
+
     for c in chunks:
-        c.finish_grad_sync()
+        c.zero_grad_buffer()
+    opt.zero_grad()
+    if groups is not None:
+        groups.set_step(step)
+    device = next(chunks[0].parameters()).device
+    inputs, labels = ids[:, :-1].to(device), ids[:, 1:].to(device)
+    pos = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(_iterator, model):
+            def loss_func(out):
+                loss = _loss(out, labels)
+                return loss, {"lm loss": loss.detach()}
+
+            return model(inputs, pos, None), loss_func
+
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
+            seq_length=inputs.shape[1], micro_batch_size=inputs.shape[0], forward_only=False)
+        loss = losses[0]["lm loss"] if losses else torch.zeros(())
+    else:
+        loss = _loss(chunks[0](inputs, pos, None), labels)
+        loss.backward()
+        for c in chunks:
+            c.finish_grad_sync()
     _, grad_norm, _ = opt.step()
     sched.step(1)
     return loss.item(), float(grad_norm or 0.0)

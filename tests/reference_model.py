@@ -1,7 +1,8 @@
 """An independent plain-PyTorch decoder with *separate* Q, K, V parameters.
 
-Used as the reference for the Q/K patch: Q and K of the selected layers go into param groups of
-their own whose lr is ``lr * mult``, the textbook way to give them a different learning rate.
+Used as the reference for the learning-rate groups: each group's parts (Q, K, V, O, gate, up, down,
+norms, embeddings, output) go into param groups of their own whose lr is ``lr * mult``, the
+textbook way to give them a different learning rate.
 Weights are loaded from (and written back to) megatron-core's TP-merged state dict layout.
 """
 
@@ -149,19 +150,29 @@ class ReferenceGPT(nn.Module):
         if not self.mc.tie_embeddings:
             self.head.weight.copy_(sd["output_layer.weight"])
 
-    def param_groups(self, lr: float, weight_decay: float, layers: set[int]) -> list[dict]:
-        """Groups: Q of selected layers, K of selected layers, everything else (decay / no decay)."""
-        groups = {key: {"params": [], "kind": key[0], "weight_decay": key[1]} for key in
-                  [("q", weight_decay), ("q", 0.0), ("k", weight_decay), ("k", 0.0),
-                   ("base", weight_decay), ("base", 0.0)]}
+    def part_of(self, name: str) -> tuple[int | None, set[str]]:
+        """``(layer or None, the group parts that name)`` of one of this model's parameters."""
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            module = parts[2]
+            named = {"q": {"q"}, "k": {"k"}, "v": {"v"}, "o": {"o"}, "down": {"fc2"}, "ln1": {"norm"},
+                     "ln2": {"norm"}, "gate": {"gate", "fc1"},
+                     "up": {"up", "fc1"} if self.mc.ffn == "swiglu" else {"fc1"}}
+            return int(parts[1]), named[module]
+        return None, {"embed": {"embedding"}, "pos": {"embedding"}, "head": {"output"}}.get(parts[0], set())
+
+    def param_groups(self, lr: float, weight_decay: float, groups: list) -> list[dict]:
+        """One param group per (group, decay) and the rest (``kind`` = "base"); ``groups`` have
+        ``name``, ``parts``, ``layers`` (as ``slowqk.patches.lr_groups.GroupSpec``)."""
+        out: dict[tuple[str, float], dict] = {}
         for name, p in self.named_parameters():
             decay = weight_decay if p.ndim > 1 and not name.endswith("bias") else 0.0
-            parts = name.split(".")
-            kind = "base"
-            if parts[0] == "blocks" and int(parts[1]) in layers and parts[2] in ("q", "k"):
-                kind = parts[2]
-            groups[(kind, decay)]["params"].append(p)
-        return [dict(g, lr=lr) for g in groups.values() if g["params"]]
+            layer, parts = self.part_of(name)
+            owners = [g.name for g in groups if parts & set(g.parts) and (layer is None or layer in g.layers)]
+            assert len(owners) <= 1, (name, owners)
+            kind = owners[0] if owners else "base"
+            out.setdefault((kind, decay), {"params": [], "kind": kind, "weight_decay": decay})["params"].append(p)
+        return [dict(g, lr=lr) for g in out.values()]
 
 
 def _copy_linear(lin: nn.Linear, sd: dict, prefix: str) -> None:

@@ -132,7 +132,7 @@ class AdaptiveRelease:
         return sched(step)
 
     def schedule(self, mult: float):
-        """A step -> multiplier function for :class:`slowqk.patches.qk_lr_scaling.QKScaling`."""
+        """A step -> multiplier function for :class:`slowqk.patches.lr_groups.LRGroups` group."""
         return lambda step: self.multiplier(step, mult)
 
     def describe(self) -> str:

@@ -1,0 +1,86 @@
+"""The parts of a decoder a learning-rate group can name, and what each covers (pure logic).
+
+A part is a set of elements of megatron-core parameters: ``q``, ``k``, ``v`` are row blocks of a
+layer's fused ``linear_qkv``; ``gate`` and ``up`` the two halves of a gated ``linear_fc1``; the
+others whole tensors. Layer parts are selected per layer; ``embedding`` and ``output`` belong to
+the model. ``atoms`` splits a part into the pieces that cannot overlap partially, so two groups
+overlap exactly when their atoms on a layer intersect.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from slowqk.config import ModelConfig
+
+Part = Literal["q", "k", "v", "o", "gate", "up", "fc1", "fc2", "norm", "embedding", "output"]
+LAYER_PARTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "fc1", "fc2", "norm")
+MODEL_PARTS: tuple[str, ...] = ("embedding", "output")
+GATED_ONLY: tuple[str, ...] = ("gate", "up")
+
+# what each part maps to in megatron-core (README table; the patch resolves the same names)
+MEGATRON_NAMES: dict[str, str] = {
+    "q": "self_attention.linear_qkv.{weight,bias}: the Q rows of every query group",
+    "k": "self_attention.linear_qkv.{weight,bias}: the K rows of every query group",
+    "v": "self_attention.linear_qkv.{weight,bias}: the V rows of every query group",
+    "o": "self_attention.linear_proj.{weight,bias}",
+    "gate": "mlp.linear_fc1.{weight,bias}: the gate rows (first half of each TP rank's rows)",
+    "up": "mlp.linear_fc1.{weight,bias}: the up rows (second half of each TP rank's rows)",
+    "fc1": "mlp.linear_fc1.{weight,bias}: all rows (gate and up when gated)",
+    "fc2": "mlp.linear_fc2.{weight,bias}",
+    "norm": "input_layernorm, pre_mlp_layernorm (TE: linear_qkv/linear_fc1.layer_norm_*), "
+            "q_layernorm, k_layernorm: weight and bias",
+    "embedding": "embedding.word_embeddings.weight, embedding.position_embeddings.weight "
+                 "(and the last stage's copy output_layer.weight when tied)",
+    "output": "output_layer.weight (untied embeddings only)",
+}
+
+
+def atoms(part: str, gated: bool) -> set[str]:
+    """The non-overlapping pieces ``part`` covers: ``fc1`` of a gated FFN is its gate and up."""
+    if part == "fc1" and gated:
+        return {"gate", "up"}
+    return {part}
+
+
+def layer_elements(part: str, m: ModelConfig) -> int:
+    """Elements of ``part`` in one layer (over all TP ranks; biases included)."""
+    h, heads = m.hidden_size, m.num_attention_heads
+    head_dim, groups, f, b = h // heads, m.num_query_groups or heads, m.ffn_size, int(m.bias)
+    gated = m.ffn == "swiglu"
+    norm_params = h * (2 if m.norm == "layernorm" else 1)
+    return {
+        "q": heads * head_dim * (h + b),
+        "k": groups * head_dim * (h + b),
+        "v": groups * head_dim * (h + b),
+        "o": h * heads * head_dim + b * h,
+        "gate": f * (h + b) if gated else 0,
+        "up": f * (h + b) if gated else 0,
+        "fc1": f * (h + b) * (2 if gated else 1),
+        "fc2": h * f + b * h,
+        "norm": 2 * norm_params,
+    }[part]
+
+
+def model_elements(part: str, m: ModelConfig, vocab_rows: int) -> int:
+    """Elements of ``embedding`` or ``output`` (``vocab_rows``: the padded vocabulary)."""
+    if part == "output":
+        return vocab_rows * m.hidden_size
+    return (vocab_rows + (m.seq_length if m.position == "learned" else 0)) * m.hidden_size
+
+
+def element_counts(recipe, vocab_rows: int) -> dict[str, dict[int | None, int]]:
+    """``{group label: {layer (None = the model): elements}}`` for ``qk`` and every ``lr_groups``
+    entry (over all TP ranks; a tied last stage's copy of the embedding not counted again)."""
+    from slowqk.config import group_coverage
+
+    m = recipe.model
+    out = {}
+    for _key, label, cover in group_coverage(recipe):
+        out[label] = {layer: sum(model_elements(a, m, vocab_rows) if layer is None else layer_elements(a, m)
+                                 for a in atoms_) for layer, atoms_ in sorted(cover.items(), key=_layer_order)}
+    return out
+
+
+def _layer_order(item) -> tuple[bool, int]:
+    return item[0] is None, item[0] or 0
