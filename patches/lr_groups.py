@@ -20,6 +20,7 @@ is two such groups.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -290,6 +291,7 @@ class LRGroups:
         self.specs = {s.name: s for s in specs}
         self._held = held
         self.mults = {s.name: 1.0 for s in specs}
+        self.seconds = 0.0  # time spent in the hooks while a group is active
         self._handles = []
         for opt, groups in held.items():
             self._handles.append(opt.register_step_pre_hook(self._make_pre(groups)))
@@ -317,9 +319,11 @@ class LRGroups:
         def pre_hook(optimizer, args, kwargs):
             if not self.active:
                 return None
+            start = time.perf_counter()
             with torch.no_grad():
                 for name, scaled in groups.items():
                     scaled.snapshot = [t.clone() for t in scaled.views()] if self.mults[name] != 1.0 else []
+            self.seconds += time.perf_counter() - start
             return None
 
         return pre_hook
@@ -328,6 +332,7 @@ class LRGroups:
         def post_hook(optimizer, args, kwargs):
             if not self.active:
                 return
+            start = time.perf_counter()
             with torch.no_grad():
                 for name, scaled in groups.items():
                     mult, snaps = self.mults[name], scaled.snapshot
@@ -339,6 +344,7 @@ class LRGroups:
                     torch._foreach_mul_(views, mult)
                     torch._foreach_add_(views, snaps)
                     scaled.snapshot = []
+            self.seconds += time.perf_counter() - start
 
         return post_hook
 

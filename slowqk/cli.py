@@ -30,7 +30,26 @@ def _quiet_dependencies() -> None:
 def _cmd_print_recipe(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     sys.stdout.write(recipe_to_yaml(recipe.model_copy(update={"out_dir": str(recipe.run_dir)})))
+    sys.stdout.write(_group_elements_comment(recipe))
     return 0
+
+
+def _group_elements_comment(recipe) -> str:
+    """The elements each learning-rate group covers in each layer, as YAML comments."""
+    from slowqk.config import padded_vocab_size
+    from slowqk.qk.parts import element_counts
+
+    m = recipe.model
+    vocab = m.vocab_size or recipe.data.tokenizer_vocab_size
+    counts = element_counts(recipe, padded_vocab_size(vocab, m.make_vocab_size_divisible_by, recipe.parallel.tensor))
+    if not counts:
+        return ""
+    lines = [f"# learning-rate groups: elements covered (all TP ranks; vocabulary {vocab}"
+             f"{'' if m.vocab_size else ' = data.tokenizer_vocab_size'}, padded)"]
+    for label, per_layer in counts.items():
+        cells = ", ".join(f"layer {k}: {v:,}" if k is not None else f"model: {v:,}" for k, v in per_layer.items())
+        lines.append(f"#   {label}: {cells} (total {sum(per_layer.values()):,})")
+    return "\n".join(lines) + "\n"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Every error names the key, the value it got and what is allowed, and is raised a
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -250,6 +251,16 @@ class DiagnosticsConfig(_Strict):
                        "(slowqk.early_warning)")
     warn_entropy_gap: float = Field(0.1, gt=0, le=1, description="warn when the upper layers' entropy fell this "
                                     "much more than the lower layers' since the first probe, while they still drift")
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
+    """Pad the vocabulary to a multiple of ``multiple`` that the tensor-parallel size divides.
+
+    Unlike Megatron-LM's ``multiple * TP`` this keeps the embedding shape the same across TP sizes
+    that divide ``multiple`` (1, 2, 4, 8 with the default 128), so checkpoints reshard between them.
+    """
+    step = math.lcm(multiple, tensor_parallel)
+    return ((vocab_size + step - 1) // step) * step
 
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
@@ -561,8 +572,11 @@ def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
             if part == "output" and m.tie_embeddings:
                 out.append((f"{key}.params", "got 'output'; with model.tie_embeddings=true the output layer is "
                                              "the embedding (name 'embedding', or set tie_embeddings=false)"))
-        if len(set(g.params)) != len(g.params):
-            out.append((f"{key}.params", f"got {g.params}; each part once"))
+        from slowqk.qk.parts import atoms
+
+        pieces = [atoms(p, m.ffn == "swiglu") for p in g.params]
+        if sum(map(len, pieces)) != len(set().union(*pieces)):
+            out.append((f"{key}.params", f"got {g.params}; each element once (fc1 of a gated FFN is gate and up)"))
         if g.hold is not None:
             lengths = _lengths_in_steps(recipe, g, ("hold", "ramp"), key, out, unit_key=f"{key}.unit")
             if g.unit == "fraction" and len(lengths) == 2 and g.hold + g.ramp > 1:
@@ -640,6 +654,8 @@ def run_altering_changes(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     changes = []
     for key in sorted(a.keys() | b.keys()):
+        if key not in a and b[key] == []:  # a section added since, at its empty default (lr_groups)
+            continue
         if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
             changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return changes

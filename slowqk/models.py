@@ -13,7 +13,6 @@ is present, else ``sdpa``. All but ``te`` share parameter names and checkpoints.
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +24,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from slowqk.config import ModelConfig
-
-
-def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
-    """Pad the vocabulary to a multiple of ``multiple`` that the tensor-parallel size divides.
-
-    Unlike Megatron-LM's ``multiple * TP`` this keeps the embedding shape the same across TP sizes
-    that divide ``multiple`` (1, 2, 4, 8 with the default 128), so checkpoints reshard between them.
-    """
-    step = math.lcm(multiple, tensor_parallel)
-    return ((vocab_size + step - 1) // step) * step
+from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401 - padded_vocab_size: re-exported
 
 
 def transformer_engine_available() -> bool:

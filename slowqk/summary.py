@@ -32,6 +32,7 @@ class RunResult:
     release: dict | None = None  # summary.json's qk_release: when and why the slowdown ended
     warning: dict | None = None  # summary.json's specialization_warning
     provenance: dict | None = None
+    groups: str = "-"  # the learning-rate groups as run (qk and lr_groups)
 
     @property
     def upper_entropy(self) -> float | None:
@@ -97,8 +98,17 @@ def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
         diag = run_dir / "diagnostics.jsonl"
         results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream,
                                  read_diagnostics(diag) if diag.is_file() else [], s.get("qk_release"),
-                                 s.get("specialization_warning"), s.get("provenance")))
+                                 s.get("specialization_warning"), s.get("provenance"), groups_cell(s)))
     return record["grid"], results, missing
+
+
+def groups_cell(summary: dict) -> str:
+    """The learning-rate groups of a run, from its summary.json: ``qk; v@2-3 x0.25 (hold 12, ramp 3)``."""
+    cells = ["qk"] if summary.get("qk_enabled") else []
+    for g in summary.get("lr_groups") or []:
+        when = "constant" if g["hold_steps"] is None else f"hold {g['hold_steps']}, ramp {g['ramp_steps']}"
+        cells.append(f"{g['name']} x{g['mult']:g} ({when})")
+    return "; ".join(cells) or "-"
 
 
 def summarize(grid: dict, results: list[RunResult]) -> dict:
@@ -111,7 +121,8 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
         losses = [r.final_val_loss for r in seeds.values()]
         m, s = mean_std(losses)
         ppl_m, ppl_s = mean_std([math.exp(x) for x in losses])
-        row = {"variant": variant, "arm": arm, "n": len(losses), "val_loss_mean": m, "val_loss_std": s,
+        row = {"variant": variant, "arm": arm, "groups": next(iter(seeds.values())).groups, "n": len(losses),
+               "val_loss_mean": m, "val_loss_std": s,
                "val_ppl_mean": ppl_m, "val_ppl_std": ppl_s}
         tasks = sorted({k for r in seeds.values() for k in r.downstream})
         row["downstream"] = {k: mean_std([r.downstream[k] for r in seeds.values() if k in r.downstream])[0] for k in tasks}
@@ -176,11 +187,11 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def format_markdown(summary: dict) -> str:
     tasks = sorted({k for r in summary["rows"] for k in r["downstream"]})
-    head = ["variant", "arm", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", "release step (mean ± sd)",
+    head = ["variant", "arm", "lr groups", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", "release step (mean ± sd)",
             "early warning", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
-        cells = [r["variant"], r["arm"], str(r["n"]),
+        cells = [r["variant"], r["arm"], r.get("groups", "-"), str(r["n"]),
                  f"{_fmt(r['val_loss_mean'])} ± {_fmt(r['val_loss_std'])}",
                  f"{_fmt(r['val_ppl_mean'], 2)} ± {_fmt(r['val_ppl_std'], 2)}",
                  _release_cell(r),

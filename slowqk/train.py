@@ -530,6 +530,7 @@ class Trainer:
             "specialization_warning": self.warning.record() if self.warning is not None else None,
             "diagnostics_seconds": self.monitor.seconds if self.monitor is not None else 0.0,
             "drift_seconds": self.drift.seconds if self.drift is not None else 0.0,
+            "lr_groups_seconds": self.lr_groups.seconds if self.lr_groups is not None else 0.0,
         }
         if self.rank == 0:
             from slowqk.provenance import provenance

@@ -18,9 +18,12 @@ from multiproc import CliProcess, _free_port
 
 CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 STEPS = 12
-# The adaptive release (qk.release=adaptive): the lower layers' drift settles at step 5 in these
-# runs, so the slowdown holds for steps 0-4 and ramps over 5-8; kills land before, in and after it.
-RELEASE, RAMP = 5, 4
+# The adaptive release (qk.release=adaptive): the lower layers' drift settles at step 6 in these
+# runs, so the slowdown holds for steps 0-5 and ramps over 6-9; kills land before, in and after it.
+RELEASE, RAMP = 6, 4
+# two learning-rate groups beside it, whose own schedules the kills also land inside
+GROUPS = ("[{params: [v, o], layers: {indices: [0, 1]}, mult: 0.5, unit: steps, hold: 3, ramp: 4},"
+          " {params: [embedding, fc2], mult: 0.3, unit: steps, hold: 7, ramp: 3}]")
 FAILURE_GRACE_S = 120  # how long the other ranks get to exit by themselves once one has failed
 
 
@@ -44,6 +47,7 @@ def _args(dataset: str, run_dir: Path, **extra) -> list[str]:
         "optimizer.warmup_steps": 2,
         "qk.enabled": "true", "qk.unit": "steps", "qk.ramp": RAMP, "qk.release": "adaptive",
         "qk.adaptive.min_hold": 2, "qk.adaptive.max_hold": 8, "qk.adaptive.threshold": 0.6,
+        "lr_groups": GROUPS,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -88,7 +92,8 @@ def _losses(run_dir: Path) -> dict[int, tuple]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[r["step"]] = (r["loss"], r.get("val_loss"), r["mult_q"], r.get("lower_drift"), r.get("lower_drift_ratio"))
+        out[r["step"]] = (r["loss"], r.get("val_loss"), r["mult_q"], r.get("lr_mult"), r.get("lower_drift"),
+                          r.get("lower_drift_ratio"))
     return out
 
 
@@ -100,6 +105,9 @@ def reference(dataset, tmp_path_factory) -> dict[int, tuple]:
     assert sorted(losses) == list(range(1, STEPS + 1))
     release = json.loads((run / "summary.json").read_text())["qk_release"]
     assert (release["step"], release["reason"]) == (RELEASE, "settled"), release
+    mults = [losses[s][3] for s in sorted(losses)]  # each group's hold, ramp and release, by name
+    assert [m["v+o@0-1"] for m in mults[:4]] == [0.5, 0.5, 0.5, 0.6] and mults[7]["v+o@0-1"] == 1.0, mults
+    assert mults[6]["embedding+fc2"] == 0.3 and mults[7]["embedding+fc2"] < 1.0 == mults[10]["embedding+fc2"], mults
     return losses
 
 
