@@ -237,5 +237,15 @@ def test_distributed_optimizer_matches_fp32_optimizer(name: str) -> None:
     dp = case["world"] // case["tp"]
     for group in results[0]["scaled"]:
         assert sum(res["scaled"][group] for res in results) == sum(res["scaled_full"][group] for res in results) // dp > 0
+    # what print-recipe reports (from the shapes alone) is what the optimizer holds
+    from megatron_harness import VOCAB
+
+    from slowqk.qk.parts import element_counts
+
+    held = {g: sum(res["scaled"][g] for res in results) for g in results[0]["scaled"]}
+    if "qk.q" in held:
+        held["qk"] = held.pop("qk.q") + held.pop("qk.k")
+    declared = {label: sum(per_layer.values()) for label, per_layer in element_counts(_recipe(case, True), VOCAB).items()}
+    assert held == declared
     if dp > 1:  # the shard boundary cuts through a group's block
         assert set().union(*(res["cut_groups"] for res in results)) >= set(case["cut"]), results[0]["cut_groups"]

@@ -26,13 +26,19 @@ def run(recipe: str, overrides: list[str], out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pair_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The options every off/on bench takes: --recipe, --steps, --repeats and recipe overrides."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="tiny/gpt")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--interval", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
+    return ap
+
+
+def main() -> None:
+    ap = pair_arguments(__doc__, 200)
+    ap.add_argument("--interval", type=int, default=50)
     args = ap.parse_args()
     base = [*args.overrides, f"train.steps={args.steps}", f"train.eval_interval={args.steps}"]
     arms = {"off": [*base, "diagnostics.interval=0"], "on": [*base, f"diagnostics.interval={args.interval}"]}

@@ -12,21 +12,15 @@ move. Extra arguments are recipe overrides.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diagnostics import compare_pairs  # noqa: E402 - one way to run and compare pairs
+from bench_diagnostics import compare_pairs, pair_arguments  # noqa: E402 - one way to run and compare pairs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="tiny/gpt")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = pair_arguments(__doc__, 100).parse_args()
     n = args.steps
     base = [*args.overrides, f"train.steps={n}", f"train.eval_interval={n}", "diagnostics.interval=0",
             "qk.enabled=true", "qk.unit=steps", f"qk.hold={n}", "qk.ramp=0"]
