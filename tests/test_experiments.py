@@ -89,7 +89,8 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
              "data.tokenizer_vocab_size": 384, "diagnostics.interval": 2, "train.tensorboard": False}
     arms = {"control": {"qk.enabled": False}, "slowqk": {"qk.enabled": True},
             "adaptive": {"qk.enabled": True, "qk.release": "adaptive", "qk.unit": "steps", "qk.ramp": 1,
-                         "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 2}}
+                         "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 2},
+            "upper_v": {"lr_groups": [{"params": ["v"], "layers": {"top": 1}, "mult": 0.25, "unit": "steps", "hold": 2}]}}
     path = _grid_file(tmp_path, overrides=small, variants={"gpt": {"recipe": "tiny/gpt"}}, arms=arms)
     grid = load_grid(path)
     assert run_grid(grid, jobs=2) == 0
@@ -102,10 +103,13 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     assert len(list((out / "data").iterdir())) == 1  # the corpus was prepared once for all runs
     capsys.readouterr()
     assert run_grid(load_grid(path), jobs=2) == 0
-    assert "6 finished, 0 to run" in capsys.readouterr().out
+    assert "8 finished, 0 to run" in capsys.readouterr().out
 
     table, files = write_summary(out)
     assert "| gpt | slowqk | 2 |" in table
+    # each arm's learning-rate groups
+    assert "| gpt | control | - | 2 |" in table and "| gpt | slowqk | qk | 2 |" in table
+    assert "| gpt | upper_v | v@1 x0.25 (hold 2, ramp 0) | 2 |" in table
     names = {f.name for f in files}
     assert {"summary.md", "loss_curves.png", "paired_differences.png", "entropy_gpt.png", "lambda.png"} <= names
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
