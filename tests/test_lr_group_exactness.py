@@ -209,14 +209,19 @@ DISTOPT_CASES = {
 }
 
 
+def _assert_within_1e6(results: list[dict], reference: str) -> None:
+    for r, res in enumerate(results):
+        bad = {k: f"{v:.2e}" for k, v in res["worst"].items() if v > 1e-6}
+        assert not bad, f"rank {r}: params differ from {reference}: {bad}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REFERENCE_CASES))
 def test_groups_match_separate_param_group_reference(name: str) -> None:
     case = REFERENCE_CASES[name]
     results = run_ranks(_reference_worker, case["world"], case)
-    for r, res in enumerate(results):
-        bad = {k: f"{v:.2e}" for k, v in res["worst"].items() if v > 1e-6}
-        assert not bad, f"rank {r}: params differ from the separate-parameter reference: {bad}"
+    _assert_within_1e6(results, "the separate-parameter reference")
+    for res in results:
         assert res["tied_copy_equal"] in (None, True), "the last stage's copy of the embedding drifted"
     for group in results[0]["scaled"]:  # every group held elements somewhere
         assert sum(res["scaled"][group] for res in results) > 0, group
@@ -229,10 +234,8 @@ def test_groups_match_separate_param_group_reference(name: str) -> None:
 def test_distributed_optimizer_matches_fp32_optimizer(name: str) -> None:
     case = DISTOPT_CASES[name]
     results = run_ranks(_distopt_worker, case["world"], case)
-    for r, res in enumerate(results):
-        assert res["opt"] == "DistributedOptimizer"
-        bad = {k: f"{v:.2e}" for k, v in res["worst"].items() if v > 1e-6}
-        assert not bad, f"rank {r}: distributed optimizer differs from the FP32 optimizer: {bad}"
+    assert all(res["opt"] == "DistributedOptimizer" for res in results)
+    _assert_within_1e6(results, "the FP32 optimizer")
     # sharding: the ranks' element counts add up to the unsharded count (held on every DP rank)
     dp = case["world"] // case["tp"]
     for group in results[0]["scaled"]:
