@@ -20,6 +20,7 @@ is two such groups.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def _layer_part_params(layer: int, module: torch.nn.Module, tp_rank: int, tp_siz
     gated = attn.config.gated_linear_unit
     for name, p in module.named_parameters():
         shape = _shape(p)
-        rows_here, row_len = shape[0], max(1, _numel(shape) // shape[0])
+        rows_here, row_len = shape[0], max(1, math.prod(shape) // shape[0])
         whole = [(0, rows_here)]
         leaf = name.rsplit(".", 1)[-1]
         if "layernorm" in name or leaf in _NORM_SUFFIXES:
@@ -123,13 +124,6 @@ def _layer_part_params(layer: int, module: torch.nn.Module, tp_rank: int, tp_siz
     return out
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def find_part_params(model_chunks: Iterable[torch.nn.Module]) -> list[PartParam]:
     """Every parameter a group can name (the final norm is in no part), with its parts' rows."""
     from megatron.core.models.gpt import GPTModel
@@ -148,7 +142,7 @@ def find_part_params(model_chunks: Iterable[torch.nn.Module]) -> list[PartParam]
                 p = getattr(module, "weight", None) if module is not None else None
                 if isinstance(p, torch.nn.Parameter) and not (part == "embedding" and any(f.param is p for f in found)):
                     shape = _shape(p)
-                    found.append(PartParam(p, None, {part: [(0, shape[0])]}, _numel(shape) // shape[0]))
+                    found.append(PartParam(p, None, {part: [(0, shape[0])]}, math.prod(shape) // shape[0]))
     return found
 
 

@@ -18,24 +18,6 @@ LAYER_PARTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "fc1", "fc2", 
 MODEL_PARTS: tuple[str, ...] = ("embedding", "output")
 GATED_ONLY: tuple[str, ...] = ("gate", "up")
 
-# what each part maps to in megatron-core (README table; the patch resolves the same names)
-MEGATRON_NAMES: dict[str, str] = {
-    "q": "self_attention.linear_qkv.{weight,bias}: the Q rows of every query group",
-    "k": "self_attention.linear_qkv.{weight,bias}: the K rows of every query group",
-    "v": "self_attention.linear_qkv.{weight,bias}: the V rows of every query group",
-    "o": "self_attention.linear_proj.{weight,bias}",
-    "gate": "mlp.linear_fc1.{weight,bias}: the gate rows (first half of each TP rank's rows)",
-    "up": "mlp.linear_fc1.{weight,bias}: the up rows (second half of each TP rank's rows)",
-    "fc1": "mlp.linear_fc1.{weight,bias}: all rows (gate and up when gated)",
-    "fc2": "mlp.linear_fc2.{weight,bias}",
-    "norm": "input_layernorm, pre_mlp_layernorm (TE: linear_qkv/linear_fc1.layer_norm_*), "
-            "q_layernorm, k_layernorm: weight and bias",
-    "embedding": "embedding.word_embeddings.weight, embedding.position_embeddings.weight "
-                 "(and the last stage's copy output_layer.weight when tied)",
-    "output": "output_layer.weight (untied embeddings only)",
-}
-
-
 def atoms(part: str, gated: bool) -> set[str]:
     """The non-overlapping pieces ``part`` covers: ``fc1`` of a gated FFN is its gate and up."""
     if part == "fc1" and gated:

@@ -116,9 +116,9 @@ class FusedQKVLayout:
         ``row_len`` is the number of elements per row (input size for a weight, 1 for a bias).
         Offsets are relative to ``lo``, i.e. to the start of an optimizer's shard.
         """
-        rows_local = self.total_rows // tp_size if self.total_rows % tp_size == 0 else 0
-        hi = rows_local * row_len if hi is None else hi
-        return row_blocks(self.local_rows(kind, tp_rank, tp_size), row_len, lo, hi)
+        rows = self.local_rows(kind, tp_rank, tp_size)  # refuses a row count TP does not divide
+        hi = self.total_rows // tp_size * row_len if hi is None else hi
+        return row_blocks(rows, row_len, lo, hi)
 
 
 @dataclass(frozen=True)
