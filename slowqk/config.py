@@ -43,6 +43,9 @@ class ModelConfig(_Strict):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     bias: bool = True
     position: Literal["learned", "rope"] = "learned"
+    qk_norm: bool = Field(
+        False, description="normalize each head's query and key before the scores (megatron-core's "
+        "qk_layernorm, with model.norm's kind): the field's usual guard against attention-logit growth")
     rotary_base: float = Field(10000.0, gt=0)
     norm_epsilon: float = Field(1e-5, gt=0)
     init_method_std: float = Field(0.02, gt=0)
@@ -265,7 +268,8 @@ def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> i
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
     """The model fields that decide the weights' shapes and meaning (what init_from must match)."""
-    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "gelu", "norm", "bias", "position", "tie_embeddings"]
+    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "gelu", "norm", "bias", "position", "qk_norm",
+            "tie_embeddings"]
     out = {k: getattr(model, k) for k in keys}
     out["num_query_groups"] = model.num_query_groups or model.num_attention_heads
     out["ffn_hidden_size"] = model.ffn_size
@@ -654,7 +658,7 @@ def run_altering_changes(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     changes = []
     for key in sorted(a.keys() | b.keys()):
-        if key not in a and b[key] == []:  # a section added since, at its empty default (lr_groups)
+        if key not in a and b[key] in ([], False):  # added since, at its off default (lr_groups, qk_norm)
             continue
         if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
             changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

@@ -1,7 +1,7 @@
 """Build megatron-core ``GPTModel``s from a recipe's model section.
 
 GPT-2 style and LLaMA style are two corners of one space: FFN (gelu | swiglu), norm
-(layernorm | rmsnorm), biases on/off, positions (learned | rope), GQA. Any mix builds.
+(layernorm | rmsnorm), biases on/off, positions (learned | rope), GQA, QK-norm. Any mix builds.
 
 ``model.attention_backend`` picks the layer spec: ``te`` is megatron-core's Transformer Engine
 spec; ``sdpa`` and ``local`` are its local spec with the core attention either torch's
@@ -86,6 +86,7 @@ def build_transformer_config(
         activation_func=F.silu if model.ffn == "swiglu" else (fast_gelu if model.gelu == "tanh" else F.gelu),
         add_bias_linear=model.bias,
         add_qkv_bias=model.bias,
+        qk_layernorm=model.qk_norm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -110,9 +111,10 @@ def build_transformer_config(
 def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
     """megatron-core's GPT layer spec for ``backend`` (resolved: te | sdpa | local)."""
     if backend == "te":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
+        spec = get_gpt_layer_local_spec(
+            qk_layernorm=model.qk_norm, normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
         if backend == "sdpa":
             from slowqk.attention import SDPAttention
 

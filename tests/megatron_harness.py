@@ -139,8 +139,9 @@ def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tupl
     else:
         loss = _loss(chunks[0](inputs, pos, None), labels)
         loss.backward()
-        for c in chunks:
-            c.finish_grad_sync()
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(chunks)  # as the schedule does: DP sync, then TP sums (QK-norm grads)
     _, grad_norm, _ = opt.step()
     sched.step(1)
     return loss.item(), float(grad_norm or 0.0)

@@ -27,10 +27,11 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _norm(mc: ModelConfig) -> nn.Module:
+def _norm(mc: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or mc.hidden_size
     if mc.norm == "rmsnorm":
-        return RMSNorm(mc.hidden_size, mc.norm_epsilon)
-    return nn.LayerNorm(mc.hidden_size, eps=mc.norm_epsilon)
+        return RMSNorm(dim, mc.norm_epsilon)
+    return nn.LayerNorm(dim, eps=mc.norm_epsilon)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,8 @@ class Block(nn.Module):
         self.k = nn.Linear(h, ng * self.hd, bias=mc.bias)
         self.v = nn.Linear(h, ng * self.hd, bias=mc.bias)
         self.o = nn.Linear(nh * self.hd, h, bias=mc.bias)
+        if mc.qk_norm:  # per head, over head_dim, before RoPE (megatron-core's qk_layernorm)
+            self.q_norm, self.k_norm = _norm(mc, self.hd), _norm(mc, self.hd)
         f = mc.ffn_size
         if mc.ffn == "swiglu":
             self.gate = nn.Linear(h, f, bias=mc.bias)
@@ -60,6 +63,8 @@ class Block(nn.Module):
         q = self.q(x).view(b, s, self.nh, self.hd).transpose(1, 2)
         k = self.k(x).view(b, s, self.ng, self.hd).transpose(1, 2)
         v = self.v(x).view(b, s, self.ng, self.hd).transpose(1, 2)
+        if self.mc.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.mc.position == "rope":
             inv = 1.0 / (self.mc.rotary_base ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
             ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
@@ -131,6 +136,9 @@ class ReferenceGPT(nn.Module):
                 for name, t in zip("qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"]), strict=True):
                     getattr(blk, name).bias.copy_(t)
             _copy_linear(blk.o, sd, p + "self_attention.linear_proj")
+            if self.mc.qk_norm:
+                _copy_norm(blk.q_norm, sd, p + "self_attention.q_layernorm")
+                _copy_norm(blk.k_norm, sd, p + "self_attention.k_layernorm")
             fc1_w = sd[p + "mlp.linear_fc1.weight"]
             fc1_b = sd.get(p + "mlp.linear_fc1.bias")
             if self.mc.ffn == "swiglu":
@@ -156,7 +164,7 @@ class ReferenceGPT(nn.Module):
         if parts[0] == "blocks":
             module = parts[2]
             named = {"q": {"q"}, "k": {"k"}, "v": {"v"}, "o": {"o"}, "down": {"fc2"}, "ln1": {"norm"},
-                     "ln2": {"norm"}, "gate": {"gate", "fc1"},
+                     "ln2": {"norm"}, "q_norm": {"norm"}, "k_norm": {"norm"}, "gate": {"gate", "fc1"},
                      "up": {"up", "fc1"} if self.mc.ffn == "swiglu" else {"fc1"}}
             return int(parts[1]), named[module]
         return None, {"embed": {"embedding"}, "pos": {"embedding"}, "head": {"output"}}.get(parts[0], set())

@@ -88,8 +88,9 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,model", [(1, {"attention_backend": "local"}),
-                                      (2, {"num_query_groups": 2, "position": "rope", "attention_backend": "sdpa"})],
-                         ids=["tp1-mha-local", "tp2-gqa-rope-sdpa"])
+                                      (2, {"num_query_groups": 2, "position": "rope", "attention_backend": "sdpa"}),
+                                      (1, {"qk_norm": True})],
+                         ids=["tp1-mha-local", "tp2-gqa-rope-sdpa", "tp1-qk-norm"])
 def test_probed_attention_matches_the_reference(tp, model) -> None:
     from multiproc import run_ranks
 

@@ -40,13 +40,17 @@ def _train(root: Path, dataset: str, name: str, recipe: str, world: int, **extra
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, small_dataset) -> dict[str, Path]:
-    """Trained 2-step checkpoints: GPT and LLaMA (GQA) at TP1, TP2, PP2; GPT without biases."""
+    """Trained 2-step checkpoints: GPT and LLaMA (GQA) at TP1, TP2, PP2; GPT without biases; LLaMA
+    with QK-norm at TP2."""
     root, dataset = tmp_path_factory.mktemp("hf"), small_dataset
     out = {}
     for fam, recipe in (("gpt", "tiny/gpt"), ("llama", "tiny/llama")):
         for layout, extra in LAYOUTS.items():
             out[f"{fam}-{layout}"] = _train(root, dataset, f"{fam}-{layout}", recipe, 1 if layout == "tp1" else 2, **extra)
     out["gpt-nobias"] = _train(root, dataset, "gpt-nobias", "tiny/gpt", 1, **{"model.bias": "false"})
+    # the LLaMA block with QK-norm exports as Qwen3
+    out["qwen3-tp2"] = _train(root, dataset, "qwen3-tp2", "tiny/llama", 2, **{"model.qk_norm": "true"},
+                              **LAYOUTS["tp2"])
     return out
 
 
@@ -79,7 +83,11 @@ def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return model.eval()(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("case", ["gpt-tp1", "gpt-tp2", "gpt-pp2", "llama-tp1", "llama-tp2", "llama-pp2", "gpt-nobias"])
+ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@pytest.mark.parametrize("case", ["gpt-tp1", "gpt-tp2", "gpt-pp2", "llama-tp1", "llama-tp2", "llama-pp2", "gpt-nobias",
+                                  "qwen3-tp2"])
 def test_exported_logits_equal_megatron_logits(checkpoints, tmp_path, case) -> None:
     from slowqk.hf.export import export_checkpoint
 
@@ -87,8 +95,8 @@ def test_exported_logits_equal_megatron_logits(checkpoints, tmp_path, case) -> N
     out = export_checkpoint(ckpt, tmp_path / "hf", max_shard_size="100KB")  # several shards + index
     assert (out / "model.safetensors.index.json").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == (["GPT2LMHeadModel"] if case.startswith("gpt") else ["LlamaForCausalLM"])
-    if case.startswith("llama"):
+    assert config["architectures"] == [ARCHITECTURES[case.split("-")[0]]]
+    if not case.startswith("gpt"):
         assert config["num_key_value_heads"] == 2 < config["num_attention_heads"]  # GQA
     vocab = config["vocab_size"]
     assert vocab == 512  # the 400-token vocabulary padded to a multiple of 128
@@ -103,12 +111,13 @@ def _import(hf_dir: Path, out: Path, recipe: str, tp: int, pp: int) -> subproces
     return run_cli(["import-hf", str(hf_dir), str(out), "--recipe", recipe, "--tp", str(tp), "--pp", str(pp)], cwd=REPO)
 
 
-@pytest.mark.parametrize("fam, tp, pp", [("llama", 2, 1), ("gpt", 1, 2)])
-def test_import_then_export_is_bitwise_identical(checkpoints, tmp_path, fam, tp, pp) -> None:
+@pytest.mark.parametrize("case, recipe, tp, pp", [("llama-tp1", "tiny/llama", 2, 1), ("gpt-tp1", "tiny/gpt", 1, 2),
+                                                  ("qwen3-tp2", "tiny/llama", 1, 2)])
+def test_import_then_export_is_bitwise_identical(checkpoints, tmp_path, case, recipe, tp, pp) -> None:
     from slowqk.hf.export import export_checkpoint
 
-    first = export_checkpoint(checkpoints[f"{fam}-tp1"], tmp_path / "first")
-    proc = _import(first, tmp_path / "imported", f"tiny/{fam}", tp, pp)
+    first = export_checkpoint(checkpoints[case], tmp_path / "first")
+    proc = _import(first, tmp_path / "imported", recipe, tp, pp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = export_checkpoint(tmp_path / "imported", tmp_path / "second")
     assert filecmp.cmp(first / "model.safetensors", second / "model.safetensors", shallow=False)
@@ -162,6 +171,9 @@ def _compare_worker(rank: int, world: int, ckpt: str, hf: str) -> dict:
     ({"model.ffn": "swiglu"}, "model.ffn=swiglu"),
     ({"model.norm": "rmsnorm"}, "model.norm=rmsnorm"),
     ({"model.position": "rope", "model.ffn": "swiglu"}, "model.position=rope"),
+    ({"model.qk_norm": "true"}, "model.qk_norm=true"),  # GPT-2 has no QK-norm
+    ({"model.qk_norm": "true", "model.ffn": "swiglu", "model.norm": "rmsnorm", "model.position": "rope"},
+     "model.bias=true"),  # Qwen3 has no MLP biases
 ])
 def test_unexpressible_mixes_are_refused_naming_the_part(overrides, part) -> None:
     from slowqk.config import load_recipe

@@ -190,6 +190,12 @@ REFERENCE_CASES = {
     "groups-gqa-llama-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", groups=LLAMA_GROUPS, model=LLAMA),
     "groups-gqa-pp2-adamw": dict(tp=1, pp=2, world=2, optimizer="adamw", layers={"top": 1}, groups=PP_GROUPS,
                                  model={"num_query_groups": 2}),
+    # QK-norm: per-head norms of Q and K (replicated on TP ranks, their grads summed over TP by
+    # megatron-core) are part of `norm`
+    "qknorm-llama-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", layers={"top": 2}, model=dict(LLAMA, qk_norm=True),
+                                   groups=[_g(["norm"], 0.2, {"indices": [1, 2]}, hold=3, ramp=3)]),
+    "qknorm-mha-pp2-adamw": dict(tp=1, pp=2, world=2, optimizer="adamw", layers={"top": 1}, model={"qk_norm": True},
+                                 groups=[_g(["norm", "v"], 0.5, {"indices": [0, 3]})]),
 }
 
 DISTOPT_CASES = {
@@ -206,6 +212,8 @@ DISTOPT_CASES = {
                                      model=dict(LLAMA, ffn_hidden_size=96), cut=["gate@1-2"]),
     "groups-mha-tp1-dp2": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, layers={"top": 2}, groups=GPT_GROUPS, steps=8,
                                model={"tie_embeddings": False}, cut=["fc2@1-2"]),
+    "qknorm-gqa-tp1-dp2": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, layers={"top": 2}, steps=8,
+                               model={"num_query_groups": 2, "qk_norm": True}, groups=[_g(["norm"], 0.3)], cut=[]),
 }
 
 

@@ -95,6 +95,31 @@ def test_resume_is_exact_and_pp2_matches_pp1(prepared, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_qk_norm_trains_with_diagnostics_resumes_and_reshards_to_tp2(prepared, tmp_path) -> None:
+    qk_norm = {"model.qk_norm": "true", "diagnostics.interval": "3", "model.num_query_groups": "2"}
+    full = tmp_path / "full"
+    run_ranks(_train_worker, 2, _overrides(prepared, full, **qk_norm))  # DP=2, distributed optimizer
+    reference = _losses(full)
+    assert reference[6] < reference[1]
+    plain = tmp_path / "plain"
+    run_ranks(_train_worker, 2, _overrides(prepared, plain, **dict(qk_norm, **{"model.qk_norm": "false"})))
+    assert _losses(plain)[1] != reference[1]  # the switch changes the model
+    from slowqk.monitor import read_diagnostics
+
+    probed = read_diagnostics(full / "diagnostics.jsonl")  # at steps 1, 4 (every 3), every layer
+    assert [r["step"] for r in probed] == [1, 4] and all(len(r["layers"]) == 4 for r in probed)
+    assert all(0 < r["layers"]["3"]["entropy"] <= 1 for r in probed)
+    for name, extra in (("resumed", {}), ("tp2", {"parallel.tensor": "2"})):
+        run = tmp_path / name
+        _resume_copy(full, run, 2)
+        run_ranks(_train_worker, 2, _overrides(prepared, run, **qk_norm, **extra))
+        got = _losses(run)
+        assert sorted(got) == [3, 4, 5, 6]
+        for s in got:  # the same layout bitwise; TP=2 (resharded, per-head norms replicated) to rounding
+            assert got[s] == (reference[s] if not extra else pytest.approx(reference[s], rel=1e-5)), (name, s)
+
+
+@pytest.mark.slow
 def test_pp2_trains_from_scratch(prepared, tmp_path) -> None:
     run = tmp_path / "pp2"
     summary = run_ranks(_train_worker, 2, _overrides(prepared, run, **{"parallel.pipeline": "2", "train.save_interval": "null"}))[0]

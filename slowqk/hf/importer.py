@@ -22,7 +22,7 @@ from slowqk.hf.mapping import GELU_FROM_HF, Rule, UnsupportedArchitecture, famil
 
 
 def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``model`` recipe fields an HF ``config.json`` fixes (GPT-2 or LLaMA), or a clear error."""
+    """The ``model`` recipe fields an HF ``config.json`` fixes (GPT-2, LLaMA or Qwen3), or a clear error."""
     kind = config.get("model_type")
     if kind == "gpt2":
         act = config.get("activation_function", "gelu_new")
@@ -45,14 +45,19 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
             "bias": True, "norm_epsilon": config.get("layer_norm_epsilon", 1e-5), "tie_embeddings": True,
             "vocab_size": config["vocab_size"],
         }
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
         heads, hidden = config["num_attention_heads"], config["hidden_size"]
         head_dim = config.get("head_dim") or hidden // heads
         if head_dim * heads != hidden:
             raise UnsupportedArchitecture(f"config.json head_dim={head_dim} x {heads} heads != hidden_size {hidden}")
         if config.get("hidden_act", "silu") != "silu":
             raise UnsupportedArchitecture(f"config.json hidden_act={config['hidden_act']!r}: expected 'silu'")
-        if bool(config.get("attention_bias")) != bool(config.get("mlp_bias")):
+        if kind == "qwen3" and config.get("use_sliding_window"):
+            raise UnsupportedArchitecture("config.json use_sliding_window=true: SlowQK attends to the whole context")
+        if kind == "qwen3" and config.get("attention_bias"):
+            raise UnsupportedArchitecture("config.json attention_bias=true: Qwen3 has no MLP biases and SlowQK has "
+                                          "one model.bias for both")
+        if kind == "llama" and bool(config.get("attention_bias")) != bool(config.get("mlp_bias")):
             raise UnsupportedArchitecture("config.json attention_bias and mlp_bias differ; SlowQK has one model.bias")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
@@ -65,10 +70,11 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
             "num_query_groups": None if kv == heads else kv, "ffn_hidden_size": config["intermediate_size"],
             "seq_length": config.get("max_position_embeddings", 2048),  # RoPE: training may use a shorter one
             "ffn": "swiglu", "norm": "rmsnorm", "position": "rope", "bias": bool(config.get("attention_bias")),
+            "qk_norm": kind == "qwen3",
             "norm_epsilon": config.get("rms_norm_eps", 1e-6), "rotary_base": float(theta),
             "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "vocab_size": config["vocab_size"],
         }
-    raise UnsupportedArchitecture(f"config.json model_type={kind!r}: SlowQK imports 'gpt2' and 'llama'")
+    raise UnsupportedArchitecture(f"config.json model_type={kind!r}: SlowQK imports 'gpt2', 'llama' and 'qwen3'")
 
 
 def recipe_for(hf_dir: Path, recipe: Recipe, tensor: int, pipeline: int) -> Recipe:

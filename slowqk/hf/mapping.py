@@ -1,4 +1,5 @@
-"""Exact mappings between megatron-core checkpoint tensors and Hugging Face GPT-2 / LLaMA weights.
+"""Exact mappings between megatron-core checkpoint tensors and Hugging Face GPT-2 / LLaMA / Qwen3
+weights (Qwen3 is the LLaMA block with per-head QK-norm, ``model.qk_norm``).
 
 Megatron-core's distributed checkpoints store each layer parameter as one global tensor stacked
 over layers (``decoder.layers.<name>`` of shape ``[num_layers, ...]``), TP shards already merged,
@@ -55,8 +56,19 @@ GELU_FROM_HF = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"
 
 
 def family(model: ModelConfig) -> str:
-    """``"gpt2"`` or ``"llama"``, or :class:`UnsupportedArchitecture` naming the part that does not fit."""
+    """``"gpt2"``, ``"llama"`` or ``"qwen3"`` (the LLaMA block with QK-norm), or
+    :class:`UnsupportedArchitecture` naming the part that does not fit."""
     parts = {"ffn": model.ffn, "norm": model.norm, "position": model.position}
+    if model.qk_norm:
+        if parts != {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}:
+            raise UnsupportedArchitecture(
+                "model.qk_norm=true: the only stock Hugging Face architecture with per-head QK-norm is "
+                "Qwen3ForCausalLM, a LLaMA block (needs ffn=swiglu, norm=rmsnorm, position=rope; got "
+                f"ffn={model.ffn}, norm={model.norm}, position={model.position})")
+        if model.bias:
+            raise UnsupportedArchitecture(
+                "model.bias=true with model.qk_norm=true: Qwen3ForCausalLM has no MLP biases")
+        return "qwen3"
     if parts == {"ffn": "gelu", "norm": "layernorm", "position": "learned"}:
         if model.num_query_groups not in (None, model.num_attention_heads):
             raise UnsupportedArchitecture(
@@ -78,10 +90,11 @@ def family(model: ModelConfig) -> str:
 
 
 def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | None):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
 
     d = Dims.of(model)
-    if family(model) == "gpt2":
+    kind = family(model)
+    if kind == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=model.seq_length, n_embd=d.hidden, n_layer=d.num_layers,
             n_head=d.heads, n_inner=d.ffn, activation_function=GELU_TO_HF[model.gelu],
@@ -89,15 +102,17 @@ def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | N
             initializer_range=model.init_method_std, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True,
             architectures=["GPT2LMHeadModel"],
         )
-    return LlamaConfig(
+    common = dict(
         vocab_size=vocab_size, hidden_size=d.hidden, intermediate_size=d.ffn, num_hidden_layers=d.num_layers,
         num_attention_heads=d.heads, num_key_value_heads=d.groups, head_dim=d.head_dim, hidden_act="silu",
         max_position_embeddings=model.seq_length, initializer_range=model.init_method_std,
         rms_norm_eps=model.norm_epsilon, tie_word_embeddings=model.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(int(model.rotary_base))},
-        attention_bias=model.bias, mlp_bias=model.bias, bos_token_id=bos, eos_token_id=eos,
-        architectures=["LlamaForCausalLM"],
+        attention_bias=model.bias, bos_token_id=bos, eos_token_id=eos,
     )
+    if kind == "qwen3":  # its QK-norm eps is rms_norm_eps, as megatron-core's qk_layernorm
+        return Qwen3Config(**common, use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
+    return LlamaConfig(**common, mlp_bias=model.bias, architectures=["LlamaForCausalLM"])
 
 
 # ------------------------------------------------------------------------------ fused QKV
@@ -216,6 +231,9 @@ def rules(model: ModelConfig) -> list[Rule]:
     ]
     if not model.tie_embeddings:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), _same, _ident, layered=False))
+    if model.qk_norm:  # Qwen3: per-head RMSNorm weights, [head_dim] each, shared by the heads
+        out += [Rule(L + "self_attention.q_layernorm.weight", (p + "self_attn.q_norm.weight",), _same, _ident),
+                Rule(L + "self_attention.k_layernorm.weight", (p + "self_attn.k_norm.weight",), _same, _ident)]
     if model.bias:
         out += [
             Rule(L + "self_attention.linear_qkv.bias",
@@ -245,6 +263,10 @@ def expected_shape(key: str, model: ModelConfig, padded_vocab: int) -> tuple[int
         "mlp.linear_fc1.bias": (fc1,),
         "mlp.linear_fc2.weight": (d.hidden, d.ffn),
         "mlp.linear_fc2.bias": (d.hidden,),
+        "self_attention.q_layernorm.weight": (d.head_dim,),
+        "self_attention.q_layernorm.bias": (d.head_dim,),
+        "self_attention.k_layernorm.weight": (d.head_dim,),
+        "self_attention.k_layernorm.bias": (d.head_dim,),
     }
     if key.startswith("decoder.layers."):
         return (d.num_layers, *per_layer[key.removeprefix("decoder.layers.")])

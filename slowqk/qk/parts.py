@@ -30,7 +30,8 @@ def layer_elements(part: str, m: ModelConfig) -> int:
     h, heads = m.hidden_size, m.num_attention_heads
     head_dim, groups, f, b = h // heads, m.num_query_groups or heads, m.ffn_size, int(m.bias)
     gated = m.ffn == "swiglu"
-    norm_params = h * (2 if m.norm == "layernorm" else 1)
+    per_norm = 2 if m.norm == "layernorm" else 1  # weight (and bias)
+    qk_norms = 2 * head_dim * per_norm if m.qk_norm else 0  # one per-head norm each for Q and K
     return {
         "q": heads * head_dim * (h + b),
         "k": groups * head_dim * (h + b),
@@ -40,7 +41,7 @@ def layer_elements(part: str, m: ModelConfig) -> int:
         "up": f * (h + b) if gated else 0,
         "fc1": f * (h + b) * (2 if gated else 1),
         "fc2": h * f + b * h,
-        "norm": 2 * norm_params,
+        "norm": 2 * h * per_norm + qk_norms,
     }[part]
 
 
