@@ -186,7 +186,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from slowqk.experiments import load_grid, run_grid
 
-    return run_grid(load_grid(args.grid, args.overrides), jobs=args.jobs, dry_run=args.dry_run)
+    only = [v for v in (args.only or "").split(",") if v] or None
+    return run_grid(load_grid(args.grid, args.overrides), jobs=args.jobs, dry_run=args.dry_run, only=only)
 
 
 def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("overrides", nargs="*", help="key=value for every run; key=[a,b] adds a sweep axis")
     ep.add_argument("--jobs", type=int, default=1, help="runs at a time (local processes)")
     ep.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
+    ep.add_argument("--only", metavar="VARIANT[,VARIANT]", help="run only these variants (a grid in phases)")
     ep.set_defaults(func=_cmd_experiment_run)
     es = ex.add_parser("summarize", help="table with paired 95%% CIs and plots for a grid directory")
     es.add_argument("grid_dir")

@@ -14,6 +14,9 @@ A grid file (YAML)::
       gpt: {recipe: tiny/gpt}
       llama: {recipe: tiny/llama, seeds: [1, 2]}   # a variant may use fewer seeds (or arms: [...])
     sweep: {qk.mult_q: [0.1, 0.25]}         # optional: every non-control arm x each point
+    contrasts:                              # optional: pre-registered paired comparisons
+      - {name: slowqk-vs-control, arm: gpt/slowqk, minus: gpt/control}
+    correction: holm                        # within each contrast family: holm | bonferroni | none
 
 Each run lives in ``<out_dir>/<variant>/<arm>/seed<k>/`` with its resolved recipe; a run whose
 ``summary.json`` records all its steps is skipped, and an interrupted one resumes from its latest
@@ -33,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -45,7 +48,18 @@ class Variant(_Strict):
     recipe: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] | None = None
-    arms: list[str] | None = Field(None, description="only these arms (default: all); the control always runs")
+    arms: list[str] | None = Field(None, description="only these arms (default: all; [] = only the control)")
+    control: bool = Field(True, description="run the control arm here (false: the variant's arms are compared "
+                          "with another variant's control through contrasts)")
+
+
+class Contrast(_Strict):
+    """``arm - minus`` over the seeds both ran, each named ``variant/arm``."""
+
+    name: str
+    arm: str
+    minus: str
+    family: str = Field("primary", description="the correction runs within each family (e.g. primary, secondary)")
 
 
 class Grid(_Strict):
@@ -57,6 +71,9 @@ class Grid(_Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    contrasts: list[Contrast] = Field(default_factory=list)
+    correction: Literal["holm", "bonferroni", "none"] = Field(
+        "holm", description="family-wise correction over `contrasts` (alpha 0.05)")
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,16 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
     for key, values in grid.sweep.items():
         if not values:
             raise RecipeError(f"{path}: sweep {key!r} has no values")
+    ran = {f"{v}/{_point_name(a, p)}" for v, a in _cells(grid)
+           for p in ([{}] if a == grid.control else _sweep_points(grid.sweep))}
+    names = [c.name for c in grid.contrasts]
+    for i, c in enumerate(grid.contrasts):
+        for key in ("arm", "minus"):
+            if getattr(c, key) not in ran:
+                raise RecipeError(f"{path}: key 'contrasts.{i}.{key}': {getattr(c, key)!r} is no variant/arm the grid "
+                                  f"runs ({', '.join(sorted(ran))})")
+        if names.count(c.name) > 1:
+            raise RecipeError(f"{path}: key 'contrasts.{i}.name': {c.name!r} is used twice")
     return grid
 
 
@@ -113,29 +140,46 @@ def _point_name(arm: str, point: dict[str, Any]) -> str:
     return arm + "[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) + "]"
 
 
-def expand(grid: Grid) -> list[Run]:
-    """Every run of the grid, each validated as a recipe (so a bad grid fails before any run)."""
-    out = Path(grid.out_dir)
-    runs: list[Run] = []
+def _cells(grid: Grid) -> list[tuple[str, str]]:
+    """``(variant, arm)`` of every cell the grid runs (before sweep points)."""
+    out = []
     for vname, variant in grid.variants.items():
-        for arm, arm_overrides in grid.arms.items():
+        for arm in grid.arms:
+            if arm == grid.control and not variant.control:
+                continue
             if variant.arms is not None and arm != grid.control and arm not in variant.arms:
                 continue
-            points = [{}] if arm == grid.control else _sweep_points(grid.sweep)
-            for point in points:
-                name = _point_name(arm, point)
-                for seed in variant.seeds or grid.seeds:
-                    run_dir = out / vname / name / f"seed{seed}"
-                    merged = {**grid.overrides, **variant.overrides, **arm_overrides, **point}
-                    overrides = tuple(
-                        [_as_override(k, v) for k, v in merged.items()]
-                        + [f"seed={seed}", f"out_dir={run_dir}", f"name={vname}-{name}-seed{seed}"]
-                    )
-                    try:
-                        load_recipe(variant.recipe, list(overrides))
-                    except RecipeError as exc:
-                        raise RecipeError(f"grid {grid.name!r}, run {vname}/{name}/seed{seed}: {exc}") from None
-                    runs.append(Run(vname, name, seed, variant.recipe, overrides, str(run_dir)))
+            out.append((vname, arm))
+    return out
+
+
+def expand(grid: Grid, only: list[str] | None = None) -> list[Run]:
+    """Every run of the grid (of the variants ``only`` names, if given), each validated as a recipe
+    (so a bad grid fails before any run)."""
+    out = Path(grid.out_dir)
+    unknown = sorted(set(only or []) - set(grid.variants))
+    if unknown:
+        raise RecipeError(f"grid {grid.name!r}: --only {unknown}: not among variants {sorted(grid.variants)}")
+    runs: list[Run] = []
+    for vname, arm in _cells(grid):
+        if only and vname not in only:
+            continue
+        variant, arm_overrides = grid.variants[vname], grid.arms[arm]
+        points = [{}] if arm == grid.control else _sweep_points(grid.sweep)
+        for point in points:
+            name = _point_name(arm, point)
+            for seed in variant.seeds or grid.seeds:
+                run_dir = out / vname / name / f"seed{seed}"
+                merged = {**grid.overrides, **variant.overrides, **arm_overrides, **point}
+                overrides = tuple(
+                    [_as_override(k, v) for k, v in merged.items()]
+                    + [f"seed={seed}", f"out_dir={run_dir}", f"name={vname}-{name}-seed{seed}"]
+                )
+                try:
+                    load_recipe(variant.recipe, list(overrides))
+                except RecipeError as exc:
+                    raise RecipeError(f"grid {grid.name!r}, run {vname}/{name}/seed{seed}: {exc}") from None
+                runs.append(Run(vname, name, seed, variant.recipe, overrides, str(run_dir)))
     return runs
 
 
@@ -186,12 +230,14 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     return run, code, time.perf_counter() - start
 
 
-def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False) -> int:
-    """Run every unfinished run of ``grid``; ``jobs`` processes at a time. Returns an exit code."""
+def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] | None = None) -> int:
+    """Run every unfinished run of ``grid`` (of the variants ``only`` names, if given; the record
+    lists them all); ``jobs`` processes at a time. Returns an exit code."""
     runs = expand(grid)
     grid_dir = Path(grid.out_dir)
-    todo = [r for r in runs if not is_finished(r)]
-    print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
+    todo = [r for r in expand(grid, only) if not is_finished(r)]
+    print(f"grid {grid.name}: {len(runs)} runs, {sum(map(is_finished, runs))} finished, {len(todo)} to run"
+          f"{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time")
     if dry_run:
         for r in todo:
             print("  slowqk train", r.recipe, " ".join(r.overrides))

@@ -4,13 +4,20 @@ Per variant and arm: final validation loss and perplexity (mean, sample std over
 downstream scores when a run has them (``<run>/eval/results.json``). Per variant and non-control
 arm: the **paired** difference ``arm - control`` over the seeds both have, with a two-sided 95%
 Student-t confidence interval ``mean +- t_{0.975, n-1} * sd / sqrt(n)``.
+
+A grid's pre-registered ``contrasts`` (``arm - minus``, any two cells) get the same paired
+interval, a two-sided paired t-test p-value, and the grid's family-wise correction over all of
+them at alpha 0.05: Holm's step-down adjusted p-values (a contrast survives when its adjusted p is
+below alpha) or Bonferroni's; the intervals shown beside them are Bonferroni's (level 1 - alpha/m),
+which Holm's decisions never contradict for the contrast with the smallest p and are conservative
+for the others.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +78,70 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> Inter
         return Interval(n, mean, std, math.nan, math.nan)
     half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return Interval(n, mean, std, mean - half, mean + half)
+
+
+ALPHA = 0.05
+
+
+def paired_p_value(differences: list[float]) -> float:
+    """Two-sided paired t-test of mean difference 0 (nan below two pairs; 0 or 1 when sd is 0)."""
+    from scipy.stats import t
+
+    n = len(differences)
+    mean, std = mean_std(differences)
+    if n < 2:
+        return math.nan
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+
+
+def adjusted_p_values(p_values: list[float], correction: str) -> list[float]:
+    """Family-wise adjusted p-values: Holm's step-down, Bonferroni's, or unchanged (``none``)."""
+    m = len(p_values)
+    if correction == "none":
+        return list(p_values)
+    if correction == "bonferroni":
+        return [min(1.0, m * p) for p in p_values]
+    if correction != "holm":
+        raise ValueError(f"correction {correction!r}: expected holm, bonferroni or none")
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
+
+
+def contrast_rows(grid: dict, by: dict) -> list[dict]:
+    """The grid's pre-registered contrasts, paired by seed, with the family-wise correction."""
+    contrasts = grid.get("contrasts") or []
+    correction = grid.get("correction", "holm")
+    sizes = Counter(c.get("family", "primary") for c in contrasts)
+    rows = []
+    for c in contrasts:
+        family = c.get("family", "primary")
+        m = sizes[family]
+        a, b = (by.get(tuple(c[k].split("/", 1)), {}) for k in ("arm", "minus"))
+        common = sorted(set(a) & set(b))
+        diffs = [a[k].final_val_loss - b[k].final_val_loss for k in common]
+        row = {"name": c["name"], "family": family, "family_size": m, "arm": c["arm"], "minus": c["minus"],
+               "seeds": common, "val_loss_diff": diffs}
+        if len(common) >= 2:
+            ci = paired_interval(diffs)
+            level = 1 - ALPHA / m if correction != "none" else 1 - ALPHA
+            wide = paired_interval(diffs, level)
+            row.update(mean=ci.mean, std=ci.std, ci95=[ci.low, ci.high], p=paired_p_value(diffs),
+                       adjusted_level=level, ci_adjusted=[wide.low, wide.high])
+        rows.append(row)
+    for family in sizes:
+        tested = [r for r in rows if "p" in r and r["family"] == family]
+        # a contrast without two pairs still counts in m: the family was fixed before the runs
+        adjusted = adjusted_p_values([r["p"] for r in tested] + [1.0] * (sizes[family] - len(tested)), correction)
+        for r, adj in zip(tested, adjusted, strict=False):
+            r["p_adjusted"] = adj
+            r["survives"] = adj < ALPHA
+    return rows
 
 
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
@@ -153,7 +224,8 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
                 pair["upper_entropy"] = {"control": float(np.mean([b for _, b in ent])), "arm": float(np.mean([a for a, _ in ent])),
                                          "diff": e.mean, "ci95": [e.low, e.high]}
             pairs.append(pair)
-    return {"rows": rows, "pairs": pairs, "provenance": provenance_summary(results)}
+    return {"rows": rows, "pairs": pairs, "contrasts": contrast_rows(grid, by),
+            "correction": grid.get("correction", "holm"), "provenance": provenance_summary(results)}
 
 
 def provenance_summary(results: list[RunResult]) -> dict:
@@ -206,6 +278,8 @@ def format_markdown(summary: dict) -> str:
         sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
         lines.append(f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, {_fmt(hi)}] | "
                      f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | {sig} |")
+    if summary.get("contrasts"):
+        lines += _contrast_lines(summary["contrasts"], summary.get("correction", "holm"))
     with_entropy = [p for p in summary["pairs"] if "upper_entropy" in p]
     if with_entropy:
         lines += ["", "Final attention entropy of the upper half of the layers (normalized; diagnostics' last probe), "
@@ -230,6 +304,25 @@ def format_markdown(summary: dict) -> str:
         if prov["unrecorded_runs"]:
             lines.append(f"- {prov['unrecorded_runs']} runs without a record (made before records were kept)")
     return "\n".join(lines) + "\n"
+
+
+def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
+    sizes = {c["family"]: c["family_size"] for c in contrasts}
+    lines = ["", f"Pre-registered contrasts (final val loss, arm - minus, paired by seed; {correction} within each "
+             f"family ({', '.join(f'{f}: {m}' for f, m in sizes.items())}), family-wise alpha {ALPHA}; the second "
+             "interval is Bonferroni's, level 1 - alpha/m):", "",
+             "| family | contrast | arm - minus | pairs | Δ [95% CI] | Δ [adjusted CI] | p | p adjusted | survives |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in contrasts:
+        if "p" not in c:
+            lines.append(f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | "
+                         "n/a | n/a | n/a | n/a | n/a |")
+            continue
+        (lo, hi), (alo, ahi) = c["ci95"], c["ci_adjusted"]
+        lines.append(f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | {c['mean']:+.4f} "
+                     f"[{_fmt(lo)}, {_fmt(hi)}] | [{_fmt(alo)}, {_fmt(ahi)}] | {c['p']:.3g} | {c['p_adjusted']:.3g} | "
+                     f"{'yes' if c['survives'] else 'no'} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- plots

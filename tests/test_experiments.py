@@ -78,6 +78,80 @@ def test_bad_grids_name_the_problem(tmp_path, extra, cli, match) -> None:
         expand(load_grid(_grid_file(tmp_path, **extra), cli))
 
 
+def test_holm_and_bonferroni_match_a_hand_computed_example() -> None:
+    from slowqk.summary import adjusted_p_values, paired_p_value
+
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005 (x4), 0.01 (x3), 0.03 (x2), 0.04 (x1), each at least the one before
+    assert adjusted_p_values(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert adjusted_p_values(p, "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 0.02])
+    assert adjusted_p_values([0.4, 0.6], "holm") == pytest.approx([0.8, 0.8])  # capped by monotonicity
+    # differences 0.1, 0.2, 0.3: t = 0.2 / (0.1 / sqrt 3) = 3.4641, df 2 -> two-sided p = 0.074180
+    assert paired_p_value([0.1, 0.2, 0.3]) == pytest.approx(0.0741799, abs=1e-6)
+    assert paired_p_value([0.2, 0.2]) == 0.0 and math.isnan(paired_p_value([0.2]))
+
+
+def test_contrasts_pair_any_two_cells_and_correct_within_their_family() -> None:
+    def run(variant, arm, seed, loss):
+        return RunResult(variant, arm, seed, Path("."), loss, [(10, loss)])
+
+    results = [run("a", "control", k, 3.0 + 0.01 * k) for k in (1, 2, 3, 4)]
+    results += [run("a", "slow", k, 2.9 + 0.01 * k + 0.001 * (k % 2)) for k in (1, 2, 3, 4)]  # ~ -0.1 every seed
+    results += [run("b", "other", k, 3.0 + 0.01 * k + 0.02 * (-1) ** k) for k in (2, 3, 4, 5)]  # noise around 0
+    grid = {"control": "control", "correction": "holm", "contrasts": [
+        {"name": "slow", "arm": "a/slow", "minus": "a/control", "family": "main"},
+        {"name": "slow-vs-other", "arm": "a/slow", "minus": "b/other", "family": "main"},
+        {"name": "other", "arm": "b/other", "minus": "a/control", "family": "extra"}]}
+    got = {c["name"]: c for c in summarize(grid, results)["contrasts"]}
+    assert got["slow"]["seeds"] == [1, 2, 3, 4] and got["slow-vs-other"]["seeds"] == [2, 3, 4]
+    assert got["slow"]["mean"] == pytest.approx(-0.0995)
+    assert got["slow"]["p_adjusted"] == pytest.approx(2 * got["slow"]["p"]) and got["slow"]["survives"]
+    assert got["other"]["family_size"] == 1 and got["other"]["p_adjusted"] == got["other"]["p"]
+    assert not got["other"]["survives"]
+    # the Bonferroni interval of a family of 2 is the 97.5% one: wider than the 95% one
+    lo, hi = got["slow"]["ci_adjusted"]
+    assert lo < got["slow"]["ci95"][0] and hi > got["slow"]["ci95"][1]
+    from slowqk.summary import format_markdown
+
+    text = format_markdown(dict(summarize(grid, results), provenance=None))
+    assert "| main | slow | a/slow - a/control | 4 | -0.0995" in text
+
+
+def test_variants_without_control_only_listed_and_bad_contrasts(tmp_path, capsys) -> None:
+    variants = {"gpt": {"recipe": "tiny/gpt", "arms": []},
+                "more": {"recipe": "tiny/gpt", "control": False, "arms": ["slowqk"], "seeds": [1]}}
+    contrasts = [{"name": "x", "arm": "more/slowqk", "minus": "gpt/control"}]
+    grid = load_grid(_grid_file(tmp_path, variants=variants, contrasts=contrasts))
+    assert sorted((r.variant, r.arm, r.seed) for r in expand(grid)) == [
+        ("gpt", "control", 1), ("gpt", "control", 2), ("more", "slowqk", 1)]
+    assert [r.variant for r in expand(grid, ["more"])] == ["more"]
+    with pytest.raises(RecipeError, match=r"--only \['gpu'\]"):
+        expand(grid, ["gpu"])
+    assert run_grid(grid, dry_run=True, only=["more"]) == 0
+    assert "3 runs, 0 finished, 1 to run (variants more)" in capsys.readouterr().out
+    bad = [{"name": "x", "arm": "more/control", "minus": "gpt/control"}]  # `more` runs no control
+    with pytest.raises(RecipeError, match=r"contrasts.0.arm': 'more/control' is no variant/arm"):
+        load_grid(_grid_file(tmp_path, variants=variants, contrasts=bad))
+    with pytest.raises(RecipeError, match="used twice"):
+        load_grid(_grid_file(tmp_path, variants=variants, contrasts=contrasts * 2))
+
+
+def test_the_specificity_grid_is_what_its_comments_say() -> None:
+    from collections import Counter
+
+    from conftest import REPO
+
+    grid = load_grid(REPO / "recipes" / "study" / "specificity.yaml")
+    runs = expand(grid)
+    assert len(runs) == 75
+    per_cell = Counter((r.variant, r.arm) for r in runs)
+    for arm in ("control", "slowdown", "lower-qk", "upper-v"):
+        assert per_cell[("gpt", arm)] == 8  # the three main contrasts
+    assert all(n >= 5 for cell, n in per_cell.items() if not cell[0].startswith("warmup") or cell[0] == "warmup10")
+    families = Counter(c.family for c in grid.contrasts)
+    assert families == {"confirmatory": 8, "descriptive": 3} and grid.correction == "holm"
+
+
 @pytest.mark.slow
 def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     from conftest import SHARED
