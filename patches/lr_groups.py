@@ -264,7 +264,10 @@ class _Scaled:
 
     main_params: list[torch.Tensor] = field(default_factory=list)
     blocks: list[list[Block]] = field(default_factory=list)
+    # the elements before the step; allocated once and reused while the group is active (fresh
+    # allocations every step cost more than the copy on CPU), freed once its multiplier is 1
     snapshot: list[torch.Tensor] = field(default_factory=list)
+    taken: bool = False
 
     def views(self) -> list[torch.Tensor]:
         out = []
@@ -316,7 +319,14 @@ class LRGroups:
             start = time.perf_counter()
             with torch.no_grad():
                 for name, scaled in groups.items():
-                    scaled.snapshot = [t.clone() for t in scaled.views()] if self.mults[name] != 1.0 else []
+                    scaled.taken = self.mults[name] != 1.0
+                    if not scaled.taken:
+                        scaled.snapshot = []
+                        continue
+                    views = scaled.views()
+                    if not scaled.snapshot:
+                        scaled.snapshot = [torch.empty_like(v) for v in views]
+                    torch._foreach_copy_(scaled.snapshot, views)
             self.seconds += time.perf_counter() - start
             return None
 
@@ -330,14 +340,14 @@ class LRGroups:
             with torch.no_grad():
                 for name, scaled in groups.items():
                     mult, snaps = self.mults[name], scaled.snapshot
-                    if mult == 1.0 or not snaps:
+                    if mult == 1.0 or not scaled.taken:
                         continue
                     views = scaled.views()
                     # p = old + mult * (new - old), in place on the main-param views
                     torch._foreach_sub_(views, snaps)
                     torch._foreach_mul_(views, mult)
                     torch._foreach_add_(views, snaps)
-                    scaled.snapshot = []
+                    scaled.taken = False
             self.seconds += time.perf_counter() - start
 
         return post_hook

@@ -397,6 +397,30 @@ def plot_paired_differences(summary: dict, path: Path) -> Path:
     return path
 
 
+def plot_contrasts(summary: dict, path: Path) -> Path:
+    """Forest plot of the pre-registered contrasts: per-seed differences, mean, 95% and
+    family-wise (Bonferroni) intervals; the survivors of the correction in red."""
+    plt = _plt()
+    rows = [c for c in summary["contrasts"] if "p" in c][::-1]  # first contrast on top
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    for i, c in enumerate(rows):
+        color = "C3" if c["survives"] else "C0"
+        ax.scatter(c["val_loss_diff"], [i] * len(c["val_loss_diff"]), color="grey", s=10, zorder=2)
+        ax.plot(c["ci_adjusted"], [i, i], color=color, lw=1, zorder=3)
+        ax.plot(c["ci95"], [i, i], color=color, lw=4, alpha=0.6, zorder=3)
+        ax.scatter([c["mean"]], [i], color=color, zorder=4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{c['name']} (n={len(c['seeds'])})" for c in rows], fontsize=8)
+    ax.set_xlabel("Δ final val loss (arm - minus); < 0: the arm reaches a lower loss")
+    ax.set_title(f"contrasts: 95% CI (thick), Bonferroni CI (thin); red = survives {summary.get('correction')}",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _diagnostic_series(runs: list[RunResult], key: str) -> tuple[list[int], np.ndarray] | None:
     """``(steps, [seed, step, layer])`` of a per-layer diagnostic over the runs that have it."""
     series, steps = [], None
@@ -484,6 +508,7 @@ def write_summary(grid_dir: str | Path, out_dir: str | Path | None = None) -> tu
     files = [out / "summary.md", out / "summary.json",
              plot_loss_curves(results, out / "loss_curves.png"),
              plot_paired_differences(summary, out / "paired_differences.png") if summary["pairs"] else None,
+             plot_contrasts(summary, out / "contrasts.png") if any("p" in c for c in summary["contrasts"]) else None,
              *plot_entropy_heatmaps(results, out),
              plot_lambda(results, out / "lambda.png")]
     return table, [f for f in files if f is not None]

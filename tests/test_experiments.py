@@ -91,7 +91,7 @@ def test_holm_and_bonferroni_match_a_hand_computed_example() -> None:
     assert paired_p_value([0.2, 0.2]) == 0.0 and math.isnan(paired_p_value([0.2]))
 
 
-def test_contrasts_pair_any_two_cells_and_correct_within_their_family() -> None:
+def test_contrasts_pair_any_two_cells_and_correct_within_their_family(tmp_path) -> None:
     def run(variant, arm, seed, loss):
         return RunResult(variant, arm, seed, Path("."), loss, [(10, loss)])
 
@@ -111,10 +111,12 @@ def test_contrasts_pair_any_two_cells_and_correct_within_their_family() -> None:
     # the Bonferroni interval of a family of 2 is the 97.5% one: wider than the 95% one
     lo, hi = got["slow"]["ci_adjusted"]
     assert lo < got["slow"]["ci95"][0] and hi > got["slow"]["ci95"][1]
-    from slowqk.summary import format_markdown
+    from slowqk.summary import format_markdown, plot_contrasts
 
-    text = format_markdown(dict(summarize(grid, results), provenance=None))
+    summary = summarize(grid, results)
+    text = format_markdown(dict(summary, provenance=None))
     assert "| main | slow | a/slow - a/control | 4 | -0.0995" in text
+    assert plot_contrasts(summary, tmp_path / "contrasts.png").stat().st_size > 1000
 
 
 def test_variants_without_control_only_listed_and_bad_contrasts(tmp_path, capsys) -> None:
