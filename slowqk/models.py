@@ -128,6 +128,30 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
     return spec
 
 
+def replay_earlier_stages(model: ModelConfig, config: TransformerConfig, spec, vocab_size: int) -> int:
+    """Draw, and drop, the initial weights of what comes before this pipeline stage.
+
+    megatron-core initializes each stage's modules from the same seeded generator in build order,
+    so at PP=1 layer 2 draws after the embedding and layers 0-1, while a second stage starting at
+    layer 2 draws first and gets other weights. Building the earlier modules here (one at a time,
+    then freed) leaves the generators where PP=1 would have them: the same seed gives the same
+    initial weights at any pipeline layout (TP already scatters weights drawn in full). Returns
+    the number of layers replayed."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage():
+        return 0
+    LanguageModelEmbedding(config=config, vocab_size=vocab_size, max_sequence_length=model.seq_length,
+                           position_embedding_type="rope" if model.position == "rope" else "learned_absolute")
+    offset = get_transformer_layer_offset(config)
+    for _ in range(offset):
+        build_module(spec, config=config, layer_number=1)
+    return offset
+
+
 def build_gpt_model(
     model: ModelConfig,
     config: TransformerConfig,
@@ -137,10 +161,13 @@ def build_gpt_model(
     post_process: bool = True,
     probe: bool = False,
 ) -> GPTModel:
-    """``model.attention_backend`` decides the spec (see :func:`resolve_attention_backend`)."""
+    """``model.attention_backend`` decides the spec (see :func:`resolve_attention_backend`); the
+    initial weights do not depend on the pipeline layout (:func:`replay_earlier_stages`)."""
+    spec = layer_spec(model, resolve_attention_backend(model.attention_backend), probe)
+    replay_earlier_stages(model, config, spec, vocab_size)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, resolve_attention_backend(model.attention_backend), probe),
+        transformer_layer_spec=spec,
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import small_run_overrides
 from multiproc import run_ranks
 
@@ -213,3 +214,56 @@ def test_early_warning_fires_in_a_harsh_run_and_stays_quiet_in_the_control(small
     assert any("warning" in r for r in harsh_diag)
     assert control["specialization_warning"] == {"fired": False, "probes_firing": 0, "first": None, "gap": 0.1}
     assert not any("warning" in r for r in control_diag)
+
+
+def _initial_state(rank: int, world: int, tp: int, pp: int, model: dict) -> dict:
+    from megatron.core import parallel_state
+    from megatron_harness import VOCAB, gather_full_state, tiny_recipe
+
+    from slowqk.distributed import init_distributed, shutdown
+    from slowqk.models import build_gpt_model, build_transformer_config
+
+    recipe = tiny_recipe(model=model, parallel={"tensor": tp, "pipeline": pp})
+    init_distributed(recipe.parallel, recipe.seed)
+    cfg = build_transformer_config(recipe.model, tensor_parallel=tp, pipeline_parallel=pp)
+    built = build_gpt_model(recipe.model, cfg, VOCAB, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
+    state = gather_full_state(built, recipe.model.ffn == "swiglu")
+    shutdown()
+    return state
+
+
+LLAMA_UNTIED = {"num_query_groups": 2, "ffn": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope",
+                "tie_embeddings": False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [{}, LLAMA_UNTIED], ids=["gpt-tied", "llama-untied"])
+def test_the_same_seed_gives_the_same_initial_weights_at_any_layout(model) -> None:
+    """megatron-core draws each pipeline stage's weights from the same seeded generator; without
+    replaying the earlier stages, PP=2's layers 2-3 would start as PP=1's layers 0-1 do."""
+    one = run_ranks(_initial_state, 1, 1, 1, model)[0]
+    for tp, pp in ((1, 2), (2, 2)):
+        got = run_ranks(_initial_state, tp * pp, tp, pp, model)[0]
+        tied_copy = got.pop("output_layer.weight") if "output_layer.weight" not in one else None
+        assert got.keys() == one.keys()
+        differ = [k for k in one if not torch.equal(one[k], got[k])]
+        assert not differ, (tp, pp, differ)
+        if tied_copy is not None:  # the last stage's copy of the tied embedding
+            assert torch.equal(tied_copy, one["embedding.word_embeddings.weight"])
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_run_at_any_layout(small_dataset, tmp_path) -> None:
+    """From scratch, one process vs PP=2 vs TP=2 x PP=2: the same step-1 loss (to fp32 rounding:
+    the layouts reduce in other orders) and the adaptive release on the same step."""
+    runs = {}
+    for name, (world, extra) in {"single": (1, {}), "pp2": (2, {"parallel.pipeline": 2}),
+                                 "tp2pp2": (4, {"parallel.tensor": 2, "parallel.pipeline": 2})}.items():
+        run_ranks(_train, world, _overrides(small_dataset, tmp_path / name, **extra))
+        runs[name] = (_records(tmp_path / name), json.loads((tmp_path / name / "summary.json").read_text()))
+    ref, ref_summary = runs["single"]
+    for name, (records, summary) in runs.items():
+        assert records[1]["loss"] == pytest.approx(ref[1]["loss"], rel=1e-6, abs=0), name
+        assert summary["qk_release"]["step"] == ref_summary["qk_release"]["step"] == RELEASE, name
+
