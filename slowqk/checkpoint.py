@@ -14,6 +14,7 @@ previous checkpoint as "latest".
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +40,10 @@ log = logging.getLogger("slowqk.checkpoint")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointSpaceError(CheckpointError):
+    """Not enough space for a checkpoint; nothing of it is left and the previous one stays latest."""
 
 LATEST = "latest"
 RECORD = "slowqk_checkpoint.json"
@@ -182,9 +187,68 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     }
 
 
+def _saved_bytes(state: dict) -> int:
+    """Bytes this rank's share of ``state`` writes: the main replica of each sharded tensor."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    total = 0
+    for v in nested_values(state):
+        if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:
+            total += v.data.numel() * v.data.element_size()
+    return total
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _check_space(ckpt_root: Path, step: int, state: dict, files: dict[str, Path]) -> None:
+    """Refuse a save that cannot fit, on every rank alike, before anything is written."""
+    here = _saved_bytes(state) + (sum(Path(f).stat().st_size for f in files.values()) if dist.get_rank() == 0 else 0)
+    needed = torch.tensor([float(here)], dtype=torch.float64)
+    dist.all_reduce(needed)  # gloo/nccl sum over the world
+    need = needed.item() * 1.05 + 2**20  # metadata, the record and the RNG states
+    free = shutil.disk_usage(ckpt_root).free
+    short = torch.tensor([1.0 if free < need else 0.0], dtype=torch.float64)
+    dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item():
+        raise CheckpointSpaceError(
+            f"checkpoint at step {step}: {ckpt_root} has {_mib(free)} free, the checkpoint needs about {_mib(need)}; "
+            f"nothing was written and {_latest_text(ckpt_root)} stays the latest; free space and resume")
+
+
+def _latest_text(ckpt_root: Path) -> str:
+    pointer = ckpt_root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """ENOSPC, also as dist_checkpointing re-raises it from its writer ('Worker failure: [Errno 28]')."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
 def save_checkpoint(
     ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any],
     files: dict[str, Path] | None = None,
+) -> Path:
+    try:
+        return _save_checkpoint(ckpt_root, step, model_chunks, optimizer, scheduler, extra, files or {})
+    except CheckpointSpaceError:
+        raise
+    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if not _is_no_space(exc):
+            raise
+        tmp = ckpt_root / (_iter_name(step) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSpaceError(
+            f"checkpoint at step {step}: {ckpt_root} ran out of space while writing (No space left on device); the "
+            f"partial copy was removed and {_latest_text(ckpt_root)} stays the latest; free space and resume") from None
+
+
+def _save_checkpoint(
+    ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any],
+    files: dict[str, Path],
 ) -> Path:
     """Save a complete checkpoint for ``step`` (number of optimizer steps done); with
     ``optimizer=None`` a weights-only one (``train.init_from`` loads it, e.g. an HF import).
@@ -195,23 +259,26 @@ def save_checkpoint(
     rank = dist.get_rank()
     final = ckpt_root / _iter_name(step)
     tmp = ckpt_root / (_iter_name(step) + ".tmp")
-    if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
     if optimizer is None:
         state = _sharded_model_state(model_chunks)
     else:
         state = _sharded_state(model_chunks, optimizer, is_loading=False)
         state["scheduler"] = scheduler.state_dict()
     state["extra"] = {**extra, "step": step}
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _check_space(ckpt_root, step, state, files)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     with _stop_signals_deferred():
         dist_checkpointing.save(state, str(tmp))
     # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
     torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        for name, src in (files or {}).items():
+        for name, src in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
     dist.barrier()
@@ -365,13 +432,23 @@ def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
     return read_extra(path)
 
 
+def remove_leftovers(ckpt_root: Path) -> list[str]:
+    """Remove the ``.tmp`` directories interrupted saves left behind (rank 0); their names."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return []
+    gone = []
+    for leftover in sorted(ckpt_root.glob("iter_*.tmp")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        gone.append(leftover.name)
+    return gone
+
+
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int | None = None) -> None:
     """Keep the newest ``keep_last`` and every multiple of ``keep_every`` (permanent); drop the rest
     and any leftover ``.tmp`` directories of interrupted saves."""
     if dist.get_rank() != 0:
         return
-    for leftover in ckpt_root.glob("iter_*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(ckpt_root)
     done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep_last]:
         step = int(old.name.split("_")[1])

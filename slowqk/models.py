@@ -138,7 +138,9 @@ def replay_earlier_stages(model: ModelConfig, config: TransformerConfig, spec, v
     initial weights at any pipeline layout (TP already scatters weights drawn in full). Returns
     the number of layers replayed."""
     from megatron.core import parallel_state
-    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+    from megatron.core.models.common.embeddings.language_model_embedding import (
+        LanguageModelEmbedding,
+    )
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 

@@ -143,6 +143,10 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // per_step
 
+        from slowqk.checkpoint import remove_leftovers
+
+        for name in remove_leftovers(self.ckpt_root):  # what interrupted saves left (before any new one)
+            log.info("removed %s: the partial copy of an interrupted save", self.ckpt_root / name)
         self.resume_from = self._resumable_checkpoint(allow_recipe_change) if resume else None
         # the environment's side of the model choice, before any data work (an error comes at once)
         self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
