@@ -56,7 +56,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from slowqk.checkpoint import CheckpointError
-    from slowqk.train import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Preempted, train
+    from slowqk.distributed import PeerTimeout
+    from slowqk.train import (
+        EXIT_NONFINITE,
+        EXIT_PEER_TIMEOUT,
+        EXIT_PREEMPTED,
+        NonFiniteError,
+        Preempted,
+        train,
+    )
 
     recipe = load_recipe(args.recipe, args.overrides)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -77,6 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except PeerTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_TIMEOUT)  # exit handlers would wait on the peer that does not answer
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

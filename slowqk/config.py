@@ -231,6 +231,9 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(50, ge=1)
     eval_iters: int = Field(4, ge=1)
     save_interval: int | None = Field(None, ge=1)
+    dist_timeout: float = Field(
+        600.0, gt=0, description="seconds a rank waits for its peers (process-group creation and every "
+        "collective) before it stops with one line naming the step, exit 4; torch's own default is 30 min")
     init_from: str | None = Field(
         None, description="start from these weights (a checkpoint or checkpoint root, e.g. from import-hf); "
         "fresh optimizer, step 0; ignored when the run resumes from its own checkpoint")
@@ -638,7 +641,7 @@ RESUME_SAFE_PREFIXES = (
     "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
     "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
     "model.attention_backend", "train.fused_kernels",  # the same math through other kernels
-    "data.verify",
+    "data.verify", "train.dist_timeout",
 )
 
 

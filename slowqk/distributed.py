@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
     return world_size // (tensor * pipeline)
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = None) -> Layout:
-    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state."""
+def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = None,
+                     timeout_s: float | None = None) -> Layout:
+    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state;
+    ``timeout_s`` bounds how long any rank waits for the others, in every process group."""
     from megatron.core import parallel_state, tensor_parallel
 
     from slowqk.patches import cpu_compat, megatron_fixes
@@ -47,6 +50,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = Non
     if not cuda:
         cpu_compat.apply()
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         rank = int(os.environ.get("RANK", "0"))
@@ -58,20 +62,33 @@ def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = Non
             # "free" port first races with other processes starting at the same moment)
             store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, True)
             os.environ["MASTER_PORT"] = str(store.port)
-            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, **timeout)
         else:
             os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
     world = dist.get_world_size()
     data = check_layout(world, parallel.tensor, parallel.pipeline)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor,
             pipeline_model_parallel_size=parallel.pipeline,
+            **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
         )
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Layout(world, parallel.tensor, parallel.pipeline, data, dist.get_rank())
+
+
+class PeerTimeout(RuntimeError):
+    """A peer rank did not answer within ``train.dist_timeout``."""
+
+
+def is_peer_timeout(exc: BaseException) -> bool:
+    """A collective or the rendezvous gave up waiting (gloo: 'Timed out waiting ...'; the store:
+    'Timed out after ...'; a peer that died meanwhile: 'Connection closed by peer')."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, dist.DistError)) and (
+        "Timed out" in text or "timed out" in text or "Connection closed by peer" in text)
 
 
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")

@@ -73,7 +73,7 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     if stage not in (1, 2, 3):
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
     # layout, unsupported features and the optimizer were checked when the recipe was loaded
-    layout = init_distributed(recipe.parallel, recipe.seed)
+    layout = init_distributed(recipe.parallel, recipe.seed, timeout_s=recipe.train.dist_timeout)
     t = recipe.train
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     run_dir = recipe.run_dir

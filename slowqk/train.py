@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from slowqk.config import ModelConfig, Recipe, architecture, recipe_to_yaml
-from slowqk.distributed import init_distributed, shutdown
+from slowqk.distributed import PeerTimeout, init_distributed, is_peer_timeout, shutdown
 
 EXIT_PREEMPTED = 75  # a signal asked the run to stop; a checkpoint was saved; resume to continue
 EXIT_FORCED = 76  # a second signal: stopped at once, without a checkpoint
 EXIT_NONFINITE = 3  # too many non-finite steps; the last good checkpoint is kept
+EXIT_PEER_TIMEOUT = 4  # a peer rank did not answer within train.dist_timeout
 
 log = logging.getLogger("slowqk.train")
 
@@ -129,7 +130,7 @@ class Trainer:
 
         self.recipe = recipe
         self.quiet = quiet
-        self.layout = init_distributed(recipe.parallel, recipe.seed)
+        self.layout = init_distributed(recipe.parallel, recipe.seed, timeout_s=recipe.train.dist_timeout)
         self.rank = self.layout.rank
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.run_dir = recipe.run_dir
@@ -547,10 +548,29 @@ class Trainer:
         return summary
 
 
+def _peer_timeout(recipe: Recipe, where: str) -> PeerTimeout:
+    rank = int(os.environ.get("RANK", "0"))
+    return PeerTimeout(f"rank {rank}: a peer rank did not answer within train.dist_timeout={recipe.train.dist_timeout:g} s "
+                       f"{where}; checkpoints already written are intact (a stopped or hung rank? see the other "
+                       "ranks' logs)")
+
+
 def train(recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False) -> dict:
-    trainer = Trainer(recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change)
+    try:
+        trainer = Trainer(recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change)
+    except BaseException as exc:
+        if is_peer_timeout(exc):
+            raise _peer_timeout(recipe, "while starting") from None
+        raise
+    peer_lost = False
     try:
         return trainer.run()
+    except BaseException as exc:
+        if is_peer_timeout(exc):
+            peer_lost = True
+            raise _peer_timeout(recipe, f"at step {trainer.step + 1}") from None
+        raise
     finally:
         trainer.metrics.close()
-        shutdown()
+        if not peer_lost:  # shutdown's barrier would wait for the peer that does not answer
+            shutdown()

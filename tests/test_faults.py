@@ -62,8 +62,8 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, flags: list
     procs = []
     logs = tempfile.mkdtemp(prefix="ranks")
     for rank in range(nproc):
-        e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
+        e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
         procs.append(CliProcess(["train", "tiny/gpt", *args, "--quiet", *(flags or [])], e, f"{logs}/rank{rank}.err"))
     if on_start is not None:
         on_start(procs)
@@ -386,3 +386,59 @@ def test_bad_recipe_values_are_refused_when_the_recipe_loads(dataset, tmp_path, 
         shown = " ".join(overrides) + (" (qk.unit=steps)" if "=2.5" in overrides[-1] else "")
         fault_record("bad recipe value", shown, "refused at load, one line naming the key",
                      err.strip().split("key ", 1)[-1])
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_others_within_the_timeout(dataset, tmp_path, fault_record) -> None:
+    """Rank 1 is stopped with SIGSTOP after step 3 (a checkpoint at step 2 exists): rank 0 gives up
+    after train.dist_timeout with one line naming the timeout and the step, exit 4."""
+    import threading
+
+    from slowqk.checkpoint import verify_checkpoint
+
+    timeout, margin = 8, 30  # the margin: a loaded 2-core machine, and the step in flight
+    run = tmp_path / "run"
+    seen: dict[str, float] = {}
+
+    def stop_rank1_after_step3(procs) -> None:
+        def watch() -> None:
+            metrics = run / "metrics.jsonl"
+            while procs[0].poll() is None:
+                steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+                if "stopped" not in seen and steps and max(steps) >= 3:
+                    procs[1].send_signal(signal.SIGSTOP)
+                    seen["stopped"] = time.time()
+                time.sleep(0.05)
+            seen["rank0_exit"] = time.time()
+            procs[1].kill()  # the stopped rank never exits by itself (a launcher would kill it too)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    codes = launch(_args(dataset, run, **{"train.steps": 200, "train.dist_timeout": timeout}),
+                   on_start=stop_rank1_after_step3)
+    err = launch.last[0].stderr_text
+    assert codes[0] == 4, (codes, err[-2000:])
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"train.dist_timeout={timeout} s at step " in lines[0], lines
+    waited = seen["rank0_exit"] - seen["stopped"]
+    assert timeout <= waited + 1 and waited < timeout + margin, waited
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    verify_checkpoint(run / "checkpoints" / latest)  # what was written before the hang is intact
+    fault_record("hung rank", f"SIGSTOP of rank 1 (of 2) after step 3, train.dist_timeout={timeout} s",
+                 "rank 0 stops within the timeout plus a margin, one line, non-zero exit; checkpoints intact",
+                 f"rank 0 exited with 4 after {waited:.1f} s: {lines[0][:120]}; {latest} verified")
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_comes_is_one_line_within_the_timeout(dataset, tmp_path) -> None:
+    """train.dist_timeout reaches process-group creation: rank 0 of 2 waits that long, no longer."""
+    start = time.time()
+    codes = launch(_args(dataset, tmp_path / "run", **{"train.dist_timeout": 5}), nproc=1,
+                   env={"WORLD_SIZE": "2"})
+    waited = time.time() - start
+    err = launch.last[0].stderr_text
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert codes == [4] and len(lines) == 1 and "Traceback" not in err, (codes, err[-2000:])
+    assert "train.dist_timeout=5 s while starting" in lines[0], lines
+    assert waited + 1 >= 5 and waited < 5 + 30, waited
