@@ -128,6 +128,101 @@ def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> 
     return names
 
 
+class TaskDataError(ValueError):
+    """A local task file does not hold the fields its task reads."""
+
+
+def _leaf_tasks(obj) -> list:
+    """The task objects of ``get_task_dict``'s (possibly nested) result."""
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaf_tasks(v)]
+    return [] if obj is None else [obj]
+
+
+def _missing_field(exc: BaseException) -> str | None:
+    """The field a template or a task function looked for: KeyError, or jinja's UndefinedError."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    found = re.search(r"has no attribute '([^']+)'|'([^']+)' is undefined", str(exc))
+    return (found.group(1) or found.group(2)) if found else None
+
+
+def _template_fields(config) -> set[str]:
+    """The fields the task's Jinja templates name (only meaningful without ``process_docs``)."""
+    import jinja2
+    from jinja2 import meta
+
+    names: set[str] = set()
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        template = getattr(config, key, None)
+        if isinstance(template, str) and "{" in template:
+            names |= meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    return names
+
+
+def _data_files(task_manager, name: str) -> str:
+    """The local file(s) a task's YAML points at, for messages."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager.task_index.get(name)
+    try:
+        config = load_yaml(entry.yaml_path, resolve_func=False) if entry is not None else {}
+    except Exception:  # only for the message: the run itself reports an unreadable YAML
+        config = {}
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    return ", ".join(map(str, files.values() if isinstance(files, dict) else [files])) or f"the data of {name}"
+
+
+def _first_row(task_manager, name: str) -> dict | None:
+    """The first row of a task's local JSONL file, if it has one that reads."""
+    first = _data_files(task_manager, name).split(", ")[0]
+    try:
+        with open(first, encoding="utf-8") as f:
+            row = json.loads(f.readline())
+        return row if isinstance(row, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _render_rows(task) -> None:
+    """What lm-eval does with each row: text, target and (multiple choice) the choices."""
+    docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+    for row, doc in enumerate(docs or []):
+        try:
+            task.doc_to_text(doc)
+            task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice":
+                task.doc_to_choice(doc)
+        except Exception as exc:
+            exc.slowqk_row, exc.slowqk_task = (row + 1, doc), task
+            raise
+
+
+def check_task_data(task_manager, chosen: list[str]) -> None:
+    """Build each chosen task and render every row of its local file the way lm-eval will, before
+    it runs: a file without the task's fields is one :class:`TaskDataError` naming the file, the
+    task and the fields."""
+    from lm_eval.tasks import get_task_dict
+
+    for name in chosen:
+        try:
+            for task in _leaf_tasks(get_task_dict([name], task_manager)):
+                _render_rows(task)
+        except Exception as exc:
+            field = _missing_field(exc)
+            if field is None:
+                raise
+            row, doc = getattr(exc, "slowqk_row", (None, _first_row(task_manager, name)))
+            fields = {field}
+            config = getattr(getattr(exc, "slowqk_task", None), "config", None)
+            if doc is not None and config is not None and not getattr(config, "process_docs", None):
+                fields |= _template_fields(config) - set(doc)
+            which = f"row {row}" if row else "its rows"
+            has = f" (the rows have {', '.join(sorted(map(str, doc)))})" if doc is not None else ""
+            raise TaskDataError(f"{_data_files(task_manager, name)}: task {name!r}: {which} lack the field(s) "
+                                f"{', '.join(repr(f) for f in sorted(fields))} it reads{has}") from None
+
+
 def _primary(metrics: dict[str, float]) -> tuple[str, float] | None:
     for name in PRIMARY:
         if name in metrics:
@@ -177,6 +272,7 @@ def evaluate(
             else:
                 chosen.append(write_registry_task(task_dir, eval_dir, t, registry))
         manager = TaskManager(include_path=[str(task_dir), *extra])
+        check_task_data(manager, chosen)
         raw = simple_evaluate(
             model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
             tasks=chosen, task_manager=manager,

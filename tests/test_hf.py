@@ -381,6 +381,17 @@ def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
     assert all(0.0 <= m["acc"] <= 1.0 for m in record["tasks"].values())
     assert record["n_samples"] == {"boolq_local": 3, "copa_local": 3}
     assert "Truncating" not in proc.stderr and "overrides" not in proc.stderr
+    # a file in another layout: one line naming the file, the task and the fields, exit 2
+    (data / "copa_validation.jsonl").write_text(
+        "".join(json.dumps({"sentence": "The man fell.", "choice1": "a", "choice2": "b", "label": 0}) + "\n"
+                for _ in range(2)))
+    proc = run_cli(["evaluate", str(hf), "--tasks", "copa", "--eval-data", str(data), "--corpus", "",
+                    "--out", str(tmp_path / "bad.json")], cwd=REPO)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(data / "copa_validation.jsonl") in errors[0] and "task 'copa_local'" in errors[0], errors
+    assert "'premise'" in errors[0] or "'question'" in errors[0], errors
+    assert not (tmp_path / "bad.json").exists()
     from types import SimpleNamespace
 
     import lm_eval.tasks
