@@ -11,8 +11,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, pinned: on CPU machines this resolves to the CPU wheel
 .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
-if [ -n "$extras" ]; then
-  .venv/bin/python -m pip install --quiet -e ".[${extras}]"
-else
-  .venv/bin/python -m pip install --quiet -e .
-fi
+# setuptools announces every editable install that maps folders (patches/ -> slowqk.patches) with
+# a page of text; it is information only, so it is silenced here and nothing else is.
+target="."
+[ -n "$extras" ] && target=".[${extras}]"
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e "$target"
