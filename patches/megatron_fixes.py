@@ -9,13 +9,25 @@
   is *one* tensor object put into every parameter's state; torch's AdamW then increments it once
   per parameter per step, so bias correction goes wrong after any resume. The fix gives every
   parameter its own copy.
+- ``filesystem_async._get_write_results_queue`` (0.16.x, 0.19.x): the first checkpoint save of a
+  rank starts a ``multiprocessing`` manager process (spawned, ~270 MB: it re-imports the rank's
+  main module) that lives as long as the rank. A rank killed with SIGKILL (a crashed node, a
+  launcher's kill, ``kill -9``) leaves it running forever. The fix starts the same manager with an
+  initializer that ties its life to the rank's (Linux ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+
 import torch
 
 _applied = False
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _patch_set_main_param_states() -> None:
@@ -53,6 +65,33 @@ def _patch_unshare_adam_step() -> None:
     DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Run in a helper process: SIGKILL it when the process that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os._exit(0)
+
+
+def _patch_results_queue() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_get_write_results_queue") or not sys.platform.startswith("linux"):
+        return
+
+    def results_queue():
+        if filesystem_async._results_queue is None:
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    results_queue.__wrapped__ = filesystem_async._get_write_results_queue
+    filesystem_async._get_write_results_queue = results_queue
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -62,4 +101,5 @@ def apply() -> None:
     if package_info.__version__.startswith(("0.16", "0.19")):
         _patch_set_main_param_states()
         _patch_unshare_adam_step()
+        _patch_results_queue()
     _applied = True

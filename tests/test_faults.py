@@ -9,9 +9,11 @@ import random
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import SHARED
 from multiproc import CliProcess, _free_port
@@ -153,6 +155,63 @@ def test_kill_during_checkpoint_save_falls_back(dataset, reference, tmp_path, fa
     fault_record("kill -9 inside a checkpoint save", "SIGKILL after the shards of step 4 were written",
                  "latest stays at step 2; the partial save never looks complete; resume exact",
                  "latest = iter_0000002; iter_0000004.tmp rejected; losses bitwise equal")
+
+
+class _Descendants:
+    """Every process started under the given ranks while they run, seen by polling (a helper
+    outlives its rank only if it is still there once the ranks are gone)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}  # pid -> create time (a pid can be reused)
+        self._stop = threading.Event()
+
+    def watch(self, procs) -> None:
+        def poll() -> None:
+            while not self._stop.is_set():
+                for p in procs:
+                    try:
+                        for child in psutil.Process(p.pid).children(recursive=True):
+                            self.seen.setdefault(child.pid, child.create_time())
+                    except psutil.Error:
+                        pass
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def alive(self) -> list[str]:
+        out = []
+        for pid, created in self.seen.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{pid}: {' '.join(proc.cmdline())[:120]}")
+            except psutil.Error:
+                pass
+        return out
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_no_process_behind(dataset, tmp_path, fault_record) -> None:
+    """megatron-core's checkpoint writer starts a helper process per rank on the first save (a
+    spawned multiprocessing manager); ranks killed with -9 after two saves must take it with them."""
+    watcher = _Descendants()
+    codes = launch(_args(dataset, tmp_path / "run"), env={"SLOWQK_FAULT_KILL_AT_STEP": "5"},
+                   on_start=watcher.watch)
+    watcher.stop()
+    assert codes[0] == -signal.SIGKILL, launch.last[0].stderr_text[-2000:]
+    assert watcher.seen, "no helper process was seen: the test would pass without looking"
+    deadline = time.time() + 60  # the kernel delivers the parent-death signal; give a loaded machine time
+    while watcher.alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not watcher.alive(), watcher.alive()
+    fault_record("helpers of killed ranks", "SIGKILL of both ranks after two checkpoint saves",
+                 "no process the ranks started outlives them",
+                 f"{len(watcher.seen)} helper processes seen, none left")
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_warning(dataset, tmp_path, caplog, fault_record) -> None:
