@@ -46,8 +46,11 @@ class QKVParam:
 def _qkv_layout(attn) -> FusedQKVLayout:
     cfg = attn.config
     groups = cfg.num_query_groups or cfg.num_attention_heads
-    return FusedQKVLayout(num_query_groups=groups, heads_per_group=cfg.num_attention_heads // groups,
-                          head_dim=cfg.kv_channels)
+    return FusedQKVLayout(
+        num_query_groups=groups,
+        heads_per_group=cfg.num_attention_heads // groups,
+        head_dim=cfg.kv_channels,
+    )
 
 
 def _shape(p: torch.nn.Parameter) -> torch.Size:
@@ -95,7 +98,9 @@ class PartParam:
 _NORM_SUFFIXES = ("layer_norm_weight", "layer_norm_bias")  # Transformer Engine's fused norms
 
 
-def _layer_part_params(layer: int, module: torch.nn.Module, tp_rank: int, tp_size: int) -> list[PartParam]:
+def _layer_part_params(
+    layer: int, module: torch.nn.Module, tp_rank: int, tp_size: int
+) -> list[PartParam]:
     out = []
     attn, mlp = module.self_attention, module.mlp
     qkv_layout = _qkv_layout(attn)
@@ -115,11 +120,15 @@ def _layer_part_params(layer: int, module: torch.nn.Module, tp_rank: int, tp_siz
             rows = {"fc1": whole}
             if gated:
                 layout = GatedFC1Layout(attn.config.ffn_hidden_size)
-                rows.update({kind: layout.local_rows(kind, tp_rank, tp_size) for kind in ("gate", "up")})
+                rows.update(
+                    {kind: layout.local_rows(kind, tp_rank, tp_size) for kind in ("gate", "up")}
+                )
         elif p is getattr(mlp.linear_fc2, leaf, None):
             rows = {"fc2": whole}
         else:
-            raise ValueError(f"layer {layer}: parameter {name} belongs to no part the learning-rate groups know")
+            raise ValueError(
+                f"layer {layer}: parameter {name} belongs to no part the learning-rate groups know"
+            )
         out.append(PartParam(p, layer, rows, row_len))
     return out
 
@@ -130,19 +139,29 @@ def find_part_params(model_chunks: Iterable[torch.nn.Module]) -> list[PartParam]
 
     chunks = list(model_chunks)
     tp_size, tp_rank = _tp_size_rank()
-    found = [pp for layer, module in _layers(chunks) for pp in _layer_part_params(layer, module, tp_rank, tp_size)]
+    found = [
+        pp
+        for layer, module in _layers(chunks)
+        for pp in _layer_part_params(layer, module, tp_rank, tp_size)
+    ]
     for chunk in chunks:
         for gpt in (m for m in chunk.modules() if isinstance(m, GPTModel)):
             tied = gpt.share_embeddings_and_output_weights
-            named = [(getattr(getattr(gpt, "embedding", None), attr, None), "embedding")
-                     for attr in ("word_embeddings", "position_embeddings")]
+            named = [
+                (getattr(getattr(gpt, "embedding", None), attr, None), "embedding")
+                for attr in ("word_embeddings", "position_embeddings")
+            ]
             # tied under PP: the last stage's copy of the embedding must move with it
             named.append((getattr(gpt, "output_layer", None), "embedding" if tied else "output"))
             for module, part in named:
                 p = getattr(module, "weight", None) if module is not None else None
-                if isinstance(p, torch.nn.Parameter) and not (part == "embedding" and any(f.param is p for f in found)):
+                if isinstance(p, torch.nn.Parameter) and not (
+                    part == "embedding" and any(f.param is p for f in found)
+                ):
                     shape = _shape(p)
-                    found.append(PartParam(p, None, {part: [(0, shape[0])]}, math.prod(shape) // shape[0]))
+                    found.append(
+                        PartParam(p, None, {part: [(0, shape[0])]}, math.prod(shape) // shape[0])
+                    )
     return found
 
 
@@ -184,7 +203,10 @@ def iter_main_params(
         return
     if isinstance(megatron_optimizer, DistributedOptimizer):
         pairs = [
-            (megatron_optimizer.model_float16_groups, megatron_optimizer.shard_fp32_from_float16_groups),
+            (
+                megatron_optimizer.model_float16_groups,
+                megatron_optimizer.shard_fp32_from_float16_groups,
+            ),
             (megatron_optimizer.model_fp32_groups, megatron_optimizer.shard_fp32_groups),
         ]
         for model_groups, main_groups in pairs:
@@ -194,7 +216,9 @@ def iter_main_params(
                     yield inner, model_param, main_param, rng.start, rng.end
     elif isinstance(megatron_optimizer, Float16OptimizerWithFloat16Params):
         for model_group, main_group in zip(
-            megatron_optimizer.float16_groups, megatron_optimizer.fp32_from_float16_groups, strict=True
+            megatron_optimizer.float16_groups,
+            megatron_optimizer.fp32_from_float16_groups,
+            strict=True,
         ):
             for model_param, main_param in zip(model_group, main_group, strict=True):
                 yield inner, model_param, main_param, 0, model_param.numel()
@@ -209,13 +233,16 @@ def iter_main_params(
         raise TypeError(f"unsupported optimizer type {type(megatron_optimizer).__name__}")
 
 
-def _iter_deepspeed_partitions(opt) -> Iterator[tuple[torch.optim.Optimizer, torch.nn.Parameter, torch.Tensor, int, int]]:
+def _iter_deepspeed_partitions(
+    opt,
+) -> Iterator[tuple[torch.optim.Optimizer, torch.nn.Parameter, torch.Tensor, int, int]]:
     """DeepSpeed ZeRO: each rank's fp32 partition is one flat tensor per param group.
 
     Stages 1/2 flatten the group's parameters in order and give rank r the elements
     ``[r * size, (r + 1) * size)`` of that flat buffer. Stage 3 partitions every parameter: rank r
     holds elements ``[r * n, (r + 1) * n)`` of each (``n = ds_tensor.ds_numel``), and its fp32 flat
-    partition concatenates those pieces. Yields views of the flat partition, one per parameter piece.
+    partition concatenates those pieces. Yields views of the flat partition, one per parameter
+    piece.
     """
     import torch.distributed as dist
 
@@ -284,7 +311,9 @@ class LRGroups:
     group's multiplier by name. Use :func:`register` to build one.
     """
 
-    def __init__(self, specs: list[GroupSpec], held: dict[torch.optim.Optimizer, dict[str, _Scaled]]) -> None:
+    def __init__(
+        self, specs: list[GroupSpec], held: dict[torch.optim.Optimizer, dict[str, _Scaled]]
+    ) -> None:
         self.specs = {s.name: s for s in specs}
         self._held = held
         self.mults = {s.name: 1.0 for s in specs}
@@ -296,8 +325,13 @@ class LRGroups:
 
     def num_elements(self, name: str) -> int:
         """Elements of group ``name`` held by this rank's main params."""
-        return sum(b.numel for groups in self._held.values() if name in groups
-                   for blocks in groups[name].blocks for b in blocks)
+        return sum(
+            b.numel
+            for groups in self._held.values()
+            if name in groups
+            for blocks in groups[name].blocks
+            for b in blocks
+        )
 
     @property
     def active(self) -> bool:
@@ -353,7 +387,9 @@ class LRGroups:
         return post_hook
 
 
-def register(megatron_optimizer, model_chunks: Iterable[torch.nn.Module], specs: list[GroupSpec]) -> LRGroups:
+def register(
+    megatron_optimizer, model_chunks: Iterable[torch.nn.Module], specs: list[GroupSpec]
+) -> LRGroups:
     """Register scaling groups ``specs`` on the optimizer (names unique, elements in one group)."""
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"group names must be unique, got {[s.name for s in specs]}")

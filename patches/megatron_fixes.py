@@ -5,7 +5,8 @@
   ``KeyError: 'step'``: the loader leaves the per-parameter ``step`` out of the source tensors (it
   restores it through the common state) but the setter iterates over the destination's keys.
   The fix copies only the keys the loader provides.
-- ``DistributedOptimizer.load_state_dict`` (0.16.x, 0.19.x, torch optimizers): the restored Adam ``step``
+- ``DistributedOptimizer.load_state_dict`` (0.16.x, 0.19.x, torch optimizers): the restored Adam
+``step``
   is *one* tensor object put into every parameter's state; torch's AdamW then increments it once
   per parameter per step, so bias correction goes wrong after any resume. The fix gives every
   parameter its own copy.
@@ -76,7 +77,9 @@ def die_with_parent(parent_pid: int) -> None:
 def _patch_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if not hasattr(filesystem_async, "_get_write_results_queue") or not sys.platform.startswith("linux"):
+    if not hasattr(filesystem_async, "_get_write_results_queue") or not sys.platform.startswith(
+        "linux"
+    ):
         return
 
     def results_queue():

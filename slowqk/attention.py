@@ -22,7 +22,9 @@ from megatron.core.transformer.enums import AttnMaskType
 
 
 def _unsupported(what: str) -> NotImplementedError:
-    return NotImplementedError(f"model.attention_backend=sdpa does not support {what}; use local or te")
+    return NotImplementedError(
+        f"model.attention_backend=sdpa does not support {what}; use local or te"
+    )
 
 
 def explicit_attention(
@@ -55,8 +57,14 @@ def effective_softmax_scale(module: torch.nn.Module, head_dim: int) -> float:
     """The scale a core-attention module applies to q.k (megatron's local and TE modules)."""
     scale = getattr(module, "softmax_scale", None) or 1.0 / math.sqrt(head_dim)
     config = getattr(module, "config", None)
-    if isinstance(module, DotProductAttention) and config is not None and config.apply_query_key_layer_scaling:
-        scale *= module.layer_number  # the local module divides here and multiplies inside its softmax
+    if (
+        isinstance(module, DotProductAttention)
+        and config is not None
+        and config.apply_query_key_layer_scaling
+    ):
+        scale *= (
+            module.layer_number
+        )  # the local module divides here and multiplies inside its softmax
     return scale
 
 
@@ -94,9 +102,13 @@ class SDPAttention(DotProductAttention):
         causal = attention_mask is None and is_causal(self, attn_mask_type)
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = may attend
         dropout = self.attention_dropout.p if self.training else 0.0
-        kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                      scale=effective_softmax_scale(self, query.shape[-1]),
-                      enable_gqa=q.shape[1] != k.shape[1])
+        kwargs = dict(
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal,
+            scale=effective_softmax_scale(self, query.shape[-1]),
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
         if dropout > 0 and not self.config.sequence_parallel:
             # per-TP-rank dropout pattern, as megatron's local attention draws it
             with tensor_parallel.get_cuda_rng_tracker().fork():

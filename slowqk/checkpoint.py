@@ -43,7 +43,9 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointSpaceError(CheckpointError):
-    """Not enough space for a checkpoint; nothing of it is left and the previous one stays latest."""
+    """Not enough space for a checkpoint; nothing of it is left and the previous one stays
+    latest."""
+
 
 LATEST = "latest"
 RECORD = "slowqk_checkpoint.json"
@@ -77,7 +79,11 @@ def _record_checksum(record: dict) -> str:
 
 
 def _file_list(ckpt_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file() and p.name != RECORD)
+    return sorted(
+        str(p.relative_to(ckpt_dir))
+        for p in ckpt_dir.rglob("*")
+        if p.is_file() and p.name != RECORD
+    )
 
 
 def _hash_files(ckpt_dir: Path, rels: list[str]) -> dict[str, str]:
@@ -129,13 +135,18 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
         return record
     hashed = sorted(rel for rel, info in record["files"].items() if info["sha256"] is not None)
     if len(hashed) < len(record["files"]):
-        log.warning("%s was saved before every file was hashed: %d large files are checked by size only",
-                    ckpt_dir, len(record["files"]) - len(hashed))
+        log.warning(
+            "%s was saved before every file was hashed: %d large files are checked by size only",
+            ckpt_dir,
+            len(record["files"]) - len(hashed),
+        )
     actual = _hash_files(ckpt_dir, hashed)
     bad = [rel for rel in hashed if actual[rel] != record["files"][rel]["sha256"]]
     if bad:
-        raise CheckpointError(f"{ckpt_dir / bad[0]}: content differs from the checkpoint record (sha256)"
-                              + (f", and {len(bad) - 1} more files" if len(bad) > 1 else ""))
+        raise CheckpointError(
+            f"{ckpt_dir / bad[0]}: content differs from the checkpoint record (sha256)"
+            + (f", and {len(bad) - 1} more files" if len(bad) > 1 else "")
+        )
     _VERIFIED.add(key)
     return record
 
@@ -183,7 +194,9 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
     return {
         **model_sd,
-        "optimizer": optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=SHARDING_METADATA),
+        "optimizer": optimizer.sharded_state_dict(
+            merged, is_loading=is_loading, metadata=SHARDING_METADATA
+        ),
     }
 
 
@@ -205,7 +218,9 @@ def _mib(n: float) -> str:
 
 def _check_space(ckpt_root: Path, step: int, state: dict, files: dict[str, Path]) -> None:
     """Refuse a save that cannot fit, on every rank alike, before anything is written."""
-    here = _saved_bytes(state) + (sum(Path(f).stat().st_size for f in files.values()) if dist.get_rank() == 0 else 0)
+    here = _saved_bytes(state) + (
+        sum(Path(f).stat().st_size for f in files.values()) if dist.get_rank() == 0 else 0
+    )
     needed = torch.tensor([float(here)], dtype=torch.float64)
     dist.all_reduce(needed)  # gloo/nccl sum over the world
     need = needed.item() * 1.05 + 2**20  # metadata, the record and the RNG states
@@ -214,8 +229,11 @@ def _check_space(ckpt_root: Path, step: int, state: dict, files: dict[str, Path]
     dist.all_reduce(short, op=dist.ReduceOp.MAX)
     if short.item():
         raise CheckpointSpaceError(
-            f"checkpoint at step {step}: {ckpt_root} has {_mib(free)} free, the checkpoint needs about {_mib(need)}; "
-            f"nothing was written and {_latest_text(ckpt_root)} stays the latest; free space and resume")
+            f"checkpoint at step {step}: {ckpt_root} has {_mib(free)} free, the checkpoint needs "
+            f"about {_mib(need)}; "
+            f"nothing was written and {_latest_text(ckpt_root)} stays the latest; free space and "
+            "resume"
+        )
 
 
 def _latest_text(ckpt_root: Path) -> str:
@@ -224,30 +242,50 @@ def _latest_text(ckpt_root: Path) -> str:
 
 
 def _is_no_space(exc: BaseException) -> bool:
-    """ENOSPC, also as dist_checkpointing re-raises it from its writer ('Worker failure: [Errno 28]')."""
-    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+    """ENOSPC, also as dist_checkpointing re-raises it from its writer ('Worker failure: [Errno
+    28]')."""
+    return (
+        isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    ) or "No space left on device" in str(exc)
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any],
+    ckpt_root: Path,
+    step: int,
+    model_chunks,
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
     files: dict[str, Path] | None = None,
 ) -> Path:
     try:
-        return _save_checkpoint(ckpt_root, step, model_chunks, optimizer, scheduler, extra, files or {})
+        return _save_checkpoint(
+            ckpt_root, step, model_chunks, optimizer, scheduler, extra, files or {}
+        )
     except CheckpointSpaceError:
         raise
-    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+    except (
+        BaseException
+    ) as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         if not _is_no_space(exc):
             raise
         tmp = ckpt_root / (_iter_name(step) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSpaceError(
-            f"checkpoint at step {step}: {ckpt_root} ran out of space while writing (No space left on device); the "
-            f"partial copy was removed and {_latest_text(ckpt_root)} stays the latest; free space and resume") from None
+            f"checkpoint at step {step}: {ckpt_root} ran out of space while writing (No space left "
+            "on device); the "
+            f"partial copy was removed and {_latest_text(ckpt_root)} stays the latest; free space "
+            "and resume"
+        ) from None
 
 
 def _save_checkpoint(
-    ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict[str, Any],
+    ckpt_root: Path,
+    step: int,
+    model_chunks,
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
     files: dict[str, Path],
 ) -> Path:
     """Save a complete checkpoint for ``step`` (number of optimizer steps done); with
@@ -298,12 +336,18 @@ def _save_checkpoint(
 
 
 def _candidates(ckpt_root: Path) -> list[Path]:
-    """The checkpoint ``latest`` names first, then every other complete-looking one, newest first."""
-    found = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    """The checkpoint ``latest`` names first, then every other complete-looking one, newest
+    first."""
+    found = sorted(
+        (p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+        reverse=True,
+    )
     pointer = ckpt_root / LATEST
     if pointer.is_file():
         name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
-        if not re.fullmatch(r"iter_\d{7}", name):  # damaged: the newest complete-looking one is next
+        if not re.fullmatch(
+            r"iter_\d{7}", name
+        ):  # damaged: the newest complete-looking one is next
             log.warning("%s: holds %r, not a checkpoint name; ignoring it", pointer, name[:40])
             return found
         named = ckpt_root / name
@@ -321,7 +365,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     for path in _candidates(ckpt_root):
         try:
             if not path.is_dir():
-                raise CheckpointError(f"{ckpt_root / LATEST} names {path.name}, which does not exist")
+                raise CheckpointError(
+                    f"{ckpt_root / LATEST} names {path.name}, which does not exist"
+                )
             verify_checkpoint(path)
         except CheckpointError as exc:
             problems.append(str(exc))
@@ -371,7 +417,9 @@ def _common_state(path: Path) -> dict[str, Any]:
         try:
             return load_common_state_dict(str(path))
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path}: refusing to load non-tensor objects from the checkpoint ({exc})") from None
+            raise CheckpointError(
+                f"{path}: refusing to load non-tensor objects from the checkpoint ({exc})"
+            ) from None
 
 
 def read_extra(path: Path) -> dict[str, Any]:
@@ -419,7 +467,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             found = latest_checkpoint(root)
             if found is not None:
                 return found
-    raise FileNotFoundError(f"{path}: no checkpoint here (expected a checkpoint directory or a run with checkpoints/latest)")
+    raise FileNotFoundError(
+        f"{path}: no checkpoint here (expected a checkpoint directory or a run with "
+        "checkpoints/latest)"
+    )
 
 
 def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:

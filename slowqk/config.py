@@ -15,9 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# A wheel ships the recipes inside the package (slowqk/recipes); a checkout has them at the top level.
+# A wheel ships the recipes inside the package (slowqk/recipes); a checkout has them at the top
+# level.
 _PACKAGE = Path(__file__).resolve().parent
-RECIPES_DIR = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
+RECIPES_DIR = (
+    _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
+)
 
 
 class RecipeError(ValueError):
@@ -35,17 +38,25 @@ class ModelConfig(_Strict):
     hidden_size: int = Field(128, ge=8)
     num_attention_heads: int = Field(4, ge=1)
     num_query_groups: int | None = Field(None, ge=1, description="GQA groups; None = MHA")
-    ffn_hidden_size: int | None = Field(None, ge=1, description="None = 4h (gelu) or ~8h/3 (swiglu)")
+    ffn_hidden_size: int | None = Field(
+        None, ge=1, description="None = 4h (gelu) or ~8h/3 (swiglu)"
+    )
     seq_length: int = Field(128, ge=2)
     ffn: Literal["gelu", "swiglu"] = "gelu"
     gelu: Literal["exact", "tanh"] = Field(
-        "exact", description="the GELU of ffn=gelu: exact (erf) or the tanh approximation (GPT-2's released 'gelu_new')")
+        "exact",
+        description="the GELU of ffn=gelu: exact (erf) or the tanh approximation (GPT-2's "
+        "released 'gelu_new')",
+    )
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     bias: bool = True
     position: Literal["learned", "rope"] = "learned"
     qk_norm: bool = Field(
-        False, description="normalize each head's query and key before the scores (megatron-core's "
-        "qk_layernorm, with model.norm's kind): the field's usual guard against attention-logit growth")
+        False,
+        description="normalize each head's query and key before the scores (megatron-core's "
+        "qk_layernorm, with model.norm's kind): the field's usual guard against attention-logit "
+        "growth",
+    )
     rotary_base: float = Field(10000.0, gt=0)
     norm_epsilon: float = Field(1e-5, gt=0)
     init_method_std: float = Field(0.02, gt=0)
@@ -55,8 +66,11 @@ class ModelConfig(_Strict):
     vocab_size: int | None = Field(None, ge=2, description="None = the tokenizer's vocabulary")
     make_vocab_size_divisible_by: int = Field(128, ge=1)
     attention_backend: Literal["auto", "te", "sdpa", "local"] = Field(
-        "auto", description="core attention: te (Transformer Engine), sdpa (torch scaled_dot_product_attention), "
-        "local (megatron-core's DotProductAttention); auto = te when TE imports on CUDA, else sdpa")
+        "auto",
+        description="core attention: te (Transformer Engine), sdpa (torch "
+        "scaled_dot_product_attention), "
+        "local (megatron-core's DotProductAttention); auto = te when TE imports on CUDA, else sdpa",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -88,7 +102,10 @@ class ParallelConfig(_Strict):
     distributed_optimizer: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     engine: Literal["megatron", "deepspeed"] = Field(
-        "megatron", description="data-parallel engine: megatron-core DDP/optimizers, or DeepSpeed ZeRO (TP=PP=1)")
+        "megatron",
+        description="data-parallel engine: megatron-core DDP/optimizers, or DeepSpeed ZeRO "
+        "(TP=PP=1)",
+    )
     zero_stage: int = Field(1, ge=1, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed)")
 
 
@@ -109,7 +126,9 @@ class OptimizerConfig(_Strict):
     @model_validator(mode="after")
     def _min_le_max(self) -> OptimizerConfig:
         if self.min_lr > self.lr:
-            raise ValueError(f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})")
+            raise ValueError(
+                f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})"
+            )
         return self
 
 
@@ -133,13 +152,20 @@ class LayerSelection(_Strict):
 
 
 class AdaptiveReleaseConfig(_Strict):
-    """``qk.release: adaptive``: release when the lower layers' drift has settled (slowqk.qk.release)."""
+    """``qk.release: adaptive``: release when the lower layers' drift has settled
+    (slowqk.qk.release)."""
 
     min_hold: float = Field(0.02, ge=0, description="never release before this, in qk.unit")
     max_hold: float = Field(0.1, ge=0, description="release here at the latest, in qk.unit")
-    threshold: float = Field(0.3, gt=0, lt=1, description="settled = smoothed lower-layer drift at most this "
-                             "fraction of its peak")
-    smoothing: float = Field(0.9, ge=0, lt=1, description="EMA factor of the per-step drift (bias-corrected)")
+    threshold: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="settled = smoothed lower-layer drift at most this fraction of its peak",
+    )
+    smoothing: float = Field(
+        0.9, ge=0, lt=1, description="EMA factor of the per-step drift (bias-corrected)"
+    )
 
 
 class QKConfig(_Strict):
@@ -154,7 +180,10 @@ class QKConfig(_Strict):
     ramp: float = Field(0.01, ge=0, description="length of the return to 1.0, in `unit`")
     shape: Literal["linear", "cosine", "step"] = "linear"
     release: Literal["fixed", "adaptive"] = Field(
-        "fixed", description="fixed: ramp after `hold`; adaptive: ramp once the lower layers settle (qk.adaptive)")
+        "fixed",
+        description="fixed: ramp after `hold`; adaptive: ramp once the lower layers settle "
+        "(qk.adaptive)",
+    )
     adaptive: AdaptiveReleaseConfig = Field(default_factory=AdaptiveReleaseConfig)
 
 
@@ -168,14 +197,20 @@ class LRGroupConfig(_Strict):
     ``shape``, as in ``qk:``; without ``hold`` it stays ``mult`` for the whole run.
     """
 
-    name: str | None = Field(None, description="label in step records, TensorBoard and summaries; "
-                             "default: the params and layers, e.g. 'v@2-3'")
+    name: str | None = Field(
+        None,
+        description="label in step records, TensorBoard and summaries; "
+        "default: the params and layers, e.g. 'v@2-3'",
+    )
     params: list[PartName] = Field(min_length=1)
-    layers: LayerSelection | None = Field(None, description="as qk.layers; None = every layer "
-                                          "(not used for embedding/output)")
+    layers: LayerSelection | None = Field(
+        None, description="as qk.layers; None = every layer (not used for embedding/output)"
+    )
     mult: float = Field(ge=0)
     unit: Literal["fraction", "steps", "tokens"] = "fraction"
-    hold: float | None = Field(None, ge=0, description="length at `mult`, in `unit`; None = the whole run")
+    hold: float | None = Field(
+        None, ge=0, description="length at `mult`, in `unit`; None = the whole run"
+    )
     ramp: float = Field(0.0, ge=0, description="length of the return to 1.0, in `unit`")
     shape: Literal["linear", "cosine", "step"] = "linear"
 
@@ -192,9 +227,12 @@ class DataConfig(_Strict):
     corpus prepared on first use."""
 
     dataset: str | list[str] | None = Field(
-        None, description="directory (or list, blended by train_weights) made by `slowqk data shard`"
+        None,
+        description="directory (or list, blended by train_weights) made by `slowqk data shard`",
     )
-    corpus: str | None = Field(None, description="a text file; tokenized into out_dir/data on first use")
+    corpus: str | None = Field(
+        None, description="a text file; tokenized into out_dir/data on first use"
+    )
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     tokenizer: str | None = Field(None, description="sentencepiece .model; None = train one")
     tokenizer_vocab_size: int = Field(2048, ge=64)
@@ -202,8 +240,12 @@ class DataConfig(_Strict):
     valid_prefixes: list[str] = Field(default_factory=list)
     train_weights: list[float] | None = None
     verify: bool = Field(
-        True, description="when a dataset opens, check every shard file's sha256 against its manifest (reads "
-        "the whole dataset once per start; false = only the structural checks: sizes, index, counts)")
+        True,
+        description="when a dataset opens, check every shard file's sha256 against its manifest "
+        "(reads "
+        "the whole dataset once per start; false = only the structural checks: sizes, index, "
+        "counts)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -212,13 +254,20 @@ class DataConfig(_Strict):
             sources.append("train_prefixes")
         if len(sources) != 1:
             raise ValueError(
-                f"data needs exactly one of data.dataset, data.corpus or data.train_prefixes; got {sources or 'none'}"
+                "data needs exactly one of data.dataset, data.corpus or data.train_prefixes; got "
+                f"{sources or 'none'}"
             )
         if self.train_weights is not None:
             what = "data.dataset" if self.dataset is not None else "data.train_prefixes"
-            n = len(self.dataset) if isinstance(self.dataset, list) else (1 if self.dataset else len(self.train_prefixes))
+            n = (
+                len(self.dataset)
+                if isinstance(self.dataset, list)
+                else (1 if self.dataset else len(self.train_prefixes))
+            )
             if len(self.train_weights) != n:
-                raise ValueError(f"data.train_weights has {len(self.train_weights)} entries, {what} has {n}")
+                raise ValueError(
+                    f"data.train_weights has {len(self.train_weights)} entries, {what} has {n}"
+                )
         return self
 
 
@@ -232,20 +281,35 @@ class TrainConfig(_Strict):
     eval_iters: int = Field(4, ge=1)
     save_interval: int | None = Field(None, ge=1)
     dist_timeout: float = Field(
-        600.0, gt=0, description="seconds a rank waits for its peers (process-group creation and every "
-        "collective) before it stops with one line naming the step, exit 4; torch's own default is 30 min")
+        600.0,
+        gt=0,
+        description="seconds a rank waits for its peers (process-group creation and every "
+        "collective) before it stops with one line naming the step, exit 4; torch's own default "
+        "is 30 min",
+    )
     init_from: str | None = Field(
-        None, description="start from these weights (a checkpoint or checkpoint root, e.g. from import-hf); "
-        "fresh optimizer, step 0; ignored when the run resumes from its own checkpoint")
+        None,
+        description="start from these weights (a checkpoint or checkpoint root, e.g. from "
+        "import-hf); "
+        "fresh optimizer, step 0; ignored when the run resumes from its own checkpoint",
+    )
     keep_last: int = Field(2, ge=1)
-    keep_every: int | None = Field(None, ge=1, description="checkpoints at multiples of this are never pruned")
+    keep_every: int | None = Field(
+        None, ge=1, description="checkpoints at multiples of this are never pruned"
+    )
     on_nonfinite: Literal["skip", "stop"] = "skip"
-    max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="stop after this many non-finite steps in a row"
+    )
     progress_bar: bool = True
     tensorboard: bool = True
     fused_kernels: bool = Field(
-        False, description="megatron-core's fused kernels that need no Transformer Engine (torch.compile): SwiGLU "
-        "bias-activation, bias-dropout-add, vocab-parallel cross-entropy; exact, off until measured to help")
+        False,
+        description="megatron-core's fused kernels that need no Transformer Engine "
+        "(torch.compile): SwiGLU "
+        "bias-activation, bias-dropout-add, vocab-parallel cross-entropy; exact, off until "
+        "measured to help",
+    )
 
 
 class DiagnosticsConfig(_Strict):
@@ -253,10 +317,18 @@ class DiagnosticsConfig(_Strict):
 
     interval: int = Field(0, ge=0, description="every this many steps; 0 = off")
     probe_samples: int = Field(4, ge=1, description="fixed validation samples the probe runs on")
-    warn: bool = Field(True, description="log a warning when the upper layers' attention specializes early "
-                       "(slowqk.early_warning)")
-    warn_entropy_gap: float = Field(0.1, gt=0, le=1, description="warn when the upper layers' entropy fell this "
-                                    "much more than the lower layers' since the first probe, while they still drift")
+    warn: bool = Field(
+        True,
+        description="log a warning when the upper layers' attention specializes early "
+        "(slowqk.early_warning)",
+    )
+    warn_entropy_gap: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="warn when the upper layers' entropy fell this "
+        "much more than the lower layers' since the first probe, while they still drift",
+    )
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
@@ -271,8 +343,18 @@ def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> i
 
 def architecture(model: ModelConfig) -> dict[str, Any]:
     """The model fields that decide the weights' shapes and meaning (what init_from must match)."""
-    keys = ["num_layers", "hidden_size", "num_attention_heads", "ffn", "gelu", "norm", "bias", "position", "qk_norm",
-            "tie_embeddings"]
+    keys = [
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn",
+        "gelu",
+        "norm",
+        "bias",
+        "position",
+        "qk_norm",
+        "tie_embeddings",
+    ]
     out = {k: getattr(model, k) for k in keys}
     out["num_query_groups"] = model.num_query_groups or model.num_attention_heads
     out["ffn_hidden_size"] = model.ffn_size
@@ -290,7 +372,9 @@ class Recipe(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     qk: QKConfig = Field(default_factory=QKConfig)
     lr_groups: list[LRGroupConfig] = Field(
-        default_factory=list, description="learning-rate groups of any part of any layer (slowqk.lr_groups)")
+        default_factory=list,
+        description="learning-rate groups of any part of any layer (slowqk.lr_groups)",
+    )
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
@@ -316,6 +400,7 @@ def _origin(source: str, overrides: list[str]) -> Callable[[str], str]:
             if key == k or key.startswith(k + ".") or k.startswith(key + "."):
                 return f"override {text!r}"
         return source
+
     return origin
 
 
@@ -328,7 +413,12 @@ def _format_validation_error(err: ValidationError, origin: Callable[[str], str])
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key {shown}{_suggest(e['loc'])}")
             continue
-        msg = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ").replace("\n", " ")
+        msg = (
+            e["msg"]
+            .removeprefix("Value error, ")
+            .removeprefix("Input should be ")
+            .replace("\n", " ")
+        )
         got = e.get("input")
         if e["type"] == "missing":
             lines.append(f"{where}: missing required key {shown}")
@@ -392,7 +482,9 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise RecipeError(f"recipe {name_or_path!r} not found; known recipes: {', '.join(known_recipes())}")
+    raise RecipeError(
+        f"recipe {name_or_path!r} not found; known recipes: {', '.join(known_recipes())}"
+    )
 
 
 def known_recipes() -> list[str]:
@@ -423,11 +515,15 @@ def load_recipe_dict(name_or_path: str) -> tuple[dict, str]:
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
-def build_recipe(data: dict, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+def build_recipe(
+    data: dict, source: str = "<recipe>", overrides: list[str] | None = None
+) -> Recipe:
     """Validate ``data``; errors name the key and where its value came from (``source`` or the
     override among ``overrides`` that set it)."""
     origin = _origin(source, list(overrides or []))
@@ -452,41 +548,95 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     except ValueError as exc:
         out.append(("qk.layers", str(exc)))
     # adaptive: hold is unused
-    lengths = _lengths_in_steps(recipe, qk, ("hold", "ramp") if qk.release == "fixed" else ("ramp",), "qk", out)
-    if qk.release == "fixed" and qk.unit == "fraction" and len(lengths) == 2 and qk.hold + qk.ramp > 1:
-        out.append(("qk.hold", f"hold + ramp = {qk.hold} + {qk.ramp} of train.steps: more than the whole run, "
-                               "the slowdown would never end"))
+    lengths = _lengths_in_steps(
+        recipe, qk, ("hold", "ramp") if qk.release == "fixed" else ("ramp",), "qk", out
+    )
+    if (
+        qk.release == "fixed"
+        and qk.unit == "fraction"
+        and len(lengths) == 2
+        and qk.hold + qk.ramp > 1
+    ):
+        out.append(
+            (
+                "qk.hold",
+                f"hold + ramp = {qk.hold} + {qk.ramp} of train.steps: more than the whole run, "
+                "the slowdown would never end",
+            )
+        )
     if qk.release == "adaptive":
         out.extend(_adaptive_problems(recipe))
     out.extend(_lr_group_problems(recipe))
     tp, pp, groups = par.tensor, par.pipeline, m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % tp:
-        out.append(("parallel.tensor", f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})"))
+        out.append(
+            (
+                "parallel.tensor",
+                f"got {tp}; it must divide model.num_attention_heads ({m.num_attention_heads})",
+            )
+        )
     if m.ffn_size % tp:
         out.append(("parallel.tensor", f"got {tp}; it must divide the FFN width ({m.ffn_size})"))
     if groups % tp and tp % groups:  # fewer groups than ranks is fine: megatron replicates K/V
-        out.append(("parallel.tensor", f"got {tp}; it and the query groups ({groups}) must divide one another"))
+        out.append(
+            (
+                "parallel.tensor",
+                f"got {tp}; it and the query groups ({groups}) must divide one another",
+            )
+        )
     if m.num_layers % pp:
-        out.append(("parallel.pipeline", f"got {pp}; it must divide model.num_layers ({m.num_layers})"))
+        out.append(
+            ("parallel.pipeline", f"got {pp}; it must divide model.num_layers ({m.num_layers})")
+        )
     if t.global_batch_size % t.micro_batch_size:
-        out.append(("train.global_batch_size", f"got {t.global_batch_size}; it must be a multiple of "
-                                               f"train.micro_batch_size ({t.micro_batch_size})"))
+        out.append(
+            (
+                "train.global_batch_size",
+                f"got {t.global_batch_size}; it must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size})",
+            )
+        )
     if par.engine == "deepspeed":
         if tp != 1 or pp != 1:
-            out.append(("parallel.engine", f"deepspeed runs at parallel.tensor=1, parallel.pipeline=1 (got {tp} x {pp}); "
-                                           "use the megatron engine for TP/PP"))
-        for key, on in (("train.save_interval", t.save_interval), ("diagnostics.interval", recipe.diagnostics.interval),
-                        ("train.init_from", t.init_from)):
+            out.append(
+                (
+                    "parallel.engine",
+                    f"deepspeed runs at parallel.tensor=1, parallel.pipeline=1 (got {tp} x {pp}); "
+                    "use the megatron engine for TP/PP",
+                )
+            )
+        for key, on in (
+            ("train.save_interval", t.save_interval),
+            ("diagnostics.interval", recipe.diagnostics.interval),
+            ("train.init_from", t.init_from),
+        ):
             if on:
-                out.append((key, "not available with parallel.engine=deepspeed (checkpoints, diagnostics and "
-                                 "init_from are megatron-engine features)"))
+                out.append(
+                    (
+                        key,
+                        "not available with parallel.engine=deepspeed (checkpoints, diagnostics "
+                        "and "
+                        "init_from are megatron-engine features)",
+                    )
+                )
         if recipe.optimizer.name != "adamw":
-            out.append(("optimizer.name", f"got {recipe.optimizer.name!r}; the DeepSpeed engine is wired for adamw"))
+            out.append(
+                (
+                    "optimizer.name",
+                    f"got {recipe.optimizer.name!r}; the DeepSpeed engine is wired for adamw",
+                )
+            )
     return out
 
 
-def _lengths_in_steps(recipe: Recipe, section: BaseModel, keys: tuple[str, ...], prefix: str,
-                      problems: list[tuple[str, str]], unit_key: str = "qk.unit") -> dict[str, int]:
+def _lengths_in_steps(
+    recipe: Recipe,
+    section: BaseModel,
+    keys: tuple[str, ...],
+    prefix: str,
+    problems: list[tuple[str, str]],
+    unit_key: str = "qk.unit",
+) -> dict[str, int]:
     """Each length ``section.<key>`` (in the unit at ``unit_key``) in steps; what is wrong goes to
     ``problems``."""
     from slowqk.qk.schedule import to_steps
@@ -496,8 +646,13 @@ def _lengths_in_steps(recipe: Recipe, section: BaseModel, keys: tuple[str, ...],
     for key in keys:
         value = getattr(section, key)
         if unit == "fraction" and value > 1:
-            problems.append((f"{prefix}.{key}", f"got {value}; with {unit_key}=fraction it is a fraction of "
-                                                "train.steps, at most 1"))
+            problems.append(
+                (
+                    f"{prefix}.{key}",
+                    f"got {value}; with {unit_key}=fraction it is a fraction of "
+                    "train.steps, at most 1",
+                )
+            )
             continue
         try:
             out[key] = to_steps(value, unit, recipe.train.steps, recipe.tokens_per_step)
@@ -528,7 +683,9 @@ def resolve_layers(sel: LayerSelection | None, num_layers: int) -> list[int]:
     if sel is None:
         return list(range(num_layers))
 
-    return select_layers(num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices)
+    return select_layers(
+        num_layers, top=sel.top, top_fraction=sel.top_fraction, indices=sel.indices
+    )
 
 
 def group_coverage(recipe: Recipe) -> list[tuple[str, str, dict[int | None, set[str]]]]:
@@ -555,7 +712,7 @@ def group_coverage(recipe: Recipe) -> list[tuple[str, str, dict[int | None, set[
             continue  # reported with the section's layers
         cover: dict[int | None, set[str]] = {}
         for part in parts:
-            for layer in ([None] if part in MODEL_PARTS else layers):
+            for layer in [None] if part in MODEL_PARTS else layers:
                 cover.setdefault(layer, set()).update(atoms(part, gated))
         out.append((key, label, cover))
     return out
@@ -574,36 +731,78 @@ def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 continue
         for part in g.params:
             if part in ("gate", "up") and m.ffn != "swiglu":
-                out.append((f"{key}.params", f"got {part!r}; model.ffn={m.ffn} has no gated FFN (gate/up need "
-                                             "ffn=swiglu; fc1 is the whole first FFN layer)"))
+                out.append(
+                    (
+                        f"{key}.params",
+                        f"got {part!r}; model.ffn={m.ffn} has no gated FFN (gate/up need "
+                        "ffn=swiglu; fc1 is the whole first FFN layer)",
+                    )
+                )
             if part == "output" and m.tie_embeddings:
-                out.append((f"{key}.params", "got 'output'; with model.tie_embeddings=true the output layer is "
-                                             "the embedding (name 'embedding', or set tie_embeddings=false)"))
+                out.append(
+                    (
+                        f"{key}.params",
+                        "got 'output'; with model.tie_embeddings=true the output layer is "
+                        "the embedding (name 'embedding', or set tie_embeddings=false)",
+                    )
+                )
         from slowqk.qk.parts import atoms
 
         pieces = [atoms(p, m.ffn == "swiglu") for p in g.params]
         if sum(map(len, pieces)) != len(set().union(*pieces)):
-            out.append((f"{key}.params", f"got {g.params}; each element once (fc1 of a gated FFN is gate and up)"))
+            out.append(
+                (
+                    f"{key}.params",
+                    f"got {g.params}; each element once (fc1 of a gated FFN is gate and up)",
+                )
+            )
         if g.hold is not None:
-            lengths = _lengths_in_steps(recipe, g, ("hold", "ramp"), key, out, unit_key=f"{key}.unit")
+            lengths = _lengths_in_steps(
+                recipe, g, ("hold", "ramp"), key, out, unit_key=f"{key}.unit"
+            )
             if g.unit == "fraction" and len(lengths) == 2 and g.hold + g.ramp > 1:
-                out.append((f"{key}.hold", f"hold + ramp = {g.hold} + {g.ramp} of train.steps: more than the whole "
-                                           "run (leave hold out for a constant multiplier)"))
+                out.append(
+                    (
+                        f"{key}.hold",
+                        f"hold + ramp = {g.hold} + {g.ramp} of train.steps: more than the whole "
+                        "run (leave hold out for a constant multiplier)",
+                    )
+                )
         elif g.ramp:
-            out.append((f"{key}.ramp", f"got {g.ramp} without a hold: a constant multiplier has no ramp"))
+            out.append(
+                (f"{key}.ramp", f"got {g.ramp} without a hold: a constant multiplier has no ramp")
+            )
         label = group_label(g, m.num_layers)
         if label in labels:
-            out.append((f"{key}.name", f"{label!r} is also the name of {labels[label]}; give each group its own name"))
+            out.append(
+                (
+                    f"{key}.name",
+                    f"{label!r} is also the name of {labels[label]}; give each group its own name",
+                )
+            )
         labels[label] = key
     coverage = group_coverage(recipe)
     for j, (key_b, label_b, cover_b) in enumerate(coverage):
         for key_a, label_a, cover_a in coverage[:j]:
-            shared = sorted(((layer, part) for layer in cover_a.keys() & cover_b.keys()
-                             for part in cover_a[layer] & cover_b[layer]), key=lambda x: (x[0] is not None, x))
+            shared = sorted(
+                (
+                    (layer, part)
+                    for layer in cover_a.keys() & cover_b.keys()
+                    for part in cover_a[layer] & cover_b[layer]
+                ),
+                key=lambda x: (x[0] is not None, x),
+            )
             if shared:
-                where = ", ".join(f"{p}@{layer}" if layer is not None else p for layer, p in shared[:4])
-                out.append((key_b, f"{label_b!r} overlaps {key_a} ({label_a!r}) on {where}: each element may "
-                                   "belong to one group only"))
+                where = ", ".join(
+                    f"{p}@{layer}" if layer is not None else p for layer, p in shared[:4]
+                )
+                out.append(
+                    (
+                        key_b,
+                        f"{label_b!r} overlaps {key_a} ({label_a!r}) on {where}: each element may "
+                        "belong to one group only",
+                    )
+                )
     return out
 
 
@@ -611,17 +810,32 @@ def _adaptive_problems(recipe: Recipe) -> list[tuple[str, str]]:
     qk, a, out = recipe.qk, recipe.qk.adaptive, []
     steps = _lengths_in_steps(recipe, a, ("min_hold", "max_hold"), "qk.adaptive", out)
     if len(steps) == 2 and a.min_hold > a.max_hold:
-        out.append(("qk.adaptive.min_hold", f"got {a.min_hold}; it must be <= qk.adaptive.max_hold ({a.max_hold})"))
+        out.append(
+            (
+                "qk.adaptive.min_hold",
+                f"got {a.min_hold}; it must be <= qk.adaptive.max_hold ({a.max_hold})",
+            )
+        )
     if qk.unit == "fraction" and a.max_hold <= 1 and a.max_hold + qk.ramp > 1:
-        out.append(("qk.adaptive.max_hold", f"max_hold + ramp = {a.max_hold} + {qk.ramp} of train.steps: more than "
-                                            "the whole run, the slowdown might never end"))
+        out.append(
+            (
+                "qk.adaptive.max_hold",
+                f"max_hold + ramp = {a.max_hold} + {qk.ramp} of train.steps: more than "
+                "the whole run, the slowdown might never end",
+            )
+        )
     try:
         layers = resolve_layers(qk.layers, recipe.model.num_layers)
     except ValueError:
         return out  # reported with qk.layers
     if layers and min(layers) == 0:
-        out.append(("qk.release", "adaptive needs at least one layer below the slowed ones to measure (qk.layers "
-                                  f"selects {layers}, which includes layer 0)"))
+        out.append(
+            (
+                "qk.release",
+                "adaptive needs at least one layer below the slowed ones to measure (qk.layers "
+                f"selects {layers}, which includes layer 0)",
+            )
+        )
     return out
 
 
@@ -637,11 +851,24 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 # Recipe fields that may change when a run resumes: they do not alter what is computed.
 RESUME_SAFE_PREFIXES = (
-    "name", "out_dir", "parallel.", "train.log_interval", "train.eval_interval", "train.eval_iters",
-    "train.save_interval", "train.keep_last", "train.keep_every", "train.progress_bar",
-    "train.tensorboard", "train.on_nonfinite", "train.max_consecutive_skips", "diagnostics.",
-    "model.attention_backend", "train.fused_kernels",  # the same math through other kernels
-    "data.verify", "train.dist_timeout",
+    "name",
+    "out_dir",
+    "parallel.",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.eval_iters",
+    "train.save_interval",
+    "train.keep_last",
+    "train.keep_every",
+    "train.progress_bar",
+    "train.tensorboard",
+    "train.on_nonfinite",
+    "train.max_consecutive_skips",
+    "diagnostics.",
+    "model.attention_backend",
+    "train.fused_kernels",  # the same math through other kernels
+    "data.verify",
+    "train.dist_timeout",
 )
 
 
@@ -661,7 +888,10 @@ def run_altering_changes(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     changes = []
     for key in sorted(a.keys() | b.keys()):
-        if key not in a and b[key] in ([], False):  # added since, at its off default (lr_groups, qk_norm)
+        if key not in a and b[key] in (
+            [],
+            False,
+        ):  # added since, at its off default (lr_groups, qk_norm)
             continue
         if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
             changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

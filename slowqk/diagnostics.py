@@ -34,7 +34,9 @@ from slowqk.qk.selection import FusedQKVLayout
 def attention_entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-head mean normalized entropy of causal attention ``probs`` [batch, heads, q, k]."""
     if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
-        raise ValueError(f"expected probs of shape [batch, heads, seq, seq], got {tuple(probs.shape)}")
+        raise ValueError(
+            f"expected probs of shape [batch, heads, seq, seq], got {tuple(probs.shape)}"
+        )
     seq = probs.shape[-1]
     if seq < 2:
         raise ValueError("need at least 2 positions (position 0 has a single key)")
@@ -54,7 +56,10 @@ def qk_relative_update(
 ) -> dict[str, float]:
     """``||dW|| / ||W||`` for the Q rows and the K rows of a full (TP-merged) fused QKV weight."""
     if before.shape != after.shape or before.shape[0] != layout.total_rows:
-        raise ValueError(f"weights {tuple(before.shape)} / {tuple(after.shape)} do not match {layout.total_rows} QKV rows")
+        raise ValueError(
+            f"weights {tuple(before.shape)} / {tuple(after.shape)} do not match "
+            f"{layout.total_rows} QKV rows"
+        )
     out = {}
     for kind in ("q", "k"):
         rows = torch.cat([torch.arange(a, b) for a, b in layout.global_rows(kind)])
@@ -76,11 +81,19 @@ def qk_logit_change_sums(
     """``(||dQ K^T||^2, ||Q dK^T||^2, ||S||^2)`` summed over causal pairs, for the query groups in
     ``w`` (a whole fused weight or one TP rank's rows: the sums add up across ranks).
 
-    ``x`` is ``[seq, batch, hidden]``; ``w`` is ``[groups * (heads_per_group + 2) * head_dim, hidden]``.
+    ``x`` is ``[seq, batch, hidden]``; ``w`` is ``[groups * (heads_per_group + 2) * head_dim,
+    hidden]``.
     """
     rows = (heads_per_group + 2) * head_dim
-    if w_before.shape != w_after.shape or w_before.shape[0] % rows or w_before.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight {tuple(w_before.shape)} is not a fused QKV of {rows}-row groups over hidden {x.shape[-1]}")
+    if (
+        w_before.shape != w_after.shape
+        or w_before.shape[0] % rows
+        or w_before.shape[1] != x.shape[-1]
+    ):
+        raise ValueError(
+            f"weight {tuple(w_before.shape)} is not a fused QKV of {rows}-row groups over hidden "
+            f"{x.shape[-1]}"
+        )
     groups = w_before.shape[0] // rows
     x = x.double()
     q_rows = heads_per_group * head_dim
@@ -90,7 +103,11 @@ def qk_logit_change_sums(
         if b is not None:
             y = y + b.double()
         y = y.view(*y.shape[:2], groups, rows)
-        q = y[..., :q_rows].reshape(*y.shape[:2], groups * heads_per_group, head_dim).transpose(1, 2)
+        q = (
+            y[..., :q_rows]
+            .reshape(*y.shape[:2], groups * heads_per_group, head_dim)
+            .transpose(1, 2)
+        )
         k = y[..., q_rows : q_rows + head_dim].transpose(1, 2)  # [b, groups, s, d]
         return q, k.repeat_interleave(heads_per_group, dim=1)
 
@@ -104,7 +121,9 @@ def qk_logit_change_sums(
     return energy(q1 - q0, k0), energy(q0, k1 - k0), energy(q0, k0)
 
 
-def pathway_energy_ratio(ffn_write_rms: dict[int, float], residual_rms: dict[int, float]) -> dict[int, float]:
+def pathway_energy_ratio(
+    ffn_write_rms: dict[int, float], residual_rms: dict[int, float]
+) -> dict[int, float]:
     """``R_P / ||X||_F^2`` per layer (see the module doc) from per-layer RMS values."""
     out, below = {}, 0.0
     for layer in sorted(residual_rms):

@@ -31,14 +31,16 @@ def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
     """Data-parallel size for a TP x PP layout; raises naming the numbers when it does not fit."""
     if world_size % (tensor * pipeline):
         raise LayoutError(
-            f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) "
+            f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline "
+            f"({pipeline}) "
             f"= {tensor * pipeline}; world_size must equal TP x PP x DP"
         )
     return world_size // (tensor * pipeline)
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, port: int | None = None,
-                     timeout_s: float | None = None) -> Layout:
+def init_distributed(
+    parallel: ParallelConfig, seed: int, port: int | None = None, timeout_s: float | None = None
+) -> Layout:
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state;
     ``timeout_s`` bounds how long any rank waits for the others, in every process group."""
     from megatron.core import parallel_state, tensor_parallel
@@ -88,7 +90,8 @@ def is_peer_timeout(exc: BaseException) -> bool:
     'Timed out after ...'; a peer that died meanwhile: 'Connection closed by peer')."""
     text = str(exc)
     return isinstance(exc, (RuntimeError, dist.DistError)) and (
-        "Timed out" in text or "timed out" in text or "Connection closed by peer" in text)
+        "Timed out" in text or "timed out" in text or "Connection closed by peer" in text
+    )
 
 
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")

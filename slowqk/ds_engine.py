@@ -28,8 +28,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
     # wd_mult: megatron-core's scheduler sets weight_decay = schedule x wd_mult on every group
-    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+    ]
 
 
 def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
@@ -49,7 +51,8 @@ def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
 
 
 def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
-    """Train ``recipe`` with DeepSpeed ZeRO ``stage``; returns the summary (also written to the run)."""
+    """Train ``recipe`` with DeepSpeed ZeRO ``stage``; returns the summary (also written to the
+    run)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -75,7 +78,11 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     # layout, unsupported features and the optimizer were checked when the recipe was loaded
     layout = init_distributed(recipe.parallel, recipe.seed, timeout_s=recipe.train.dist_timeout)
     t = recipe.train
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     run_dir = recipe.run_dir
     data = build_run_data(recipe, layout.rank, run_dir)
     train_ds, valid_ds, vocab = data.train, data.valid, data.vocab_size
@@ -83,13 +90,20 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
     config = build_transformer_config(recipe.model, precision=t.precision)
     model = build_gpt_model(recipe.model, config, vocab).to(device)
     o = recipe.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
     engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage))
+        model=model, optimizer=optimizer, config=deepspeed_config(recipe, layout.data, stage)
+    )
     scheduler = build_scheduler(recipe, ds_optimizer)
     release = build_release(recipe)
     groups = build_lr_groups(recipe, ds_optimizer, [model], release)
-    drift_meter = LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe)) if release is not None else None
+    drift_meter = (
+        LowerLayerDrift(ds_optimizer, [model], lower_layers(recipe))
+        if release is not None
+        else None
+    )
 
     def mean_loss(batch) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -106,8 +120,17 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
         with torch.no_grad():
             per_iter = []
             for i in range(t.eval_iters):
-                losses = [mean_loss(b).item() for b in micro_batches(valid_ds, i, t.global_batch_size, t.micro_batch_size,
-                                                                   dist.get_rank(), layout.data)]
+                losses = [
+                    mean_loss(b).item()
+                    for b in micro_batches(
+                        valid_ds,
+                        i,
+                        t.global_batch_size,
+                        t.micro_batch_size,
+                        dist.get_rank(),
+                        layout.data,
+                    )
+                ]
                 per_iter.append(across_dp(sum(losses) / len(losses)))
         engine.train()
         return sum(per_iter) / len(per_iter)
@@ -122,7 +145,9 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
         if measuring:
             drift_meter.arm()
         losses = []
-        for batch in micro_batches(train_ds, step, t.global_batch_size, t.micro_batch_size, dist.get_rank(), layout.data):
+        for batch in micro_batches(
+            train_ds, step, t.global_batch_size, t.micro_batch_size, dist.get_rank(), layout.data
+        ):
             loss = mean_loss(batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
@@ -136,13 +161,25 @@ def train_deepspeed(recipe: Recipe, stage: int, quiet: bool = True) -> dict:
             rec["lower_drift_ratio"] = release.tracker.ratio
         if (step + 1) % t.eval_interval == 0 or step + 1 == t.steps:
             rec["val_loss"] = evaluate()
-        if (step + 1) % t.log_interval == 0 or "val_loss" in rec or step + 1 == t.steps or "qk_release" in rec:
+        if (
+            (step + 1) % t.log_interval == 0
+            or "val_loss" in rec
+            or step + 1 == t.steps
+            or "qk_release" in rec
+        ):
             metrics.log(step + 1, rec)
     final = evaluate()
     metrics.close()
-    summary = {"name": recipe.name, "engine": f"deepspeed-zero{stage}", "steps": t.steps, "final_val_loss": final,
-               "final_val_ppl": math.exp(min(final, 50.0)), "qk_enabled": recipe.qk.enabled,
-               "qk_release": release_record(recipe, release), "lr_groups": lr_groups_record(recipe)}
+    summary = {
+        "name": recipe.name,
+        "engine": f"deepspeed-zero{stage}",
+        "steps": t.steps,
+        "final_val_loss": final,
+        "final_val_ppl": math.exp(min(final, 50.0)),
+        "qk_enabled": recipe.qk.enabled,
+        "qk_release": release_record(recipe, release),
+        "lr_groups": lr_groups_record(recipe),
+    }
     if layout.rank == 0:
         from slowqk.provenance import provenance
 

@@ -24,8 +24,13 @@ def _mean(values: list[float]) -> float:
 
 
 def _span(layers: list[int]) -> str:
-    return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}" if layers == list(
-        range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
+    return (
+        f"{layers[0]}"
+        if len(layers) == 1
+        else f"{layers[0]}-{layers[-1]}"
+        if layers == list(range(layers[0], layers[-1] + 1))
+        else ",".join(map(str, layers))
+    )
 
 
 @dataclass
@@ -39,11 +44,16 @@ class SpecializationWarning:
     first: dict[str, Any] | None = None
     firing: bool = False
 
-    def check(self, step: int, entropy: dict[int, float], lower_drifting: bool) -> dict[str, Any] | None:
+    def check(
+        self, step: int, entropy: dict[int, float], lower_drifting: bool
+    ) -> dict[str, Any] | None:
         """Feed one probe (per-layer mean entropy); returns the event when the rule fires."""
         if not self.upper or not self.lower:
             return None
-        upper, lower = _mean([entropy[i] for i in self.upper]), _mean([entropy[i] for i in self.lower])
+        upper, lower = (
+            _mean([entropy[i] for i in self.upper]),
+            _mean([entropy[i] for i in self.lower]),
+        )
         if self.baseline_upper is None:
             self.baseline_upper, self.baseline_lower = upper, lower
             return None
@@ -53,22 +63,39 @@ class SpecializationWarning:
         if not fires:
             return None
         self.count += 1
-        event = {"step": step, "upper_layers": self.upper, "lower_layers": self.lower,
-                 "entropy_upper": upper, "entropy_lower": lower, "drop_upper": drop_upper,
-                 "drop_lower": drop_lower, "gap": self.gap, "new_episode": not was_firing}
+        event = {
+            "step": step,
+            "upper_layers": self.upper,
+            "lower_layers": self.lower,
+            "entropy_upper": upper,
+            "entropy_lower": lower,
+            "drop_upper": drop_upper,
+            "drop_lower": drop_lower,
+            "gap": self.gap,
+            "new_episode": not was_firing,
+        }
         if self.first is None:
             self.first = event
         return event
 
     @staticmethod
     def message(event: dict[str, Any]) -> str:
-        return (f"step {event['step']}: premature upper-layer attention specialization: layers "
-                f"{_span(event['upper_layers'])} entropy fell {event['drop_upper']:.3f} (to {event['entropy_upper']:.3f}), "
-                f"layers {_span(event['lower_layers'])} only {event['drop_lower']:.3f} (to {event['entropy_lower']:.3f}), "
-                f"while the lower layers still drift (gap >= {event['gap']})")
+        return (
+            f"step {event['step']}: premature upper-layer attention specialization: layers "
+            f"{_span(event['upper_layers'])} entropy fell {event['drop_upper']:.3f} (to "
+            f"{event['entropy_upper']:.3f}), "
+            f"layers {_span(event['lower_layers'])} only {event['drop_lower']:.3f} (to "
+            f"{event['entropy_lower']:.3f}), "
+            f"while the lower layers still drift (gap >= {event['gap']})"
+        )
 
     def record(self) -> dict[str, Any]:
-        return {"fired": self.count > 0, "probes_firing": self.count, "first": self.first, "gap": self.gap}
+        return {
+            "fired": self.count > 0,
+            "probes_firing": self.count,
+            "first": self.first,
+            "gap": self.gap,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,7 +44,9 @@ def _lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def shakespeare_documents(corpus: Path, valid_fraction: float = 0.1, min_words: int = 8) -> list[str]:
+def shakespeare_documents(
+    corpus: Path, valid_fraction: float = 0.1, min_words: int = 8
+) -> list[str]:
     """Held-out passages: the validation documents of :func:`slowqk.data.corpus.split_corpus`."""
     from slowqk.data.corpus import split_corpus
 
@@ -55,16 +57,22 @@ def shakespeare_documents(corpus: Path, valid_fraction: float = 0.1, min_words: 
 def _local_spec(stock_yaml: Path, task: str, split: str, data: Path) -> dict:
     """lm-eval's own definition of ``task``, pointed at one local JSONL file for ``split``."""
     return {
-        "include": str(stock_yaml), "task": f"{task}_local", "dataset_path": "json",
-        "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
-        "training_split": None, "validation_split": split if split == "validation" else None,
-        "test_split": split if split == "test" else None, "fewshot_split": None,
+        "include": str(stock_yaml),
+        "task": f"{task}_local",
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+        "fewshot_split": None,
     }
 
 
 def write_registry_task(task_dir: Path, eval_data: Path | None, task: str, registry) -> str:
     """Any task of lm-eval's registry (a ``TaskManager``) over ``<eval_data>/<task>_<split>.jsonl``
-    (the split it evaluates: its test split, else its validation split). Returns ``<task>_local``."""
+    (the split it evaluates: its test split, else its validation split). Returns
+    ``<task>_local``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = registry.task_index.get(task)
@@ -76,8 +84,10 @@ def write_registry_task(task_dir: Path, eval_data: Path | None, task: str, regis
         raise ValueError(f"task {task!r}: its definition names no test or validation split")
     data = (eval_data or Path("<no --eval-data>")) / f"{task}_{split}.jsonl"
     if eval_data is None or not data.is_file():
-        raise FileNotFoundError(f"task {task!r}: no local data; looked for {data} (its {split} split, "
-                                "rows in the dataset's own fields, one JSON object per line)")
+        raise FileNotFoundError(
+            f"task {task!r}: no local data; looked for {data} (its {split} split, "
+            "rows in the dataset's own fields, one JSON object per line)"
+        )
     task_dir.mkdir(parents=True, exist_ok=True)
     spec = _local_spec(Path(entry.yaml_path), task, split, data)
     (task_dir / f"{task}_local.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -104,7 +114,9 @@ def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> 
             raise FileNotFoundError(f"corpus not found: {corpus}")
         docs = shakespeare_documents(corpus)
         last = task_dir / "shakespeare_lastword.jsonl"
-        with open(last, "w") as f:  # LAMBADA layout: the target is the passage's last word, no punctuation
+        with open(
+            last, "w"
+        ) as f:  # LAMBADA layout: the target is the passage's last word, no punctuation
             for d in docs:
                 text = re.sub(r"\W+$", "", " ".join(d.split()))
                 f.write(json.dumps({"text": text}) + "\n")
@@ -112,18 +124,39 @@ def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> 
         with open(rolling, "w") as f:
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
-        (task_dir / "shakespeare_lastword.yaml").write_text(yaml.safe_dump({
-            "include": str(_lm_eval_tasks_dir() / STOCK["lambada_openai"][0]), "task": "shakespeare_lastword",
-            "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(last.resolve())}}, "test_split": "test",
-        }, sort_keys=False))
-        (task_dir / "shakespeare_ppl.yaml").write_text(yaml.safe_dump({
-            "task": "shakespeare_ppl", "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(rolling.resolve())}}, "test_split": "test",
-            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-            "metadata": {"version": 1.0},
-        }, sort_keys=False))
+        (task_dir / "shakespeare_lastword.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "include": str(_lm_eval_tasks_dir() / STOCK["lambada_openai"][0]),
+                    "task": "shakespeare_lastword",
+                    "dataset_path": "json",
+                    "dataset_name": None,
+                    "dataset_kwargs": {"data_files": {"test": str(last.resolve())}},
+                    "test_split": "test",
+                },
+                sort_keys=False,
+            )
+        )
+        (task_dir / "shakespeare_ppl.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "task": "shakespeare_ppl",
+                    "dataset_path": "json",
+                    "dataset_name": None,
+                    "dataset_kwargs": {"data_files": {"test": str(rolling.resolve())}},
+                    "test_split": "test",
+                    "output_type": "loglikelihood_rolling",
+                    "doc_to_text": "",
+                    "doc_to_target": "{{text}}",
+                    "metric_list": [
+                        {"metric": m}
+                        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+                    ],
+                    "metadata": {"version": 1.0},
+                },
+                sort_keys=False,
+            )
+        )
         names += list(SHAKESPEARE)
     return names
 
@@ -170,7 +203,10 @@ def _data_files(task_manager, name: str) -> str:
     except Exception:  # only for the message: the run itself reports an unreadable YAML
         config = {}
     files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
-    return ", ".join(map(str, files.values() if isinstance(files, dict) else [files])) or f"the data of {name}"
+    return (
+        ", ".join(map(str, files.values() if isinstance(files, dict) else [files]))
+        or f"the data of {name}"
+    )
 
 
 def _first_row(task_manager, name: str) -> dict | None:
@@ -219,8 +255,10 @@ def check_task_data(task_manager, chosen: list[str]) -> None:
                 fields |= _template_fields(config) - set(doc)
             which = f"row {row}" if row else "its rows"
             has = f" (the rows have {', '.join(sorted(map(str, doc)))})" if doc is not None else ""
-            raise TaskDataError(f"{_data_files(task_manager, name)}: task {name!r}: {which} lack the field(s) "
-                                f"{', '.join(repr(f) for f in sorted(fields))} it reads{has}") from None
+            raise TaskDataError(
+                f"{_data_files(task_manager, name)}: task {name!r}: {which} lack the field(s) "
+                f"{', '.join(repr(f) for f in sorted(fields))} it reads{has}"
+            ) from None
 
 
 def _primary(metrics: dict[str, float]) -> tuple[str, float] | None:
@@ -254,7 +292,9 @@ def evaluate(
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     task_dir = out.parent / (out.stem + "_tasks")
     eval_dir = Path(eval_data) if eval_data else None
-    lm_eval_log = logging.getLogger("lm_eval")  # task-override notices, per-example "Truncating ..."
+    lm_eval_log = logging.getLogger(
+        "lm_eval"
+    )  # task-override notices, per-example "Truncating ..."
     level = lm_eval_log.level
     lm_eval_log.setLevel(logging.ERROR)
     try:
@@ -267,16 +307,24 @@ def evaluate(
                 chosen.append(t if t in available else f"{t}_local")
                 continue
             registry = registry or TaskManager(include_path=extra or None)
-            if extra and str(getattr(registry.task_index.get(t), "yaml_path", "")).startswith(str(include_path)):
+            if extra and str(getattr(registry.task_index.get(t), "yaml_path", "")).startswith(
+                str(include_path)
+            ):
                 chosen.append(t)  # from the user's own task directory
             else:
                 chosen.append(write_registry_task(task_dir, eval_dir, t, registry))
         manager = TaskManager(include_path=[str(task_dir), *extra])
         check_task_data(manager, chosen)
         raw = simple_evaluate(
-            model="hf", model_args=f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else ""),
-            tasks=chosen, task_manager=manager,
-            limit=limit, batch_size=batch_size, device="cpu", log_samples=False,
+            model="hf",
+            model_args=f"pretrained={model_dir},dtype=float32"
+            + (f",max_length={max_length}" if max_length else ""),
+            tasks=chosen,
+            task_manager=manager,
+            limit=limit,
+            batch_size=batch_size,
+            device="cpu",
+            log_samples=False,
         )
     finally:
         lm_eval_log.setLevel(level)
@@ -285,13 +333,24 @@ def evaluate(
         clean = {}
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
-            if isinstance(value, int | float) and not name.endswith("_stderr") and name not in ("alias", "sample_len"):
+            if (
+                isinstance(value, int | float)
+                and not name.endswith("_stderr")
+                and name not in ("alias", "sample_len")
+            ):
                 clean[name] = float(value)
         results[task] = clean
     scores = {t: p[1] for t, m in results.items() if (p := _primary(m))}
-    record = {"model": str(model_dir), "limit": limit, "tasks": results, "scores": scores,
-              "primary_metric": {t: p[0] for t, m in results.items() if (p := _primary(m))},
-              "n_samples": {t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()}}
+    record = {
+        "model": str(model_dir),
+        "limit": limit,
+        "tasks": results,
+        "scores": scores,
+        "primary_metric": {t: p[0] for t, m in results.items() if (p := _primary(m))},
+        "n_samples": {
+            t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()
+        },
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -302,7 +361,9 @@ def evaluate(
 def _column_label(path: str) -> str:
     """A results file by what it scored: ``run/hf/eval_results.json`` -> ``run/hf``."""
     p = Path(path)
-    return str(Path(p.parent.parent.name) / p.parent.name) if p.name == "eval_results.json" else p.stem
+    return (
+        str(Path(p.parent.parent.name) / p.parent.name) if p.name == "eval_results.json" else p.stem
+    )
 
 
 def format_results(records: dict[str, dict]) -> str:
@@ -316,6 +377,7 @@ def format_results(records: dict[str, dict]) -> str:
         cells = []
         for n in names:
             v = records[n]["tasks"].get(t, {}).get(m)
-            cells.append(f"{'-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}':>20}")
+            missing = v is None or (isinstance(v, float) and math.isnan(v))
+            cells.append(f"{'-' if missing else f'{v:.4f}':>20}")
         lines.append(f"{t + ' / ' + m:<{width}}" + "".join(cells))
     return "\n".join(lines)

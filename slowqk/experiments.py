@@ -48,9 +48,14 @@ class Variant(_Strict):
     recipe: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] | None = None
-    arms: list[str] | None = Field(None, description="only these arms (default: all; [] = only the control)")
-    control: bool = Field(True, description="run the control arm here (false: the variant's arms are compared "
-                          "with another variant's control through contrasts)")
+    arms: list[str] | None = Field(
+        None, description="only these arms (default: all; [] = only the control)"
+    )
+    control: bool = Field(
+        True,
+        description="run the control arm here (false: the variant's arms are compared "
+        "with another variant's control through contrasts)",
+    )
 
 
 class Contrast(_Strict):
@@ -59,7 +64,9 @@ class Contrast(_Strict):
     name: str
     arm: str
     minus: str
-    family: str = Field("primary", description="the correction runs within each family (e.g. primary, secondary)")
+    family: str = Field(
+        "primary", description="the correction runs within each family (e.g. primary, secondary)"
+    )
 
 
 class Grid(_Strict):
@@ -73,7 +80,8 @@ class Grid(_Strict):
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     contrasts: list[Contrast] = Field(default_factory=list)
     correction: Literal["holm", "bonferroni", "none"] = Field(
-        "holm", description="family-wise correction over `contrasts` (alpha 0.05)")
+        "holm", description="family-wise correction over `contrasts` (alpha 0.05)"
+    )
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,15 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
     if grid.control not in grid.arms:
-        raise RecipeError(f"{path}: control arm {grid.control!r} is not among arms {sorted(grid.arms)}")
+        raise RecipeError(
+            f"{path}: control arm {grid.control!r} is not among arms {sorted(grid.arms)}"
+        )
     for vname, variant in grid.variants.items():
         unknown = sorted(set(variant.arms or []) - set(grid.arms))
         if unknown:
-            raise RecipeError(f"{path}: key 'variants.{vname}.arms': {unknown} not among arms {sorted(grid.arms)}")
+            raise RecipeError(
+                f"{path}: key 'variants.{vname}.arms': {unknown} not among arms {sorted(grid.arms)}"
+            )
     for text in cli_overrides or []:
         parts, value = parse_override(text)
         key = ".".join(parts)
@@ -116,14 +128,20 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
     for key, values in grid.sweep.items():
         if not values:
             raise RecipeError(f"{path}: sweep {key!r} has no values")
-    ran = {f"{v}/{_point_name(a, p)}" for v, a in _cells(grid)
-           for p in ([{}] if a == grid.control else _sweep_points(grid.sweep))}
+    ran = {
+        f"{v}/{_point_name(a, p)}"
+        for v, a in _cells(grid)
+        for p in ([{}] if a == grid.control else _sweep_points(grid.sweep))
+    }
     names = [c.name for c in grid.contrasts]
     for i, c in enumerate(grid.contrasts):
         for key in ("arm", "minus"):
             if getattr(c, key) not in ran:
-                raise RecipeError(f"{path}: key 'contrasts.{i}.{key}': {getattr(c, key)!r} is no variant/arm the grid "
-                                  f"runs ({', '.join(sorted(ran))})")
+                raise RecipeError(
+                    f"{path}: key 'contrasts.{i}.{key}': {getattr(c, key)!r} is no variant/arm the "
+                    "grid "
+                    f"runs ({', '.join(sorted(ran))})"
+                )
         if names.count(c.name) > 1:
             raise RecipeError(f"{path}: key 'contrasts.{i}.name': {c.name!r} is used twice")
     return grid
@@ -131,7 +149,10 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
 
 def _sweep_points(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(sweep)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(sweep[k] for k in keys))
+    ]
 
 
 def _point_name(arm: str, point: dict[str, Any]) -> str:
@@ -159,7 +180,9 @@ def expand(grid: Grid, only: list[str] | None = None) -> list[Run]:
     out = Path(grid.out_dir)
     unknown = sorted(set(only or []) - set(grid.variants))
     if unknown:
-        raise RecipeError(f"grid {grid.name!r}: --only {unknown}: not among variants {sorted(grid.variants)}")
+        raise RecipeError(
+            f"grid {grid.name!r}: --only {unknown}: not among variants {sorted(grid.variants)}"
+        )
     runs: list[Run] = []
     for vname, arm in _cells(grid):
         if only and vname not in only:
@@ -178,7 +201,9 @@ def expand(grid: Grid, only: list[str] | None = None) -> list[Run]:
                 try:
                     load_recipe(variant.recipe, list(overrides))
                 except RecipeError as exc:
-                    raise RecipeError(f"grid {grid.name!r}, run {vname}/{name}/seed{seed}: {exc}") from None
+                    raise RecipeError(
+                        f"grid {grid.name!r}, run {vname}/{name}/seed{seed}: {exc}"
+                    ) from None
                 runs.append(Run(vname, name, seed, variant.recipe, overrides, str(run_dir)))
     return runs
 
@@ -209,18 +234,33 @@ def _shared_corpora(grid_dir: Path, runs: list[Run]) -> list[Run]:
         key = json.dumps([str(d.corpus), d.valid_fraction, d.tokenizer_vocab_size, d.tokenizer])
         if key not in prepared:
             where = grid_dir / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
-            prepared[key] = prepare_corpus(d.corpus, where, valid_fraction=d.valid_fraction,
-                                           vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer).dataset_dir
+            prepared[key] = prepare_corpus(
+                d.corpus,
+                where,
+                valid_fraction=d.valid_fraction,
+                vocab_size=d.tokenizer_vocab_size,
+                tokenizer=d.tokenizer,
+            ).dataset_dir
         extra = ("data.corpus=null", f"data.dataset={prepared[key]}")
-        out.append(Run(run.variant, run.arm, run.seed, run.recipe, run.overrides + extra, run.run_dir))
+        out.append(
+            Run(run.variant, run.arm, run.seed, run.recipe, run.overrides + extra, run.run_dir)
+        )
     return out
 
 
 def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "slowqk.cli", "train", run.recipe, *run.overrides,
-           "train.progress_bar=false", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowqk.cli",
+        "train",
+        run.recipe,
+        *run.overrides,
+        "train.progress_bar=false",
+        "--quiet",
+    ]
     from slowqk.distributed import single_process_env
 
     env = single_process_env(OMP_NUM_THREADS=str(threads))
@@ -230,14 +270,19 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     return run, code, time.perf_counter() - start
 
 
-def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] | None = None) -> int:
+def run_grid(
+    grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] | None = None
+) -> int:
     """Run every unfinished run of ``grid`` (of the variants ``only`` names, if given; the record
     lists them all); ``jobs`` processes at a time. Returns an exit code."""
     runs = expand(grid)
     grid_dir = Path(grid.out_dir)
     todo = [r for r in expand(grid, only) if not is_finished(r)]
-    print(f"grid {grid.name}: {len(runs)} runs, {sum(map(is_finished, runs))} finished, {len(todo)} to run"
-          f"{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time")
+    print(
+        f"grid {grid.name}: {len(runs)} runs, {sum(map(is_finished, runs))} finished, {len(todo)} "
+        "to run"
+        f"{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time"
+    )
     if dry_run:
         for r in todo:
             print("  slowqk train", r.recipe, " ".join(r.overrides))
@@ -253,12 +298,20 @@ def run_grid(grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] |
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for run, code, seconds in pool.map(lambda r: _train(r, threads), todo):
-            status = "ok" if code == 0 else f"FAILED (exit {code}; log: {Path(run.run_dir) / 'train.log'})"
-            print(f"  {run.variant}/{run.arm}/seed{run.seed}: {status} in {seconds:.0f} s", flush=True)
+            status = (
+                "ok"
+                if code == 0
+                else f"FAILED (exit {code}; log: {Path(run.run_dir) / 'train.log'})"
+            )
+            print(
+                f"  {run.variant}/{run.arm}/seed{run.seed}: {status} in {seconds:.0f} s", flush=True
+            )
             if code != 0:
                 failed.append(run)
-    print(f"grid {grid.name}: {len(todo) - len(failed)} runs done, {len(failed)} failed, "
-          f"{time.perf_counter() - start:.0f} s wall")
+    print(
+        f"grid {grid.name}: {len(todo) - len(failed)} runs done, {len(failed)} failed, "
+        f"{time.perf_counter() - start:.0f} s wall"
+    )
     return 1 if failed else 0
 
 
@@ -271,11 +324,19 @@ def find_run(grid_dir: str | Path, which: str) -> Run:
     grid_dir = Path(grid_dir)
     record_path = grid_dir / "grid.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path}: not a grid directory (run `slowqk experiment run` first)")
-    runs = [Run(**{**r, "overrides": tuple(r["overrides"])}) for r in json.loads(record_path.read_text())["runs"]]
+        raise FileNotFoundError(
+            f"{record_path}: not a grid directory (run `slowqk experiment run` first)"
+        )
+    runs = [
+        Run(**{**r, "overrides": tuple(r["overrides"])})
+        for r in json.loads(record_path.read_text())["runs"]
+    ]
     names = {f"{r.variant}/{r.arm}/seed{r.seed}": r for r in runs}
     if which not in names:
-        raise ValueError(f"{grid_dir}: no run {which!r}; runs are named variant/arm/seedK, e.g. {next(iter(names))}")
+        raise ValueError(
+            f"{grid_dir}: no run {which!r}; runs are named variant/arm/seedK, e.g. "
+            f"{next(iter(names))}"
+        )
     return names[which]
 
 
@@ -287,11 +348,15 @@ def _first_difference(recorded: list[dict], again: list[dict]) -> str | None:
     for step in sorted(a):
         for key in COMPARED:
             if a[step].get(key) != b[step].get(key):
-                return f"step {step}: {key} {a[step].get(key)!r} recorded, {b[step].get(key)!r} re-run"
+                return (
+                    f"step {step}: {key} {a[step].get(key)!r} recorded, {b[step].get(key)!r} re-run"
+                )
     return None
 
 
-def reproduce(grid_dir: str | Path, which: str, out_dir: str | Path | None = None) -> tuple[bool, str]:
+def reproduce(
+    grid_dir: str | Path, which: str, out_dir: str | Path | None = None
+) -> tuple[bool, str]:
     """Re-run one listed run from scratch with its recorded thread count and compare its logged
     losses, gradient norms and final validation loss bit for bit. ``(bitwise, report)``."""
     import shutil
@@ -301,14 +366,22 @@ def reproduce(grid_dir: str | Path, which: str, out_dir: str | Path | None = Non
     run = find_run(grid_dir, which)
     summary_path = Path(run.run_dir) / "summary.json"
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path}: the run {which} has not finished; nothing to compare with")
+        raise FileNotFoundError(
+            f"{summary_path}: the run {which} has not finished; nothing to compare with"
+        )
     recorded = json.loads(summary_path.read_text())
     prov = recorded.get("provenance") or {}
     threads = int(prov.get("threads") or 1)
     target = Path(out_dir) if out_dir else Path(grid_dir) / "reproduce" / which
     shutil.rmtree(target, ignore_errors=True)
-    again = Run(run.variant, run.arm, run.seed, run.recipe,
-                tuple(o for o in run.overrides if not o.startswith("out_dir=")) + (f"out_dir={target}",), str(target))
+    again = Run(
+        run.variant,
+        run.arm,
+        run.seed,
+        run.recipe,
+        tuple(o for o in run.overrides if not o.startswith("out_dir=")) + (f"out_dir={target}",),
+        str(target),
+    )
     again = _shared_corpora(Path(grid_dir), [again])[0]
     _, code, seconds = _train(again, threads)
     if code != 0:
@@ -316,18 +389,39 @@ def reproduce(grid_dir: str | Path, which: str, out_dir: str | Path | None = Non
     new = json.loads((target / "summary.json").read_text())
     from slowqk.metrics import read_metrics
 
-    diff = _first_difference(read_metrics(Path(run.run_dir) / "metrics.jsonl"), read_metrics(target / "metrics.jsonl"))
+    diff = _first_difference(
+        read_metrics(Path(run.run_dir) / "metrics.jsonl"), read_metrics(target / "metrics.jsonl")
+    )
     if diff is None and recorded["final_val_loss"] != new["final_val_loss"]:
-        diff = f"final val loss {recorded['final_val_loss']!r} recorded, {new['final_val_loss']!r} re-run"
-    env = differences(prov, new.get("provenance") or {}) if prov else ["the run has no provenance record"]
-    lines = [f"{which}: re-ran in {seconds:.0f} s with {threads} thread{'' if threads == 1 else 's'} into {target}"]
+        diff = (
+            f"final val loss {recorded['final_val_loss']!r} recorded, "
+            f"{new['final_val_loss']!r} re-run"
+        )
+    env = (
+        differences(prov, new.get("provenance") or {})
+        if prov
+        else ["the run has no provenance record"]
+    )
+    lines = [
+        f"{which}: re-ran in {seconds:.0f} s with {threads} thread{'' if threads == 1 else 's'} "
+        f"into {target}"
+    ]
     if diff is None:
-        lines.append(f"reproduces bitwise: every logged loss and gradient norm, final val loss {new['final_val_loss']!r}")
+        lines.append(
+            "reproduces bitwise: every logged loss and gradient norm, final val loss "
+            f"{new['final_val_loss']!r}"
+        )
     else:
-        lines.append(f"does NOT reproduce: {diff} (final val loss {recorded['final_val_loss']!r} recorded, "
-                     f"{new['final_val_loss']!r} re-run, difference {new['final_val_loss'] - recorded['final_val_loss']:+.3g})")
-    lines.append("made with the same code and environment" if not env else
-                 "differs from the recorded code or environment: " + "; ".join(env))
+        lines.append(
+            f"does NOT reproduce: {diff} (final val loss {recorded['final_val_loss']!r} recorded, "
+            f"{new['final_val_loss']!r} re-run, difference "
+            f"{new['final_val_loss'] - recorded['final_val_loss']:+.3g})"
+        )
+    lines.append(
+        "made with the same code and environment"
+        if not env
+        else "differs from the recorded code or environment: " + "; ".join(env)
+    )
     if not prov and provenance().get("commit") is None:
         lines.append("(no git checkout here either: compare package versions by hand)")
     return diff is None, "\n".join(lines)

@@ -28,7 +28,7 @@ def sha256_files(paths: Sequence[str | Path]) -> dict[str, str]:
     with the same list: rank r hashes paths r, r + world, ... and all ranks get the whole map.
     Threads within a rank: hashlib releases the GIL while it hashes large reads."""
     keys = [str(p) for p in paths]
-    share = keys[dist.get_rank()::dist.get_world_size()] if _distributed() else keys
+    share = keys[dist.get_rank() :: dist.get_world_size()] if _distributed() else keys
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         mine = dict(zip(share, pool.map(file_sha256, share), strict=True))
     if not _distributed():

@@ -13,7 +13,8 @@ from slowqk.distributed import LayoutError, check_layout
 
 def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
     """The data-parallel size of ``r`` on ``nproc`` ranks; LayoutError naming what does not fit.
-    (Shapes against TP/PP are checked when the recipe loads: :func:`slowqk.config.recipe_problems`.)"""
+    (Shapes against TP/PP are checked when the recipe loads:
+    :func:`slowqk.config.recipe_problems`.)"""
     if nproc < 1:
         raise LayoutError(f"{what} must be >= 1, got {nproc}")
     data = check_layout(nproc, r.parallel.tensor, r.parallel.pipeline)
@@ -26,12 +27,23 @@ def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
     return data
 
 
-def torchrun_command(recipe: str, overrides: list[str], nproc: int, extra: list[str] | None = None) -> list[str]:
+def torchrun_command(
+    recipe: str, overrides: list[str], nproc: int, extra: list[str] | None = None
+) -> list[str]:
     """The torchrun command for ``nproc`` processes; raises LayoutError if the layout cannot fit."""
     check_world(load_recipe(recipe, overrides), nproc)
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "slowqk.cli", "train", recipe,
-            *overrides, *(extra or [])]
+    return [
+        torchrun,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "slowqk.cli",
+        "train",
+        recipe,
+        *overrides,
+        *(extra or []),
+    ]
 
 
 def describe(recipe: str, overrides: list[str], nproc: int) -> str:
@@ -40,7 +52,9 @@ def describe(recipe: str, overrides: list[str], nproc: int) -> str:
     return f"world {nproc} = TP {r.parallel.tensor} x PP {r.parallel.pipeline} x DP {data}"
 
 
-def run(recipe: str, overrides: list[str], nproc: int, dry_run: bool, extra: list[str] | None = None) -> int:
+def run(
+    recipe: str, overrides: list[str], nproc: int, dry_run: bool, extra: list[str] | None = None
+) -> int:
     cmd = torchrun_command(recipe, overrides, nproc, extra)
     print(f"# {describe(recipe, overrides, nproc)}", file=sys.stderr)
     print(shlex.join(cmd))

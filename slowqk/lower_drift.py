@@ -8,7 +8,8 @@ count on DP rank 0 only), and the two sums are reduced over the whole world in o
 all-reduce, so every rank and every layout sees the same number up to summation order.
 
 Cost while armed: one copy of this rank's share of the lower layers' matrices, one subtraction
-and two norms per step. Unarmed steps cost nothing; the trainer stops arming once the decision is made.
+and two norms per step. Unarmed steps cost nothing; the trainer stops arming once the decision is
+made.
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ def layer_of_params(modules: Iterable[torch.nn.Module]) -> dict[int, int]:
     """``id(parameter) -> 0-based global layer index`` for every transformer layer's parameters."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    return {id(p): m.layer_number - 1 for module in modules for m in module.modules()
-            if isinstance(m, TransformerLayer) for p in m.parameters()}
+    return {
+        id(p): m.layer_number - 1
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, TransformerLayer)
+        for p in m.parameters()
+    }
 
 
 def optimizer_is_sharded(optimizer) -> bool:
@@ -62,7 +68,9 @@ def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
 class LowerLayerDrift:
     """``arm()`` before ``optimizer.step()``, ``collect(lr)`` after it (on every rank)."""
 
-    def __init__(self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]) -> None:
+    def __init__(
+        self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]
+    ) -> None:
         from slowqk.patches.lr_groups import iter_main_params
 
         layers = set(layers)
@@ -70,9 +78,17 @@ class LowerLayerDrift:
         sharded = optimizer_is_sharded(optimizer)
         self._views: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
         for inner, model_param, main_param, _lo, _hi in iter_main_params(optimizer):
-            if layer_of.get(id(model_param)) in layers and _is_matrix(model_param) and _counts_here(model_param, sharded):
+            if (
+                layer_of.get(id(model_param)) in layers
+                and _is_matrix(model_param)
+                and _counts_here(model_param, sharded)
+            ):
                 self._views.setdefault(inner, []).append(main_param)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._snapshots: dict[torch.optim.Optimizer, list[torch.Tensor]] = {}
         self._armed = False
@@ -100,7 +116,9 @@ class LowerLayerDrift:
             start = time.perf_counter()
             with torch.no_grad():
                 diffs = torch._foreach_sub([v.detach() for v in self._views[inner]], old)
-                self._sums[0] += _sum_sq(diffs).to(self.device)  # stays on the device: no sync per tensor
+                self._sums[0] += _sum_sq(diffs).to(
+                    self.device
+                )  # stays on the device: no sync per tensor
             self.seconds += time.perf_counter() - start
 
         return hook

@@ -24,7 +24,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401 - padded_vocab_size: re-exported
+# padded_vocab_size is re-exported
+from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401
 
 
 def transformer_engine_available() -> bool:
@@ -36,8 +37,10 @@ def resolve_attention_backend(name: str) -> str:
     if name == "auto":
         return "te" if transformer_engine_available() else "sdpa"
     if name == "te" and not transformer_engine_available():
-        raise ValueError("model.attention_backend=te needs Transformer Engine and CUDA "
-                         f"(CUDA available: {torch.cuda.is_available()}); use auto, sdpa or local")
+        raise ValueError(
+            "model.attention_backend=te needs Transformer Engine and CUDA "
+            f"(CUDA available: {torch.cuda.is_available()}); use auto, sdpa or local"
+        )
     return name
 
 
@@ -68,7 +71,8 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """``fused_kernels``: megatron-core's own fusions (no TE needed), those that keep the math:
     SwiGLU bias-activation, bias-dropout-add, the vocab-parallel cross-entropy. Its GELU fusion is
-    not among them: it computes the tanh approximation, a different model than ``model.ffn=gelu``."""
+    not among them: it computes the tanh approximation, a different model than
+    ``model.ffn=gelu``."""
     bf16 = precision == "bf16"
     use_te = resolve_attention_backend(model.attention_backend) == "te"
     return TransformerConfig(
@@ -83,7 +87,9 @@ def build_transformer_config(
         normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.ffn == "swiglu",
-        activation_func=F.silu if model.ffn == "swiglu" else (fast_gelu if model.gelu == "tanh" else F.gelu),
+        activation_func=F.silu
+        if model.ffn == "swiglu"
+        else (fast_gelu if model.gelu == "tanh" else F.gelu),
         add_bias_linear=model.bias,
         add_qkv_bias=model.bias,
         qk_layernorm=model.qk_norm,
@@ -114,7 +120,9 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     else:
         spec = get_gpt_layer_local_spec(
-            qk_layernorm=model.qk_norm, normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm")
+            qk_layernorm=model.qk_norm,
+            normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
+        )
         if backend == "sdpa":
             from slowqk.attention import SDPAttention
 
@@ -128,7 +136,9 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
     return spec
 
 
-def replay_earlier_stages(model: ModelConfig, config: TransformerConfig, spec, vocab_size: int) -> int:
+def replay_earlier_stages(
+    model: ModelConfig, config: TransformerConfig, spec, vocab_size: int
+) -> int:
     """Draw, and drop, the initial weights of what comes before this pipeline stage.
 
     megatron-core initializes each stage's modules from the same seeded generator in build order,
@@ -144,10 +154,17 @@ def replay_earlier_stages(model: ModelConfig, config: TransformerConfig, spec, v
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage():
+    if (
+        not parallel_state.model_parallel_is_initialized()
+        or parallel_state.is_pipeline_first_stage()
+    ):
         return 0
-    LanguageModelEmbedding(config=config, vocab_size=vocab_size, max_sequence_length=model.seq_length,
-                           position_embedding_type="rope" if model.position == "rope" else "learned_absolute")
+    LanguageModelEmbedding(
+        config=config,
+        vocab_size=vocab_size,
+        max_sequence_length=model.seq_length,
+        position_embedding_type="rope" if model.position == "rope" else "learned_absolute",
+    )
     offset = get_transformer_layer_offset(config)
     for _ in range(offset):
         build_module(spec, config=config, layer_number=1)

@@ -35,8 +35,19 @@ from slowqk.lower_drift import layer_of_params, optimizer_is_sharded
 
 log = logging.getLogger("slowqk.monitor")
 
-SCALARS = ("entropy", "max_prob", "residual_rms", "attn_write_rms", "ffn_write_rms", "dq_rel", "dk_rel",
-           "grad_norm", "lambda_q", "lambda_k", "pathway_energy")
+SCALARS = (
+    "entropy",
+    "max_prob",
+    "residual_rms",
+    "attn_write_rms",
+    "ffn_write_rms",
+    "dq_rel",
+    "dk_rel",
+    "grad_norm",
+    "lambda_q",
+    "lambda_k",
+    "pathway_energy",
+)
 
 
 def _rms(x) -> float:
@@ -45,7 +56,8 @@ def _rms(x) -> float:
 
 
 def _qkv_input(linear_qkv, x: torch.Tensor) -> torch.Tensor:
-    """What ``linear_qkv``'s weight multiplies. Transformer Engine's fused LayerNorm-linear takes the
+    """What ``linear_qkv``'s weight multiplies. Transformer Engine's fused LayerNorm-linear takes
+    the
     un-normalized stream, so apply its norm here."""
     x = x.detach()
     weight = getattr(linear_qkv, "layer_norm_weight", None)
@@ -54,7 +66,9 @@ def _qkv_input(linear_qkv, x: torch.Tensor) -> torch.Tensor:
     eps = linear_qkv.config.layernorm_epsilon
     if linear_qkv.config.normalization == "RMSNorm":
         return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * weight
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, getattr(linear_qkv, "layer_norm_bias", None), eps)
+    return torch.nn.functional.layer_norm(
+        x, x.shape[-1:], weight, getattr(linear_qkv, "layer_norm_bias", None), eps
+    )
 
 
 def _probe_loss(output: torch.Tensor):
@@ -71,7 +85,9 @@ class Monitor:
         self.num_layers = trainer.recipe.model.num_layers
         self.model = trainer.chunks[0].module
         n = trainer.recipe.diagnostics.probe_samples
-        self.batch = {k: v.to(trainer.device) for k, v in collate(trainer.valid_ds, list(range(n))).items()}
+        self.batch = {
+            k: v.to(trainer.device) for k, v in collate(trainer.valid_ds, list(range(n))).items()
+        }
         qkv = find_qkv_params([self.model], set(range(self.num_layers)))
         self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}
         self.qkv_biases = {t.layer: t for t in qkv if t.row_len == 1}
@@ -110,8 +126,10 @@ class Monitor:
             self._before = None
             return
         bias = {layer: t.param.detach().float().clone() for layer, t in self.qkv_biases.items()}
-        self._before = {layer: (t.param.detach().float().clone(), bias.get(layer))
-                        for layer, t in self.qkv_weights.items()}
+        self._before = {
+            layer: (t.param.detach().float().clone(), bias.get(layer))
+            for layer, t in self.qkv_weights.items()
+        }
         self._grad_sq = self._layer_grad_sq()
 
     def _layer_grad_sq(self) -> torch.Tensor:
@@ -141,7 +159,9 @@ class Monitor:
         for layer, t in self.qkv_weights.items():
             new, old = t.param.detach().float().reshape(-1), self._before[layer][0].reshape(-1)
             for j, kind in enumerate(("q", "k")):
-                for b in t.layout.local_blocks(kind, row_len=t.row_len, tp_rank=t.tp_rank, tp_size=t.tp_size):
+                for b in t.layout.local_blocks(
+                    kind, row_len=t.row_len, tp_rank=t.tp_rank, tp_size=t.tp_size
+                ):
                     sums[layer, 2 * j] += (b.view(new) - b.view(old)).double().pow(2).sum()
                     sums[layer, 2 * j + 1] += b.view(old).double().pow(2).sum()
         return self._reduce_model_parallel(sums)
@@ -152,10 +172,18 @@ class Monitor:
         for layer, t in self.qkv_weights.items():
             w0, b0 = self._before[layer]
             b1 = self.qkv_biases[layer].param.detach() if layer in self.qkv_biases else None
-            sums[layer] = torch.tensor(qk_logit_change_sums(
-                qkv_inputs[layer], w0, t.param.detach(), b0, b1,
-                heads_per_group=t.layout.heads_per_group, head_dim=t.layout.head_dim,
-            ), dtype=torch.float64)
+            sums[layer] = torch.tensor(
+                qk_logit_change_sums(
+                    qkv_inputs[layer],
+                    w0,
+                    t.param.detach(),
+                    b0,
+                    b1,
+                    heads_per_group=t.layout.heads_per_group,
+                    head_dim=t.layout.head_dim,
+                ),
+                dtype=torch.float64,
+            )
         return self._reduce_model_parallel(sums)
 
     def _forward(self) -> None:
@@ -167,9 +195,13 @@ class Monitor:
             return model(batch["tokens"], batch["position_ids"], None), _probe_loss
 
         self.trainer.forward_backward(
-            forward_step_func=step, data_iterator=iter([batch]), model=self.trainer.chunks,
-            num_microbatches=1, seq_length=batch["tokens"].shape[1],
-            micro_batch_size=batch["tokens"].shape[0], forward_only=True,
+            forward_step_func=step,
+            data_iterator=iter([batch]),
+            model=self.trainer.chunks,
+            num_microbatches=1,
+            seq_length=batch["tokens"].shape[1],
+            micro_batch_size=batch["tokens"].shape[0],
+            forward_only=True,
         )
 
     def after_update(self, step_done: int) -> dict | None:
@@ -180,8 +212,13 @@ class Monitor:
             return None
         updates = self._qk_updates()
         qkv_inputs: dict[int, torch.Tensor] = {}
-        layers = probe_stats(self.model, self.batch["tokens"], self.batch["position_ids"],
-                             forward=self._forward, qkv_inputs=qkv_inputs)
+        layers = probe_stats(
+            self.model,
+            self.batch["tokens"],
+            self.batch["position_ids"],
+            forward=self._forward,
+            qkv_inputs=qkv_inputs,
+        )
         logits = self._logit_changes(qkv_inputs)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parts: list[dict] = [{}] * ps.get_pipeline_model_parallel_world_size()
@@ -195,8 +232,10 @@ class Monitor:
             if s > 0:
                 rec["lambda_q"], rec["lambda_k"] = (lq / s) ** 0.5, (lk / s) ** 0.5
             rec["grad_norm"] = float(self._grad_sq[layer]) ** 0.5
-        energy = pathway_energy_ratio({k: v["ffn_write_rms"] for k, v in layers.items()},
-                                      {k: v["residual_rms"] for k, v in layers.items()})
+        energy = pathway_energy_ratio(
+            {k: v["ffn_write_rms"] for k, v in layers.items()},
+            {k: v["residual_rms"] for k, v in layers.items()},
+        )
         for layer, e in energy.items():
             layers[layer]["pathway_energy"] = e
         self._before = self._grad_sq = None
@@ -211,8 +250,11 @@ class Monitor:
         warning = self.trainer.warning
         if warning is None:
             return
-        event = warning.check(step, {k: v["entropy"] for k, v in layers.items()},
-                              lower_drifting=not self.trainer.tracker.settled)
+        event = warning.check(
+            step,
+            {k: v["entropy"] for k, v in layers.items()},
+            lower_drifting=not self.trainer.tracker.settled,
+        )
         if event is not None:
             record["warning"] = event
             if event["new_episode"] and self.enabled_io:
@@ -236,7 +278,10 @@ class Monitor:
 
 @torch.no_grad()
 def probe_stats(
-    model, tokens: torch.Tensor, position_ids: torch.Tensor, forward=None,
+    model,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    forward=None,
     qkv_inputs: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, dict]:
     """Per-layer attention and residual statistics from one eval-mode forward, for the layers this
@@ -255,15 +300,27 @@ def probe_stats(
     for module in model.modules():
         if isinstance(module, TransformerLayer):
             rec = stats.setdefault(module.layer_number - 1, {})
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, rec=rec: rec.__setitem__(
-                    "residual_rms", _rms(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])),
-                with_kwargs=True))
-            hooks.append(module.self_attention.register_forward_hook(recorder(rec, "attn_write_rms")))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, kwargs, rec=rec: rec.__setitem__(
+                        "residual_rms",
+                        _rms(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]),
+                    ),
+                    with_kwargs=True,
+                )
+            )
+            hooks.append(
+                module.self_attention.register_forward_hook(recorder(rec, "attn_write_rms"))
+            )
             hooks.append(module.mlp.register_forward_hook(recorder(rec, "ffn_write_rms")))
             if qkv_inputs is not None:
-                hooks.append(module.self_attention.linear_qkv.register_forward_pre_hook(
-                    lambda m, args, layer=module.layer_number - 1: qkv_inputs.__setitem__(layer, _qkv_input(m, args[0]))))
+                hooks.append(
+                    module.self_attention.linear_qkv.register_forward_pre_hook(
+                        lambda m, args, layer=module.layer_number - 1: qkv_inputs.__setitem__(
+                            layer, _qkv_input(m, args[0])
+                        )
+                    )
+                )
     try:
         probs = attention_probs(model, tokens, position_ids, forward)
     finally:
@@ -271,9 +328,12 @@ def probe_stats(
             h.remove()
     for layer, p in probs.items():
         ent, mx = attention_entropy(p), attention_max_prob(p)
-        stats[layer].update(entropy=float(ent.mean()), max_prob=float(mx.mean()),
-                            entropy_per_head=[round(float(x), 6) for x in ent],
-                            max_prob_per_head=[round(float(x), 6) for x in mx])
+        stats[layer].update(
+            entropy=float(ent.mean()),
+            max_prob=float(mx.mean()),
+            entropy_per_head=[round(float(x), 6) for x in ent],
+            max_prob_per_head=[round(float(x), 6) for x in mx],
+        )
     return stats
 
 

@@ -1,4 +1,5 @@
-"""megatron-core DDP wrapping, optimizer, LR scheduler and the learning-rate groups, from a recipe."""
+"""megatron-core DDP wrapping, optimizer, LR scheduler and the learning-rate groups, from a
+recipe."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def wrap_ddp(
         use_distributed_optimizer=distributed_optimizer,
     )
     return [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+        )
         for i, chunk in enumerate(model_chunks)
     ]
 
@@ -62,7 +65,9 @@ def build_optimizer(recipe: Recipe, model_chunks: list[torch.nn.Module]):
 
 def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
     o, steps = recipe.optimizer, recipe.train.steps
-    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[o.schedule]
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[
+        o.schedule
+    ]
     warmup = min(o.warmup_steps, steps - 1) if steps > 1 else 0
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -112,14 +117,18 @@ def drift_tracker(recipe: Recipe) -> DriftTracker:
 
 
 def build_release(recipe: Recipe) -> AdaptiveRelease | None:
-    """The adaptive release decision (None for ``qk.release: fixed`` or with the intervention off)."""
+    """The adaptive release decision (None for ``qk.release: fixed`` or with the intervention
+    off)."""
     qk = recipe.qk
     if not qk.enabled or qk.release != "adaptive":
         return None
     args = (qk.unit, recipe.train.steps, recipe.tokens_per_step)
     return AdaptiveRelease(
-        min_hold=to_steps(qk.adaptive.min_hold, *args), max_hold=to_steps(qk.adaptive.max_hold, *args),
-        ramp_steps=to_steps(qk.ramp, *args), shape=qk.shape, tracker=drift_tracker(recipe),
+        min_hold=to_steps(qk.adaptive.min_hold, *args),
+        max_hold=to_steps(qk.adaptive.max_hold, *args),
+        ramp_steps=to_steps(qk.ramp, *args),
+        shape=qk.shape,
+        tracker=drift_tracker(recipe),
     )
 
 
@@ -137,14 +146,19 @@ QK_GROUPS = ("qk.q", "qk.k")  # the names of the qk: section's two groups
 
 
 def group_schedule(recipe: Recipe, group: LRGroupConfig) -> MultiplierSchedule:
-    """An ``lr_groups`` entry's multiplier over steps; constant for the whole run without ``hold``."""
+    """An ``lr_groups`` entry's multiplier over steps; constant for the whole run without
+    ``hold``."""
     if group.hold is None:
         return MultiplierSchedule(group.mult, recipe.train.steps, 0, group.shape)
     args = (group.unit, recipe.train.steps, recipe.tokens_per_step)
-    return MultiplierSchedule(group.mult, to_steps(group.hold, *args), to_steps(group.ramp, *args), group.shape)
+    return MultiplierSchedule(
+        group.mult, to_steps(group.hold, *args), to_steps(group.ramp, *args), group.shape
+    )
 
 
-def group_specs(recipe: Recipe, release: AdaptiveRelease | None = None) -> list[lr_groups.GroupSpec]:
+def group_specs(
+    recipe: Recipe, release: AdaptiveRelease | None = None
+) -> list[lr_groups.GroupSpec]:
     """The ``qk:`` section (its Q and K groups, when enabled) and every ``lr_groups`` entry. With an
     adaptive ``release`` the Q/K multipliers follow its decision instead of the fixed hold."""
     n, specs = recipe.model.num_layers, []
@@ -156,20 +170,33 @@ def group_specs(recipe: Recipe, release: AdaptiveRelease | None = None) -> list[
             schedules = qk_schedules(recipe)
             end = max(s.end_step for s in schedules)
             if end > recipe.train.steps:
-                log.warning("qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it is never "
-                            "released in this run", end, recipe.train.steps)
+                log.warning(
+                    "qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it "
+                    "is never "
+                    "released in this run",
+                    end,
+                    recipe.train.steps,
+                )
         layers = frozenset(selected_layers(recipe))
         for name, part, schedule in zip(QK_GROUPS, "qk", schedules, strict=True):
             specs.append(lr_groups.GroupSpec(name, frozenset(part), layers, schedule))
     for g in recipe.lr_groups:
-        specs.append(lr_groups.GroupSpec(group_label(g, n), frozenset(g.params), frozenset(resolve_layers(g.layers, n)),
-                                         group_schedule(recipe, g)))
+        specs.append(
+            lr_groups.GroupSpec(
+                group_label(g, n),
+                frozenset(g.params),
+                frozenset(resolve_layers(g.layers, n)),
+                group_schedule(recipe, g),
+            )
+        )
     return specs
 
 
-def build_lr_groups(recipe: Recipe, optimizer, model_chunks, release: AdaptiveRelease | None = None
-                    ) -> lr_groups.LRGroups | None:
-    """Register the learning-rate groups (the Q/K intervention among them), or None if there are none."""
+def build_lr_groups(
+    recipe: Recipe, optimizer, model_chunks, release: AdaptiveRelease | None = None
+) -> lr_groups.LRGroups | None:
+    """Register the learning-rate groups (the Q/K intervention among them), or None if there are
+    none."""
     specs = group_specs(recipe, release)
     return lr_groups.register(optimizer, model_chunks, specs) if specs else None
 
@@ -190,8 +217,15 @@ def lr_groups_record(recipe: Recipe) -> list[dict]:
     n = recipe.model.num_layers
     for g in recipe.lr_groups:
         sched = group_schedule(recipe, g)
-        out.append({"name": group_label(g, n), "params": list(g.params), "layers": resolve_layers(g.layers, n),
-                    "mult": g.mult,
-                    "hold_steps": sched.hold_steps if g.hold is not None else None,
-                    "ramp_steps": sched.ramp_steps, "shape": g.shape})
+        out.append(
+            {
+                "name": group_label(g, n),
+                "params": list(g.params),
+                "layers": resolve_layers(g.layers, n),
+                "mult": g.mult,
+                "hold_steps": sched.hold_steps if g.hold is not None else None,
+                "ramp_steps": sched.ramp_steps,
+                "shape": g.shape,
+            }
+        )
     return out

@@ -27,10 +27,17 @@ class ProbeMixin:
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
         if not self.record:
-            return super().forward(query, key, value, attention_mask, attn_mask_type, *args, **kwargs)
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type, *args, **kwargs
+            )
         context, probs = explicit_attention(
-            query, key, value, attention_mask, is_causal(self, attn_mask_type),
-            effective_softmax_scale(self, query.shape[-1]))
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal(self, attn_mask_type),
+            effective_softmax_scale(self, query.shape[-1]),
+        )
         self.probs = probs.detach()
         return context
 
@@ -53,7 +60,10 @@ def probed_layer_spec(spec):
 
 @torch.no_grad()
 def attention_probs(
-    model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor, forward: Callable[[], object] | None = None
+    model: nn.Module,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    forward: Callable[[], object] | None = None,
 ) -> dict[int, torch.Tensor]:
     """One eval-mode forward; ``{global layer index: probs [batch, heads (all TP ranks), q, k]}``
     for the layers this rank holds.
@@ -71,7 +81,9 @@ def attention_probs(
         if isinstance(module, TransformerLayer):
             core = module.self_attention.core_attention
             if not isinstance(core, ProbeMixin):
-                raise TypeError("the model was not built with probed_layer_spec(); no attention probabilities")
+                raise TypeError(
+                    "the model was not built with probed_layer_spec(); no attention probabilities"
+                )
             recorders[module.layer_number - 1] = core
     was_training = model.training
     model.eval()
@@ -87,11 +99,17 @@ def attention_probs(
             r.record = False
         model.train(was_training)
     out = {}
-    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    tp = (
+        parallel_state.get_tensor_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1
+    )
     for layer, r in recorders.items():
         probs = r.probs.float()
         r.probs = None
         if tp > 1:  # heads are split over TP ranks: gather along the head dimension
-            probs = gather_from_tensor_model_parallel_region(probs.transpose(1, 3).contiguous()).transpose(1, 3)
+            probs = gather_from_tensor_model_parallel_region(
+                probs.transpose(1, 3).contiguous()
+            ).transpose(1, 3)
         out[layer] = probs
     return out

@@ -24,7 +24,9 @@ DETERMINING = ("commit", "dirty", "packages", "python", "threads", "device")
 def _git(*args: str) -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -41,9 +43,12 @@ def provenance() -> dict[str, Any]:
     """This process's code and environment, as recorded beside every run's results."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    )
     return {
-        "commit": commit,  # None: not run from a git checkout (an installed wheel: see packages.slowqk)
+        # None: not run from a git checkout (an installed wheel: see packages.slowqk)
+        "commit": commit,
         "dirty": bool(status) if commit else None,
         "packages": {name: v for name in PACKAGES if (v := _version(name)) is not None},
         "python": platform.python_version(),

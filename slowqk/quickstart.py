@@ -21,10 +21,14 @@ def run_arm(recipe: str, overrides: list[str], out: Path, arm: str) -> dict:
     cmd = [sys.executable, "-m", "slowqk.cli", "train", recipe, *args, "--no-resume"]
     from slowqk.distributed import single_process_env
 
-    env = single_process_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    env = single_process_env(
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    )
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {arm} arm failed (exit code {proc.returncode}); its output is above")
+        raise RuntimeError(
+            f"the {arm} arm failed (exit code {proc.returncode}); its output is above"
+        )
     return json.loads((out / arm / "summary.json").read_text())
 
 
@@ -32,11 +36,15 @@ def format_table(summaries: dict[str, dict]) -> str:
     header = f"{'arm':<14}{'val loss':>10}{'val ppl':>10}{'tokens/s':>11}{'train s':>9}"
     rows = [header, "-" * len(header)]
     for arm, s in summaries.items():
-        rows.append(f"{arm:<14}{s['final_val_loss']:>10.4f}{s['final_val_ppl']:>10.2f}"
-                    f"{s['tokens_per_s']:>11.0f}{s['train_seconds']:>9.1f}")
+        rows.append(
+            f"{arm:<14}{s['final_val_loss']:>10.4f}{s['final_val_ppl']:>10.2f}"
+            f"{s['tokens_per_s']:>11.0f}{s['train_seconds']:>9.1f}"
+        )
     if {"control", "intervention"} <= summaries.keys():
         d = summaries["intervention"]["final_val_loss"] - summaries["control"]["final_val_loss"]
-        rows.append(f"difference (intervention - control): val loss {d:+.4f} (one seed, no error bar)")
+        rows.append(
+            f"difference (intervention - control): val loss {d:+.4f} (one seed, no error bar)"
+        )
     return "\n".join(rows)
 
 

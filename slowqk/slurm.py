@@ -34,35 +34,63 @@ class SlurmJob:
     extra: tuple[str, ...] = ()
 
 
-def sbatch_command(recipe: str, overrides: list[str], job: SlurmJob, workdir: Path) -> tuple[list[str], dict[str, str], str]:
+def sbatch_command(
+    recipe: str, overrides: list[str], job: SlurmJob, workdir: Path
+) -> tuple[list[str], dict[str, str], str]:
     """``(argv, extra environment, layout description)``; raises LayoutError / RecipeError."""
     r = load_recipe(recipe, overrides)
     tasks = job.tasks_per_node or max(1, job.gpus_per_node)
     if job.gpus_per_node and tasks != job.gpus_per_node:
-        raise ValueError(f"--tasks-per-node {tasks} must equal --gpus-per-node {job.gpus_per_node} (one rank per GPU)")
+        raise ValueError(
+            f"--tasks-per-node {tasks} must equal --gpus-per-node {job.gpus_per_node} (one rank "
+            "per GPU)"
+        )
     world = job.nodes * tasks
     data = check_world(r, world, what="--nodes x --tasks-per-node")
-    cmd = ["sbatch", f"--chdir={workdir}", f"--job-name={job.job_name or r.name}", f"--nodes={job.nodes}",
-           f"--ntasks-per-node={tasks}", f"--signal=USR1@{job.signal_seconds}"]
+    cmd = [
+        "sbatch",
+        f"--chdir={workdir}",
+        f"--job-name={job.job_name or r.name}",
+        f"--nodes={job.nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--signal=USR1@{job.signal_seconds}",
+    ]
     if job.gpus_per_node:
         cmd.append(f"--gpus-per-node={job.gpus_per_node}")
-    for flag, value in (("--cpus-per-task", job.cpus_per_task), ("--time", job.time),
-                        ("--partition", job.partition), ("--account", job.account)):
+    for flag, value in (
+        ("--cpus-per-task", job.cpus_per_task),
+        ("--time", job.time),
+        ("--partition", job.partition),
+        ("--account", job.account),
+    ):
         if value is not None:
             cmd.append(f"{flag}={value}")
     cmd += [*job.extra, str(SBATCH_SCRIPT), recipe, *overrides]
     env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
-    layout = f"{world} ranks = {job.nodes} nodes x {tasks} = TP {r.parallel.tensor} x PP {r.parallel.pipeline} x DP {data}"
+    layout = (
+        f"{world} ranks = {job.nodes} nodes x {tasks} = TP {r.parallel.tensor} "
+        f"x PP {r.parallel.pipeline} x DP {data}"
+    )
     return cmd, env, layout
 
 
-def submit(recipe: str, overrides: list[str], job: SlurmJob, dry_run: bool = False, workdir: Path | None = None) -> int:
+def submit(
+    recipe: str,
+    overrides: list[str],
+    job: SlurmJob,
+    dry_run: bool = False,
+    workdir: Path | None = None,
+) -> int:
     import os
 
     workdir = (workdir or Path.cwd()).resolve()
     cmd, env, layout = sbatch_command(recipe, overrides, job, workdir)
     print(f"# {layout}", file=sys.stderr)
-    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
+    print(
+        " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        + (" " if env else "")
+        + shlex.join(cmd)
+    )
     if dry_run:
         return 0
     (workdir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output directory

@@ -125,19 +125,34 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
         a, b = (by.get(tuple(c[k].split("/", 1)), {}) for k in ("arm", "minus"))
         common = sorted(set(a) & set(b))
         diffs = [a[k].final_val_loss - b[k].final_val_loss for k in common]
-        row = {"name": c["name"], "family": family, "family_size": m, "arm": c["arm"], "minus": c["minus"],
-               "seeds": common, "val_loss_diff": diffs}
+        row = {
+            "name": c["name"],
+            "family": family,
+            "family_size": m,
+            "arm": c["arm"],
+            "minus": c["minus"],
+            "seeds": common,
+            "val_loss_diff": diffs,
+        }
         if len(common) >= 2:
             ci = paired_interval(diffs)
             level = 1 - ALPHA / m if correction != "none" else 1 - ALPHA
             wide = paired_interval(diffs, level)
-            row.update(mean=ci.mean, std=ci.std, ci95=[ci.low, ci.high], p=paired_p_value(diffs),
-                       adjusted_level=level, ci_adjusted=[wide.low, wide.high])
+            row.update(
+                mean=ci.mean,
+                std=ci.std,
+                ci95=[ci.low, ci.high],
+                p=paired_p_value(diffs),
+                adjusted_level=level,
+                ci_adjusted=[wide.low, wide.high],
+            )
         rows.append(row)
     for family in sizes:
         tested = [r for r in rows if "p" in r and r["family"] == family]
         # a contrast without two pairs still counts in m: the family was fixed before the runs
-        adjusted = adjusted_p_values([r["p"] for r in tested] + [1.0] * (sizes[family] - len(tested)), correction)
+        adjusted = adjusted_p_values(
+            [r["p"] for r in tested] + [1.0] * (sizes[family] - len(tested)), correction
+        )
         for r, adj in zip(tested, adjusted, strict=False):
             r["p_adjusted"] = adj
             r["survives"] = adj < ALPHA
@@ -145,13 +160,16 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
 
 
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
-    """``(grid, results, missing)``: the grid record, every finished run, and unfinished run dirs."""
+    """``(grid, results, missing)``: the grid record, every finished run, and unfinished run
+    dirs."""
     from slowqk.monitor import read_diagnostics
 
     grid_dir = Path(grid_dir)
     record_path = grid_dir / "grid.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path}: not a grid directory (run `slowqk experiment run` first)")
+        raise FileNotFoundError(
+            f"{record_path}: not a grid directory (run `slowqk experiment run` first)"
+        )
     record = json.loads(record_path.read_text())
     results, missing = [], []
     for run in record["runs"]:
@@ -161,23 +179,47 @@ def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
             missing.append(str(run_dir))
             continue
         s = json.loads(summary.read_text())
-        curve = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+        curve = [
+            (r["step"], r["val_loss"])
+            for r in read_metrics(run_dir / "metrics.jsonl")
+            if "val_loss" in r
+        ]
         downstream = {}
         evals = run_dir / "eval" / "results.json"
         if evals.is_file():
-            downstream = {k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()}
+            downstream = {
+                k: float(v) for k, v in json.loads(evals.read_text()).get("scores", {}).items()
+            }
         diag = run_dir / "diagnostics.jsonl"
-        results.append(RunResult(run["variant"], run["arm"], run["seed"], run_dir, s["final_val_loss"], curve, downstream,
-                                 read_diagnostics(diag) if diag.is_file() else [], s.get("qk_release"),
-                                 s.get("specialization_warning"), s.get("provenance"), groups_cell(s)))
+        results.append(
+            RunResult(
+                run["variant"],
+                run["arm"],
+                run["seed"],
+                run_dir,
+                s["final_val_loss"],
+                curve,
+                downstream,
+                read_diagnostics(diag) if diag.is_file() else [],
+                s.get("qk_release"),
+                s.get("specialization_warning"),
+                s.get("provenance"),
+                groups_cell(s),
+            )
+        )
     return record["grid"], results, missing
 
 
 def groups_cell(summary: dict) -> str:
-    """The learning-rate groups of a run, from its summary.json: ``qk; v@2-3 x0.25 (hold 12, ramp 3)``."""
+    """The learning-rate groups of a run, from its summary.json: ``qk; v@2-3 x0.25 (hold 12, ramp
+    3)``."""
     cells = ["qk"] if summary.get("qk_enabled") else []
     for g in summary.get("lr_groups") or []:
-        when = "constant" if g["hold_steps"] is None else f"hold {g['hold_steps']}, ramp {g['ramp_steps']}"
+        when = (
+            "constant"
+            if g["hold_steps"] is None
+            else f"hold {g['hold_steps']}, ramp {g['ramp_steps']}"
+        )
         cells.append(f"{g['name']} x{g['mult']:g} ({when})")
     return "; ".join(cells) or "-"
 
@@ -192,20 +234,42 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
         losses = [r.final_val_loss for r in seeds.values()]
         m, s = mean_std(losses)
         ppl_m, ppl_s = mean_std([math.exp(x) for x in losses])
-        row = {"variant": variant, "arm": arm, "groups": next(iter(seeds.values())).groups, "n": len(losses),
-               "val_loss_mean": m, "val_loss_std": s,
-               "val_ppl_mean": ppl_m, "val_ppl_std": ppl_s}
+        row = {
+            "variant": variant,
+            "arm": arm,
+            "groups": next(iter(seeds.values())).groups,
+            "n": len(losses),
+            "val_loss_mean": m,
+            "val_loss_std": s,
+            "val_ppl_mean": ppl_m,
+            "val_ppl_std": ppl_s,
+        }
         tasks = sorted({k for r in seeds.values() for k in r.downstream})
-        row["downstream"] = {k: mean_std([r.downstream[k] for r in seeds.values() if k in r.downstream])[0] for k in tasks}
-        releases = [r.release for r in seeds.values() if r.release and r.release.get("step") is not None]
+        row["downstream"] = {
+            k: mean_std([r.downstream[k] for r in seeds.values() if k in r.downstream])[0]
+            for k in tasks
+        }
+        releases = [
+            r.release for r in seeds.values() if r.release and r.release.get("step") is not None
+        ]
         if releases:
             steps = [x["step"] for x in releases]
-            row["release"] = {"rule": releases[0]["rule"], "steps": steps, "mean": mean_std(steps)[0],
-                              "std": mean_std(steps)[1],
-                              "reasons": {why: sum(x["reason"] == why for x in releases) for why in sorted({x["reason"] for x in releases})}}
+            row["release"] = {
+                "rule": releases[0]["rule"],
+                "steps": steps,
+                "mean": mean_std(steps)[0],
+                "std": mean_std(steps)[1],
+                "reasons": {
+                    why: sum(x["reason"] == why for x in releases)
+                    for why in sorted({x["reason"] for x in releases})
+                },
+            }
         warned = [r for r in seeds.values() if r.warning is not None]
         if warned:
-            row["warnings"] = {"runs": len(warned), "fired": sum(bool(r.warning["fired"]) for r in warned)}
+            row["warnings"] = {
+                "runs": len(warned),
+                "fired": sum(bool(r.warning["fired"]) for r in warned),
+            }
         rows.append(row)
         if arm != control and (variant, control) in by:
             base = by[(variant, control)]
@@ -213,19 +277,39 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
             if not common:
                 continue
             diffs = [seeds[k].final_val_loss - base[k].final_val_loss for k in common]
-            ppl_diffs = [math.exp(seeds[k].final_val_loss) - math.exp(base[k].final_val_loss) for k in common]
+            ppl_diffs = [
+                math.exp(seeds[k].final_val_loss) - math.exp(base[k].final_val_loss) for k in common
+            ]
             ci, ppl_ci = paired_interval(diffs), paired_interval(ppl_diffs)
-            pair = {"variant": variant, "arm": arm, "control": control, "seeds": common,
-                    "val_loss_diff": diffs, "mean": ci.mean, "std": ci.std, "ci95": [ci.low, ci.high],
-                    "ppl_mean": ppl_ci.mean, "ppl_ci95": [ppl_ci.low, ppl_ci.high]}
+            pair = {
+                "variant": variant,
+                "arm": arm,
+                "control": control,
+                "seeds": common,
+                "val_loss_diff": diffs,
+                "mean": ci.mean,
+                "std": ci.std,
+                "ci95": [ci.low, ci.high],
+                "ppl_mean": ppl_ci.mean,
+                "ppl_ci95": [ppl_ci.low, ppl_ci.high],
+            }
             ent = [(seeds[k].upper_entropy, base[k].upper_entropy) for k in common]
             if all(a is not None and b is not None for a, b in ent):
                 e = paired_interval([a - b for a, b in ent])
-                pair["upper_entropy"] = {"control": float(np.mean([b for _, b in ent])), "arm": float(np.mean([a for a, _ in ent])),
-                                         "diff": e.mean, "ci95": [e.low, e.high]}
+                pair["upper_entropy"] = {
+                    "control": float(np.mean([b for _, b in ent])),
+                    "arm": float(np.mean([a for a, _ in ent])),
+                    "diff": e.mean,
+                    "ci95": [e.low, e.high],
+                }
             pairs.append(pair)
-    return {"rows": rows, "pairs": pairs, "contrasts": contrast_rows(grid, by),
-            "correction": grid.get("correction", "holm"), "provenance": provenance_summary(results)}
+    return {
+        "rows": rows,
+        "pairs": pairs,
+        "contrasts": contrast_rows(grid, by),
+        "correction": grid.get("correction", "holm"),
+        "provenance": provenance_summary(results),
+    }
 
 
 def provenance_summary(results: list[RunResult]) -> dict:
@@ -259,69 +343,118 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def format_markdown(summary: dict) -> str:
     tasks = sorted({k for r in summary["rows"] for k in r["downstream"]})
-    head = ["variant", "arm", "lr groups", "n", "val loss (mean ± sd)", "val ppl (mean ± sd)", "release step (mean ± sd)",
-            "early warning", *tasks]
+    head = [
+        "variant",
+        "arm",
+        "lr groups",
+        "n",
+        "val loss (mean ± sd)",
+        "val ppl (mean ± sd)",
+        "release step (mean ± sd)",
+        "early warning",
+        *tasks,
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
-        cells = [r["variant"], r["arm"], r.get("groups", "-"), str(r["n"]),
-                 f"{_fmt(r['val_loss_mean'])} ± {_fmt(r['val_loss_std'])}",
-                 f"{_fmt(r['val_ppl_mean'], 2)} ± {_fmt(r['val_ppl_std'], 2)}",
-                 _release_cell(r),
-                 f"{r['warnings']['fired']}/{r['warnings']['runs']} runs" if r.get("warnings") else "-",
-                 *[_fmt(r["downstream"].get(t)) for t in tasks]]
+        cells = [
+            r["variant"],
+            r["arm"],
+            r.get("groups", "-"),
+            str(r["n"]),
+            f"{_fmt(r['val_loss_mean'])} ± {_fmt(r['val_loss_std'])}",
+            f"{_fmt(r['val_ppl_mean'], 2)} ± {_fmt(r['val_ppl_std'], 2)}",
+            _release_cell(r),
+            f"{r['warnings']['fired']}/{r['warnings']['runs']} runs" if r.get("warnings") else "-",
+            *[_fmt(r["downstream"].get(t)) for t in tasks],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences (arm - control, same seed), 95% Student-t confidence interval:", "",
-              "| variant | arm | pairs | Δ val loss mean [95% CI] | Δ val ppl mean [95% CI] | CI excludes 0 |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Paired differences (arm - control, same seed), 95% Student-t confidence interval:",
+        "",
+        "| variant | arm | pairs | Δ val loss mean [95% CI] | Δ val ppl mean [95% CI] | CI "
+        "excludes 0 |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in summary["pairs"]:
         lo, hi = p["ci95"]
         sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
-        lines.append(f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, {_fmt(hi)}] | "
-                     f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | {sig} |")
+        lines.append(
+            f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, "
+            f"{_fmt(hi)}] | "
+            f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | "
+            f"{sig} |"
+        )
     if summary.get("contrasts"):
         lines += _contrast_lines(summary["contrasts"], summary.get("correction", "holm"))
     with_entropy = [p for p in summary["pairs"] if "upper_entropy" in p]
     if with_entropy:
-        lines += ["", "Final attention entropy of the upper half of the layers (normalized; diagnostics' last probe), "
-                  "paired difference arm - control with 95% CI:", "",
-                  "| variant | arm | control | arm | Δ [95% CI] | CI excludes 0 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Final attention entropy of the upper half of the layers (normalized; diagnostics' "
+            "last probe), "
+            "paired difference arm - control with 95% CI:",
+            "",
+            "| variant | arm | control | arm | Δ [95% CI] | CI excludes 0 |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in with_entropy:
             e = p["upper_entropy"]
             lo, hi = e["ci95"]
             sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
-            lines.append(f"| {p['variant']} | {p['arm']} | {e['control']:.3f} | {e['arm']:.3f} | "
-                         f"{e['diff']:+.3f} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] | {sig} |")
+            lines.append(
+                f"| {p['variant']} | {p['arm']} | {e['control']:.3f} | {e['arm']:.3f} | "
+                f"{e['diff']:+.3f} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] | {sig} |"
+            )
     prov = summary.get("provenance")
     if prov:
         lines += ["", "Made with:", ""]
         for rec in prov["records"]:
             pk = rec.get("packages") or {}
-            lines.append(f"- {rec['runs']} runs: commit {rec.get('commit') or 'unknown'}"
-                         f"{' (uncommitted changes)' if rec.get('dirty') else ''}, "
-                         + ", ".join(f"{k} {v}" for k, v in sorted(pk.items()))
-                         + f", Python {rec.get('python')}, {rec.get('threads')} thread{'' if rec.get('threads') == 1 else 's'}, "
-                         + f"{rec.get('device')}")
+            lines.append(
+                f"- {rec['runs']} runs: commit {rec.get('commit') or 'unknown'}"
+                f"{' (uncommitted changes)' if rec.get('dirty') else ''}, "
+                + ", ".join(f"{k} {v}" for k, v in sorted(pk.items()))
+                + f", Python {rec.get('python')}, {rec.get('threads')} "
+                + f"thread{'' if rec.get('threads') == 1 else 's'}, "
+                + f"{rec.get('device')}"
+            )
         if prov["unrecorded_runs"]:
-            lines.append(f"- {prov['unrecorded_runs']} runs without a record (made before records were kept)")
+            lines.append(
+                f"- {prov['unrecorded_runs']} runs without a record (made before records were kept)"
+            )
     return "\n".join(lines) + "\n"
 
 
 def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
     sizes = {c["family"]: c["family_size"] for c in contrasts}
-    lines = ["", f"Pre-registered contrasts (final val loss, arm - minus, paired by seed; {correction} within each "
-             f"family ({', '.join(f'{f}: {m}' for f, m in sizes.items())}), family-wise alpha {ALPHA}; the second "
-             "interval is Bonferroni's, level 1 - alpha/m):", "",
-             "| family | contrast | arm - minus | pairs | Δ [95% CI] | Δ [adjusted CI] | p | p adjusted | survives |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Pre-registered contrasts (final val loss, arm - minus, paired by seed; {correction} "
+        "within each "
+        f"family ({', '.join(f'{f}: {m}' for f, m in sizes.items())}), family-wise alpha {ALPHA}; "
+        "the second "
+        "interval is Bonferroni's, level 1 - alpha/m):",
+        "",
+        "| family | contrast | arm - minus | pairs | Δ [95% CI] | Δ [adjusted CI] | p | p "
+        "adjusted | survives |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in contrasts:
         if "p" not in c:
-            lines.append(f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | "
-                         "n/a | n/a | n/a | n/a | n/a |")
+            lines.append(
+                f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | "
+                "n/a | n/a | n/a | n/a | n/a |"
+            )
             continue
         (lo, hi), (alo, ahi) = c["ci95"], c["ci_adjusted"]
-        lines.append(f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | {c['mean']:+.4f} "
-                     f"[{_fmt(lo)}, {_fmt(hi)}] | [{_fmt(alo)}, {_fmt(ahi)}] | {c['p']:.3g} | {c['p_adjusted']:.3g} | "
-                     f"{'yes' if c['survives'] else 'no'} |")
+        lines.append(
+            f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | "
+            f"{c['mean']:+.4f} "
+            f"[{_fmt(lo)}, {_fmt(hi)}] | [{_fmt(alo)}, {_fmt(ahi)}] | {c['p']:.3g} | "
+            f"{c['p_adjusted']:.3g} | "
+            f"{'yes' if c['survives'] else 'no'} |"
+        )
     return lines
 
 
@@ -362,7 +495,9 @@ def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
     for ax, (variant, arms) in zip(axes[0], sorted(groups.items()), strict=True):
         for arm, runs in sorted(arms.items()):
             steps = [s for s, _ in runs[0].val_curve]
-            curves = np.array([[v for _, v in r.val_curve] for r in runs if len(r.val_curve) == len(steps)])
+            curves = np.array(
+                [[v for _, v in r.val_curve] for r in runs if len(r.val_curve) == len(steps)]
+            )
             mean = curves.mean(0)
             ax.plot(steps, mean, label=f"{arm} (n={len(curves)})")
             if len(curves) > 1:
@@ -383,7 +518,15 @@ def plot_paired_differences(summary: dict, path: Path) -> Path:
         ax.scatter([i] * len(p["val_loss_diff"]), p["val_loss_diff"], color="grey", s=14, zorder=2)
         lo, hi = p["ci95"]
         if not math.isnan(lo):
-            ax.errorbar([i], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", color="C3", capsize=5, zorder=3)
+            ax.errorbar(
+                [i],
+                [p["mean"]],
+                yerr=[[p["mean"] - lo], [hi - p["mean"]]],
+                fmt="o",
+                color="C3",
+                capsize=5,
+                zorder=3,
+            )
         else:
             ax.scatter([i], [p["mean"]], color="C3", zorder=3)
     ax.axhline(0.0, color="black", lw=0.8)
@@ -410,10 +553,15 @@ def plot_contrasts(summary: dict, path: Path) -> Path:
         ax.plot(c["ci95"], [i, i], color=color, lw=4, alpha=0.6, zorder=3)
         ax.scatter([c["mean"]], [i], color=color, zorder=4)
     ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{c['name']} (n={len(c['seeds'])})" for c in rows], fontsize=8)
+    ax.set_yticks(
+        range(len(rows)), [f"{c['name']} (n={len(c['seeds'])})" for c in rows], fontsize=8
+    )
     ax.set_xlabel("Δ final val loss (arm - minus); < 0: the arm reaches a lower loss")
-    ax.set_title(f"contrasts: 95% CI (thick), Bonferroni CI (thin); red = survives {summary.get('correction')}",
-                 fontsize=9)
+    ax.set_title(
+        "contrasts: 95% CI (thick), Bonferroni CI (thin); red = survives "
+        f"{summary.get('correction')}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -450,16 +598,31 @@ def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path) -> list[Path]
         means = {arm: arr.mean(0).T for arm, (_, arr) in data.items()}  # [layer, probe]
         lo = min(float(np.nanmin(m)) for m in means.values())
         hi = max(float(np.nanmax(m)) for m in means.values())
-        fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data) + 1.5, 3.4), squeeze=False,
-                                 constrained_layout=True)
+        fig, axes = plt.subplots(
+            1,
+            len(data),
+            figsize=(4.2 * len(data) + 1.5, 3.4),
+            squeeze=False,
+            constrained_layout=True,
+        )
         for ax, (arm, (steps, arr)) in zip(axes[0], data.items(), strict=True):
-            img = ax.imshow(means[arm], aspect="auto", origin="lower", vmin=lo, vmax=hi, cmap="viridis",
-                            extent=(steps[0], steps[-1], -0.5, arr.shape[2] - 0.5), interpolation="nearest")
+            img = ax.imshow(
+                means[arm],
+                aspect="auto",
+                origin="lower",
+                vmin=lo,
+                vmax=hi,
+                cmap="viridis",
+                extent=(steps[0], steps[-1], -0.5, arr.shape[2] - 0.5),
+                interpolation="nearest",
+            )
             ax.set_title(f"{variant} / {arm} (n={arr.shape[0]})", fontsize=9)
             ax.set_xlabel("step")
             ax.set_ylabel("layer")
             ax.set_yticks(range(arr.shape[2]))
-        fig.colorbar(img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)")
+        fig.colorbar(
+            img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)"
+        )
         path = out_dir / f"entropy_{variant}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -481,7 +644,7 @@ def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -
                 if got is None:
                     continue
                 steps, arr = got
-                upper = arr[:, :, int(arr.shape[2] * upper_from):]
+                upper = arr[:, :, int(arr.shape[2] * upper_from) :]
                 ax.plot(steps, np.nanmean(upper, axis=(0, 2)), label=arm)
                 drew = True
             _style(ax, f"{variant}: {key} (upper layers)", log=True)
@@ -492,7 +655,9 @@ def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -
     return path if drew else None
 
 
-def write_summary(grid_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+def write_summary(
+    grid_dir: str | Path, out_dir: str | Path | None = None
+) -> tuple[str, list[Path]]:
     """Table (markdown + JSON) and plots for a grid directory; returns the table and the files."""
     grid, results, missing = collect(grid_dir)
     if not results:
@@ -505,10 +670,17 @@ def write_summary(grid_dir: str | Path, out_dir: str | Path | None = None) -> tu
         table += f"\n{len(missing)} runs unfinished and left out: {', '.join(missing)}\n"
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps({**summary, "missing": missing}, indent=2))
-    files = [out / "summary.md", out / "summary.json",
-             plot_loss_curves(results, out / "loss_curves.png"),
-             plot_paired_differences(summary, out / "paired_differences.png") if summary["pairs"] else None,
-             plot_contrasts(summary, out / "contrasts.png") if any("p" in c for c in summary["contrasts"]) else None,
-             *plot_entropy_heatmaps(results, out),
-             plot_lambda(results, out / "lambda.png")]
+    files = [
+        out / "summary.md",
+        out / "summary.json",
+        plot_loss_curves(results, out / "loss_curves.png"),
+        plot_paired_differences(summary, out / "paired_differences.png")
+        if summary["pairs"]
+        else None,
+        plot_contrasts(summary, out / "contrasts.png")
+        if any("p" in c for c in summary["contrasts"])
+        else None,
+        *plot_entropy_heatmaps(results, out),
+        plot_lambda(results, out / "lambda.png"),
+    ]
     return table, [f for f in files if f is not None]

@@ -105,7 +105,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     """Builds everything from a recipe; ``run()`` trains to ``recipe.train.steps``."""
 
-    def __init__(self, recipe: Recipe, quiet: bool = False, resume: bool = True, allow_recipe_change: bool = False) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        quiet: bool = False,
+        resume: bool = True,
+        allow_recipe_change: bool = False,
+    ) -> None:
         """``resume``: continue from the run's newest good checkpoint, if any (checked for recipe
         changes at once, before any data work; ``allow_recipe_change`` lets them through)."""
         from megatron.core import parallel_state
@@ -130,9 +136,15 @@ class Trainer:
 
         self.recipe = recipe
         self.quiet = quiet
-        self.layout = init_distributed(recipe.parallel, recipe.seed, timeout_s=recipe.train.dist_timeout)
+        self.layout = init_distributed(
+            recipe.parallel, recipe.seed, timeout_s=recipe.train.dist_timeout
+        )
         self.rank = self.layout.rank
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         self.run_dir = recipe.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         t = recipe.train
@@ -140,21 +152,29 @@ class Trainer:
         if t.global_batch_size % per_step:
             raise ValueError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({self.layout.data})"
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+                f"({self.layout.data})"
             )
         self.num_microbatches = t.global_batch_size // per_step
 
         from slowqk.checkpoint import remove_leftovers
 
-        for name in remove_leftovers(self.ckpt_root):  # what interrupted saves left (before any new one)
+        for name in remove_leftovers(
+            self.ckpt_root
+        ):  # what interrupted saves left (before any new one)
             log.info("removed %s: the partial copy of an interrupted save", self.ckpt_root / name)
         self.resume_from = self._resumable_checkpoint(allow_recipe_change) if resume else None
         # the environment's side of the model choice, before any data work (an error comes at once)
         self.attention_backend = resolve_attention_backend(recipe.model.attention_backend)
         self.use_te = self.attention_backend == "te"
         if self.rank == 0:
-            log.info("attention backend: %s (Transformer Engine %s)", self.attention_backend,
-                     "in use" if self.use_te else "not in use: megatron-core's torch fallbacks for norms and optimizer")
+            log.info(
+                "attention backend: %s (Transformer Engine %s)",
+                self.attention_backend,
+                "in use"
+                if self.use_te
+                else "not in use: megatron-core's torch fallbacks for norms and optimizer",
+            )
 
         # ---- data (rank 0 prepares a corpus and the index caches; the others wait and read them)
         data = build_run_data(recipe, self.rank, self.run_dir)
@@ -163,11 +183,16 @@ class Trainer:
 
         # ---- model, DDP, optimizer, schedules
         self.config = build_transformer_config(
-            recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
-            precision=t.precision, fused_kernels=t.fused_kernels,
+            recipe.model,
+            tensor_parallel=recipe.parallel.tensor,
+            pipeline_parallel=recipe.parallel.pipeline,
+            precision=t.precision,
+            fused_kernels=t.fused_kernels,
         )
         model = build_gpt_model(
-            recipe.model, self.config, self.vocab_size,
+            recipe.model,
+            self.config,
+            self.vocab_size,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             probe=recipe.diagnostics.interval > 0,
@@ -205,10 +230,19 @@ class Trainer:
         d, lower = self.recipe.diagnostics, lower_layers(self.recipe)
         self.warning = None
         if d.interval > 0 and d.warn and lower:
-            self.warning = SpecializationWarning(selected_layers(self.recipe), lower, d.warn_entropy_gap)
-        self.tracker = self.release.tracker if self.release is not None else (
-            drift_tracker(self.recipe) if self.warning is not None else None)
-        self.drift = LowerLayerDrift(self.optimizer, self.chunks, lower) if self.tracker is not None else None
+            self.warning = SpecializationWarning(
+                selected_layers(self.recipe), lower, d.warn_entropy_gap
+            )
+        self.tracker = (
+            self.release.tracker
+            if self.release is not None
+            else (drift_tracker(self.recipe) if self.warning is not None else None)
+        )
+        self.drift = (
+            LowerLayerDrift(self.optimizer, self.chunks, lower)
+            if self.tracker is not None
+            else None
+        )
 
     def _measure_drift(self) -> bool:
         """Measure this step? Until the lower layers settle, and only while someone needs it."""
@@ -223,12 +257,24 @@ class Trainer:
         path = resolve_checkpoint(source)
         saved = read_extra(path)
         if saved.get("tokenizer_sha256") != self.tokenizer.sha256:
-            raise ValueError(f"train.init_from={source}: the checkpoint's tokenizer differs from this run's "
-                             "(use its tokenizer: data.tokenizer=<checkpoint>/tokenizer/...)")
+            raise ValueError(
+                f"train.init_from={source}: the checkpoint's tokenizer differs from this run's "
+                "(use its tokenizer: data.tokenizer=<checkpoint>/tokenizer/...)"
+            )
         if saved.get("padded_vocab_size", self.vocab_size) != self.vocab_size:
-            raise ValueError(f"train.init_from={source}: {saved['padded_vocab_size']} embedding rows, this run has {self.vocab_size}")
-        mine, theirs = architecture(self.recipe.model), architecture(ModelConfig.model_validate(saved["recipe"]["model"]))
-        diff = [f"model.{k}: {theirs[k]!r} (checkpoint) vs {v!r}" for k, v in mine.items() if theirs[k] != v]
+            raise ValueError(
+                f"train.init_from={source}: {saved['padded_vocab_size']} embedding rows, this run "
+                f"has {self.vocab_size}"
+            )
+        mine, theirs = (
+            architecture(self.recipe.model),
+            architecture(ModelConfig.model_validate(saved["recipe"]["model"])),
+        )
+        diff = [
+            f"model.{k}: {theirs[k]!r} (checkpoint) vs {v!r}"
+            for k, v in mine.items()
+            if theirs[k] != v
+        ]
         if diff:
             raise ValueError(f"train.init_from={source}: architecture differs: " + "; ".join(diff))
         load_model_weights(path, [model])
@@ -238,7 +284,9 @@ class Trainer:
         from slowqk.data.loader import micro_batches
 
         t = self.recipe.train
-        for batch in micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size, dp_rank, self.layout.data):
+        for batch in micro_batches(
+            dataset, step, t.global_batch_size, t.micro_batch_size, dp_rank, self.layout.data
+        ):
             yield _to_device(batch, self.device)
 
     def _run_schedule(self, dataset, step: int, forward_only: bool) -> float:
@@ -316,8 +364,11 @@ class Trainer:
         if skipped:
             self.consecutive_skips += 1
             self.total_skips += 1
-            log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row)",
-                        self.step, self.consecutive_skips)
+            log.warning(
+                "step %d: non-finite loss or gradients; update skipped (%d in a row)",
+                self.step,
+                self.consecutive_skips,
+            )
         else:
             self.consecutive_skips = 0
             self.scheduler.step(1)
@@ -342,7 +393,9 @@ class Trainer:
         if released:
             rec["qk_release"] = self.release.record()
             if self.rank == 0:
-                log.info("qk: release at step %d: %s", self.release.release_step, self.release.describe())
+                log.info(
+                    "qk: release at step %d: %s", self.release.release_step, self.release.describe()
+                )
         return rec
 
     # ------------------------------------------------------------------ checkpoints
@@ -351,7 +404,11 @@ class Trainer:
         from slowqk.checkpoint import prune_checkpoints, save_checkpoint
 
         path = save_checkpoint(
-            self.ckpt_root, self.step, self.chunks, self.optimizer, self.scheduler,
+            self.ckpt_root,
+            self.step,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
             {
                 "recipe": self.recipe.model_dump(mode="json"),
                 "tokenizer_sha256": self.tokenizer.sha256,
@@ -389,7 +446,9 @@ class Trainer:
         if self.warning is not None and "specialization_warning" in extra:
             self.warning.load_state_dict(extra["specialization_warning"])
 
-    def _resumable_checkpoint(self, allow_recipe_change: bool) -> tuple[Path, dict, list[str]] | None:
+    def _resumable_checkpoint(
+        self, allow_recipe_change: bool
+    ) -> tuple[Path, dict, list[str]] | None:
         """The checkpoint a resume would load, its run information and the recipe changes; refused
         here, before any data work, when the recipe changed in ways that alter the run."""
         from slowqk.checkpoint import latest_checkpoint, read_extra
@@ -403,7 +462,8 @@ class Trainer:
         if changes and not allow_recipe_change:
             raise RecipeChangedError(
                 f"{path}: the recipe differs from the checkpoint's in fields that alter the run: "
-                + "; ".join(changes) + " (pass --allow-recipe-change if intended)"
+                + "; ".join(changes)
+                + " (pass --allow-recipe-change if intended)"
             )
         return path, saved, changes
 
@@ -423,10 +483,11 @@ class Trainer:
         saved_vocab = saved.get("padded_vocab_size", self.vocab_size)
         if saved_vocab != self.vocab_size:
             raise ValueError(
-                f"{path}: the checkpoint's padded vocabulary has {saved_vocab} rows, this layout pads to "
-                f"{self.vocab_size} (model.make_vocab_size_divisible_by={self.recipe.model.make_vocab_size_divisible_by}, "
-                f"parallel.tensor={self.recipe.parallel.tensor}); resume with a tensor-parallel size that divides "
-                f"{saved_vocab} and make_vocab_size_divisible_by"
+                f"{path}: the checkpoint's padded vocabulary has {saved_vocab} rows, this layout "
+                f"pads to {self.vocab_size} (model.make_vocab_size_divisible_by="
+                f"{self.recipe.model.make_vocab_size_divisible_by}, "
+                f"parallel.tensor={self.recipe.parallel.tensor}); resume with a tensor-parallel "
+                f"size that divides {saved_vocab} and make_vocab_size_divisible_by"
             )
         extra = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = int(extra["step"])
@@ -442,7 +503,11 @@ class Trainer:
             path = self.run_dir / name
             if not path.is_file():
                 continue
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step
+            ]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             tmp.replace(path)
@@ -473,19 +538,28 @@ class Trainer:
             rec["tokens"] = self.step * tokens_per_step
             if not rec["skipped"]:
                 history.append(rec["loss"])
-            if rec["skipped"] and (t.on_nonfinite == "stop" or self.consecutive_skips >= t.max_consecutive_skips):
+            if rec["skipped"] and (
+                t.on_nonfinite == "stop" or self.consecutive_skips >= t.max_consecutive_skips
+            ):
                 self.metrics.log(self.step, rec)
                 raise NonFiniteError(
-                    f"non-finite loss or gradients at step {self.step - 1} ({self.consecutive_skips} in a row, "
-                    f"train.on_nonfinite={t.on_nonfinite}, max_consecutive_skips={t.max_consecutive_skips}); "
+                    f"non-finite loss or gradients at step {self.step - 1} "
+                    f"({self.consecutive_skips} in a row, "
+                    f"train.on_nonfinite={t.on_nonfinite}, "
+                    f"max_consecutive_skips={t.max_consecutive_skips}); "
                     "the last good checkpoint is kept"
                 )
             if self.step % t.eval_interval == 0 or self.step == t.steps:
                 rec["val_loss"] = self.evaluate()
                 rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
                 timer.lap()  # evaluation is not training time
-            if (self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.steps or rec["skipped"]
-                    or "qk_release" in rec):
+            if (
+                self.step % t.log_interval == 0
+                or "val_loss" in rec
+                or self.step == t.steps
+                or rec["skipped"]
+                or "qk_release" in rec
+            ):
                 self.metrics.log(self.step, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
@@ -508,8 +582,15 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
         resumed = self.maybe_resume()
         tokens_per_step = r.tokens_per_step
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar or self.quiet,
-                   desc=r.name, unit="step", dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not t.progress_bar or self.quiet,
+            desc=r.name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
         timer = _Timer()
         history: list[float] = []
         start = self.step
@@ -527,7 +608,9 @@ class Trainer:
             "final_val_loss": final,
             "final_val_ppl": math.exp(min(final, 50.0)),
             "train_seconds": train_time,
-            "tokens_per_s": (len(history) * tokens_per_step / train_time) if train_time > 0 else None,
+            "tokens_per_s": (len(history) * tokens_per_step / train_time)
+            if train_time > 0
+            else None,
             "skipped_steps": self.total_skips,
             "qk_enabled": r.qk.enabled,
             "qk_release": release_record(r, self.release),
@@ -550,14 +633,21 @@ class Trainer:
 
 def _peer_timeout(recipe: Recipe, where: str) -> PeerTimeout:
     rank = int(os.environ.get("RANK", "0"))
-    return PeerTimeout(f"rank {rank}: a peer rank did not answer within train.dist_timeout={recipe.train.dist_timeout:g} s "
-                       f"{where}; checkpoints already written are intact (a stopped or hung rank? see the other "
-                       "ranks' logs)")
+    return PeerTimeout(
+        f"rank {rank}: a peer rank did not answer within "
+        f"train.dist_timeout={recipe.train.dist_timeout:g} s "
+        f"{where}; checkpoints already written are intact (a stopped or hung rank? see the other "
+        "ranks' logs)"
+    )
 
 
-def train(recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False) -> dict:
+def train(
+    recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False
+) -> dict:
     try:
-        trainer = Trainer(recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change)
+        trainer = Trainer(
+            recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change
+        )
     except BaseException as exc:
         if is_peer_timeout(exc):
             raise _peer_timeout(recipe, "while starting") from None

@@ -42,7 +42,9 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
 
     init_distributed(recipe.parallel, recipe.seed)
     cfg = build_transformer_config(
-        recipe.model, tensor_parallel=recipe.parallel.tensor, pipeline_parallel=recipe.parallel.pipeline,
+        recipe.model,
+        tensor_parallel=recipe.parallel.tensor,
+        pipeline_parallel=recipe.parallel.pipeline,
         precision=recipe.train.precision,
     )
     if float64:
@@ -50,8 +52,13 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
 
         cpu_compat.enable_float64_verification()
         cfg.params_dtype = cfg.pipeline_dtype = torch.float64
-    model = build_gpt_model(recipe.model, cfg, VOCAB, pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
+    model = build_gpt_model(
+        recipe.model,
+        cfg,
+        VOCAB,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     if torch.cuda.is_available():
         model = model.cuda()
     model = wrap_precision(model, cfg)
@@ -59,7 +66,9 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
         model = model.to(torch.float64)  # torch norms ignore params_dtype
     if init_from is not None:
         model.load_state_dict(init_from.state_dict())
-    chunks = wrap_ddp([model], cfg, recipe.parallel.distributed_optimizer, grad_reduce_in_fp32=not float64)
+    chunks = wrap_ddp(
+        [model], cfg, recipe.parallel.distributed_optimizer, grad_reduce_in_fp32=not float64
+    )
     opt = build_optimizer(recipe, chunks)
     cfg.finalize_model_grads_func = finalize_model_grads  # the pipeline schedule's grad sync
     cfg.grad_scale_func = opt.scale_loss
@@ -93,7 +102,9 @@ def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torc
         out[name] = t
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(stages, out, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_gather_object(
+            stages, out, group=parallel_state.get_pipeline_model_parallel_group()
+        )
         out = {k: v for stage in stages for k, v in stage.items()}
     return out
 
@@ -106,7 +117,9 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = gather_from_tensor_model_parallel_region(logits)
     if logits.dtype in (torch.bfloat16, torch.float16):  # keep float64 runs in float64
         logits = logits.float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    )
 
 
 def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tuple[float, float]:
@@ -133,8 +146,14 @@ def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tupl
             return model(inputs, pos, None), loss_func
 
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
-            seq_length=inputs.shape[1], micro_batch_size=inputs.shape[0], forward_only=False)
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=inputs.shape[1],
+            micro_batch_size=inputs.shape[0],
+            forward_only=False,
+        )
         loss = losses[0]["lm loss"] if losses else torch.zeros(())
     else:
         loss = _loss(chunks[0](inputs, pos, None), labels)

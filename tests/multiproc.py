@@ -24,8 +24,17 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 # slowqk first: its import-time shims must precede megatron-core's import
-_PRELOAD = ["slowqk", "slowqk.train", "slowqk.models", "slowqk.checkpoint", "slowqk.cli", "megatron.core.optimizer",
-            "megatron.core.distributed", "megatron.core.models.gpt", "multiproc"]
+_PRELOAD = [
+    "slowqk",
+    "slowqk.train",
+    "slowqk.models",
+    "slowqk.checkpoint",
+    "slowqk.cli",
+    "megatron.core.optimizer",
+    "megatron.core.distributed",
+    "megatron.core.models.gpt",
+    "multiproc",
+]
 multiprocessing.set_forkserver_preload(_PRELOAD)
 
 
@@ -44,12 +53,24 @@ def _adopt_environment(env: dict[str, str]) -> None:
     import torch
 
     import slowqk  # noqa: F401 - first: its import-time shims must precede megatron-core's import
+
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple) -> None:
-    _adopt_environment({**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+def _entry(
+    rank: int, world: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple
+) -> None:
+    _adopt_environment(
+        {
+            **env,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     try:
         result = fn(rank, world, *args)
         err = None
@@ -63,8 +84,13 @@ def _entry(rank: int, world: int, port: int, out_dir: str, env: dict[str, str], 
 def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     """Call ``fn(rank, world, *args)`` in ``world`` fresh processes; return each rank's result."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_entry, args=(world, _free_port(), out, dict(os.environ), fn, args), nprocs=world,
-                                 join=False, start_method="forkserver")
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, _free_port(), out, dict(os.environ), fn, args),
+            nprocs=world,
+            join=False,
+            start_method="forkserver",
+        )
         crash = None
         try:
             while not ctx.join():
@@ -86,7 +112,9 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
         return results
 
 
-def _cli_entry(argv: list[str], env: dict[str, str], log_path: str, out_path: str | None, cwd: str | None) -> None:
+def _cli_entry(
+    argv: list[str], env: dict[str, str], log_path: str, out_path: str | None, cwd: str | None
+) -> None:
     # the process a launcher would start: its own environment and directory, stdout to out_path
     # (dropped when None), stderr to log_path
     _adopt_environment(env)
@@ -104,10 +132,17 @@ class CliProcess:
     """``python -m slowqk.cli ARGV`` as a forked process (what ``subprocess.Popen`` offers that the
     fault tests use: pid, poll, returncode, send_signal, kill); exit codes as Popen gives them."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: str, out_path: str | None = None,
-                 cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: str,
+        out_path: str | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self._proc = multiprocessing.get_context("forkserver").Process(
-            target=_cli_entry, args=(argv, env, log_path, out_path, cwd), daemon=False)
+            target=_cli_entry, args=(argv, env, log_path, out_path, cwd), daemon=False
+        )
         self._proc.start()
         self.pid = self._proc.pid
 
@@ -130,8 +165,11 @@ class CliProcess:
         return self._proc.exitcode
 
 
-def run_cli(argv: list[str], cwd: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m slowqk.cli ARGV`` in a forked process, as ``subprocess.run(..., capture_output=True,
+def run_cli(
+    argv: list[str], cwd: str | Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python -m slowqk.cli ARGV`` in a forked process, as ``subprocess.run(...,
+    capture_output=True,
     text=True)`` would return it."""
     with tempfile.TemporaryDirectory() as tmp:
         err, out = f"{tmp}/stderr", f"{tmp}/stdout"
@@ -140,4 +178,6 @@ def run_cli(argv: list[str], cwd: str | Path | None = None, timeout: float = 600
             proc.kill()
             proc.wait()
             raise subprocess.TimeoutExpired(["slowqk", *argv], timeout)
-        return subprocess.CompletedProcess(["slowqk", *argv], proc.returncode, Path(out).read_text(), Path(err).read_text())
+        return subprocess.CompletedProcess(
+            ["slowqk", *argv], proc.returncode, Path(out).read_text(), Path(err).read_text()
+        )

@@ -66,7 +66,9 @@ class Block(nn.Module):
         if self.mc.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.mc.position == "rope":
-            inv = 1.0 / (self.mc.rotary_base ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+            inv = 1.0 / (
+                self.mc.rotary_base ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
+            )
             ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
             ang = torch.cat((ang, ang), dim=-1)
             cos, sin = ang.cos(), ang.sin()
@@ -130,10 +132,16 @@ class ReferenceGPT(nn.Module):
             p = f"decoder.layers.{i}."
             _copy_norm(blk.ln1, sd, p + "input_layernorm")
             _copy_norm(blk.ln2, sd, p + "pre_mlp_layernorm")
-            for name, t in zip("qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.weight"]), strict=True):
+            for name, t in zip(
+                "qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.weight"]), strict=True
+            ):
                 getattr(blk, name).weight.copy_(t)
             if self.mc.bias:
-                for name, t in zip("qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"]), strict=True):
+                for name, t in zip(
+                    "qkv",
+                    self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"]),
+                    strict=True,
+                ):
                     getattr(blk, name).bias.copy_(t)
             _copy_linear(blk.o, sd, p + "self_attention.linear_proj")
             if self.mc.qk_norm:
@@ -163,11 +171,23 @@ class ReferenceGPT(nn.Module):
         parts = name.split(".")
         if parts[0] == "blocks":
             module = parts[2]
-            named = {"q": {"q"}, "k": {"k"}, "v": {"v"}, "o": {"o"}, "down": {"fc2"}, "ln1": {"norm"},
-                     "ln2": {"norm"}, "q_norm": {"norm"}, "k_norm": {"norm"}, "gate": {"gate", "fc1"},
-                     "up": {"up", "fc1"} if self.mc.ffn == "swiglu" else {"fc1"}}
+            named = {
+                "q": {"q"},
+                "k": {"k"},
+                "v": {"v"},
+                "o": {"o"},
+                "down": {"fc2"},
+                "ln1": {"norm"},
+                "ln2": {"norm"},
+                "q_norm": {"norm"},
+                "k_norm": {"norm"},
+                "gate": {"gate", "fc1"},
+                "up": {"up", "fc1"} if self.mc.ffn == "swiglu" else {"fc1"},
+            }
             return int(parts[1]), named[module]
-        return None, {"embed": {"embedding"}, "pos": {"embedding"}, "head": {"output"}}.get(parts[0], set())
+        return None, {"embed": {"embedding"}, "pos": {"embedding"}, "head": {"output"}}.get(
+            parts[0], set()
+        )
 
     def param_groups(self, lr: float, weight_decay: float, groups: list) -> list[dict]:
         """One param group per (group, decay) and the rest (``kind`` = "base"); ``groups`` have
@@ -176,10 +196,16 @@ class ReferenceGPT(nn.Module):
         for name, p in self.named_parameters():
             decay = weight_decay if p.ndim > 1 and not name.endswith("bias") else 0.0
             layer, parts = self.part_of(name)
-            owners = [g.name for g in groups if parts & set(g.parts) and (layer is None or layer in g.layers)]
+            owners = [
+                g.name
+                for g in groups
+                if parts & set(g.parts) and (layer is None or layer in g.layers)
+            ]
             assert len(owners) <= 1, (name, owners)
             kind = owners[0] if owners else "base"
-            out.setdefault((kind, decay), {"params": [], "kind": kind, "weight_decay": decay})["params"].append(p)
+            out.setdefault((kind, decay), {"params": [], "kind": kind, "weight_decay": decay})[
+                "params"
+            ].append(p)
         return [dict(g, lr=lr) for g in out.values()]
 
 

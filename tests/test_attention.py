@@ -12,7 +12,14 @@ import torch
 from multiproc import run_ranks
 
 MHA = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16}
-GQA = {**MHA, "num_query_groups": 2, "ffn": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope"}
+GQA = {
+    **MHA,
+    "num_query_groups": 2,
+    "ffn": "swiglu",
+    "norm": "rmsnorm",
+    "bias": False,
+    "position": "rope",
+}
 
 
 def _recipe(model: dict, backend: str, **sections):
@@ -36,28 +43,39 @@ def _forward_backward_worker(rank: int, world: int, model: dict) -> dict:
     for backend in ("local", "sdpa"):
         recipe = _recipe(model, backend, parallel={"tensor": world})
         init_distributed(recipe.parallel, recipe.seed)
-        net = build_gpt_model(recipe.model, build_transformer_config(recipe.model, tensor_parallel=world), VOCAB)
+        net = build_gpt_model(
+            recipe.model, build_transformer_config(recipe.model, tensor_parallel=world), VOCAB
+        )
         if reference is not None:
             net.load_state_dict(reference.state_dict())
         reference = reference or net
         kinds = {type(m.self_attention.core_attention).__name__ for m in net.decoder.layers}
         logits = gather_from_tensor_model_parallel_region(net(ids, pos, None))
         logits.float().pow(2).mean().backward()
-        out[backend] = {"kinds": kinds, "logits": logits.detach(),
-                        "grads": {n: p.grad.detach().clone() for n, p in net.named_parameters()}}
+        out[backend] = {
+            "kinds": kinds,
+            "logits": logits.detach(),
+            "grads": {n: p.grad.detach().clone() for n, p in net.named_parameters()},
+        }
     shutdown()
     return out
 
 
-@pytest.mark.parametrize("world,model", [(1, MHA), (1, GQA), (2, GQA)], ids=["mha", "gqa", "gqa-tp2"])
+@pytest.mark.parametrize(
+    "world,model", [(1, MHA), (1, GQA), (2, GQA)], ids=["mha", "gqa", "gqa-tp2"]
+)
 def test_sdpa_equals_local_forward_and_backward(world: int, model: dict) -> None:
     for res in run_ranks(_forward_backward_worker, world, model):
         assert res["local"]["kinds"] == {"DotProductAttention"}
         assert res["sdpa"]["kinds"] == {"SDPAttention"}
-        torch.testing.assert_close(res["sdpa"]["logits"], res["local"]["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            res["sdpa"]["logits"], res["local"]["logits"], rtol=1e-5, atol=1e-5
+        )
         assert res["sdpa"]["grads"].keys() == res["local"]["grads"].keys()
         for name, g in res["local"]["grads"].items():
-            torch.testing.assert_close(res["sdpa"]["grads"][name], g, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(
+                res["sdpa"]["grads"][name], g, rtol=1e-5, atol=1e-5, msg=name
+            )
 
 
 def _train(model: dict, backend: str, precision: str, steps: int) -> list[float]:
@@ -65,14 +83,26 @@ def _train(model: dict, backend: str, precision: str, steps: int) -> list[float]
     from megatron.core import parallel_state
     from megatron_harness import VOCAB, build_stack, train_step
 
-    recipe = _recipe(model, backend, parallel={"distributed_optimizer": True}, train={"precision": precision},
-                     qk={"enabled": True, "unit": "steps", "hold": 2, "ramp": 2})
+    recipe = _recipe(
+        model,
+        backend,
+        parallel={"distributed_optimizer": True},
+        train={"precision": precision},
+        qk={"enabled": True, "unit": "steps", "hold": 2, "ramp": 2},
+    )
     _, chunks, opt, sched, qk = build_stack(recipe)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    dp, dp_rank = (
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )
     losses = []
     for step in range(steps):
-        ids = torch.randint(0, VOCAB, (2 * dp, 17), generator=torch.Generator().manual_seed(step % 2))
-        losses.append(train_step(chunks, opt, sched, qk, step, ids[2 * dp_rank: 2 * dp_rank + 2])[0])
+        ids = torch.randint(
+            0, VOCAB, (2 * dp, 17), generator=torch.Generator().manual_seed(step % 2)
+        )
+        losses.append(
+            train_step(chunks, opt, sched, qk, step, ids[2 * dp_rank : 2 * dp_rank + 2])[0]
+        )
     return losses
 
 
@@ -109,8 +139,11 @@ def _dropout_worker(rank: int, world: int) -> dict:
     net.eval()
     eval_a, eval_b = net(ids, pos, None), net(ids, pos, None)
     shutdown()
-    return {"train_differs": not torch.equal(train_a, train_b), "eval_same": torch.equal(eval_a, eval_b),
-            "train_vs_eval": (train_a - eval_a).abs().max().item()}
+    return {
+        "train_differs": not torch.equal(train_a, train_b),
+        "eval_same": torch.equal(eval_a, eval_b),
+        "train_vs_eval": (train_a - eval_a).abs().max().item(),
+    }
 
 
 def test_sdpa_applies_attention_dropout_in_training_only() -> None:
@@ -133,18 +166,27 @@ def test_unknown_or_unavailable_backend_is_one_clear_error() -> None:
 
 # every block mix: ffn x norm x bias x position, GQA on the swiglu half
 MIXES = [
-    {"ffn": ffn, "norm": norm, "bias": bias, "position": position,
-     "num_query_groups": 2 if ffn == "swiglu" else None}
-    for ffn, norm, bias, position in itertools.product(("gelu", "swiglu"), ("layernorm", "rmsnorm"),
-                                                       (True, False), ("learned", "rope"))
+    {
+        "ffn": ffn,
+        "norm": norm,
+        "bias": bias,
+        "position": position,
+        "num_query_groups": 2 if ffn == "swiglu" else None,
+    }
+    for ffn, norm, bias, position in itertools.product(
+        ("gelu", "swiglu"), ("layernorm", "rmsnorm"), (True, False), ("learned", "rope")
+    )
 ]
 GPT_STYLE, LLAMA_STYLE = MIXES[0], MIXES[-1]
 # (tensor, pipeline, mix) on two ranks: every mix at DP=2 (optimizer state sharded), then TP=2, PP=2
-LAYOUTS = [(1, 1, m) for m in MIXES] + [(t, p, m) for t, p in ((2, 1), (1, 2)) for m in (GPT_STYLE, LLAMA_STYLE)]
+LAYOUTS = [(1, 1, m) for m in MIXES] + [
+    (t, p, m) for t, p in ((2, 1), (1, 2)) for m in (GPT_STYLE, LLAMA_STYLE)
+]
 
 
 def _bf16_worker(rank: int, world: int, dataset: str, out_dir: str) -> list[dict]:
-    """Three steps of the real training loop per layout, bf16 and fp32 from the same initial weights."""
+    """Three steps of the real training loop per layout, bf16 and fp32 from the same initial
+    weights."""
     from megatron.core import parallel_state
 
     from slowqk.config import load_recipe
@@ -158,16 +200,36 @@ def _bf16_worker(rank: int, world: int, dataset: str, out_dir: str) -> list[dict
         for precision in ("bf16", "fp32") if mix in (GPT_STYLE, LLAMA_STYLE) else ("bf16",):
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()  # the next layout may differ
-            overrides = {**{f"model.{k}": v for k, v in mix.items()}, "model.num_layers": 4, "model.hidden_size": 64,
-                         "model.num_attention_heads": 4, "model.seq_length": 32, "parallel.tensor": tp,
-                         "parallel.pipeline": pp, "parallel.distributed_optimizer": True,
-                         "train.precision": precision, "train.micro_batch_size": 2, "train.global_batch_size": 8,
-                         "train.steps": 3, "train.tensorboard": False, "train.progress_bar": False,
-                         "optimizer.warmup_steps": 0, "data.corpus": None, "data.dataset": dataset,
-                         "out_dir": f"{out_dir}/{i}-{precision}", "qk.enabled": True, "qk.unit": "steps",
-                         "qk.hold": 1, "qk.ramp": 1}
-            trainer = Trainer(load_recipe("tiny/gpt", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]),
-                              quiet=True)
+            overrides = {
+                **{f"model.{k}": v for k, v in mix.items()},
+                "model.num_layers": 4,
+                "model.hidden_size": 64,
+                "model.num_attention_heads": 4,
+                "model.seq_length": 32,
+                "parallel.tensor": tp,
+                "parallel.pipeline": pp,
+                "parallel.distributed_optimizer": True,
+                "train.precision": precision,
+                "train.micro_batch_size": 2,
+                "train.global_batch_size": 8,
+                "train.steps": 3,
+                "train.tensorboard": False,
+                "train.progress_bar": False,
+                "optimizer.warmup_steps": 0,
+                "data.corpus": None,
+                "data.dataset": dataset,
+                "out_dir": f"{out_dir}/{i}-{precision}",
+                "qk.enabled": True,
+                "qk.unit": "steps",
+                "qk.hold": 1,
+                "qk.ramp": 1,
+            }
+            trainer = Trainer(
+                load_recipe(
+                    "tiny/gpt", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
+                ),
+                quiet=True,
+            )
             losses[precision] = [trainer.train_step()["loss"] for _ in range(3)]
             dtypes[precision] = {p.dtype for p in trainer.chunks[0].module.parameters()}
             trainer.metrics.close()
@@ -183,14 +245,20 @@ def test_every_block_mix_trains_in_bf16(small_dataset, tmp_path) -> None:
     GPT and LLaMA blocks within bf16 rounding (2%) of the fp32 run from the same initial weights."""
     for res in run_ranks(_bf16_worker, 2, small_dataset, str(tmp_path))[0]:
         tp, pp, mix = res["layout"]
-        name = f"tp{tp}/pp{pp}/" + "/".join(str(mix[k]) for k in ("ffn", "norm", "bias", "position"))
+        name = f"tp{tp}/pp{pp}/" + "/".join(
+            str(mix[k]) for k in ("ffn", "norm", "bias", "position")
+        )
         bf16 = res["losses"]["bf16"]
         assert res["dtypes"]["bf16"] == {torch.bfloat16}, name
         assert all(map(math.isfinite, bf16)) and bf16[-1] < bf16[0], (name, bf16)
         if "fp32" in res["losses"]:
             fp32 = res["losses"]["fp32"]
             assert res["dtypes"]["fp32"] == {torch.float32}, name
-            assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.02, (name, bf16, fp32)
+            assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.02, (
+                name,
+                bf16,
+                fp32,
+            )
 
 
 def test_probe_records_explicit_attention_in_front_of_any_backend() -> None:
@@ -199,7 +267,9 @@ def test_probe_records_explicit_attention_in_front_of_any_backend() -> None:
     from slowqk.attention import explicit_attention
     from slowqk.probe import ProbeMixin, probed
 
-    class FusedKernel(torch.nn.Module):  # stands in for TEDotProductAttention: keeps no probabilities
+    class FusedKernel(
+        torch.nn.Module
+    ):  # stands in for TEDotProductAttention: keeps no probabilities
         softmax_scale = 0.5
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
@@ -211,7 +281,11 @@ def test_probe_records_explicit_attention_in_front_of_any_backend() -> None:
     core.attn_mask_type = AttnMaskType.causal
     assert isinstance(core, ProbeMixin) and probed(FusedKernel) is type(core)
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(5, 2, 4, 8, generator=g), torch.randn(5, 2, 2, 8, generator=g), torch.randn(5, 2, 2, 8, generator=g)
+    q, k, v = (
+        torch.randn(5, 2, 4, 8, generator=g),
+        torch.randn(5, 2, 2, 8, generator=g),
+        torch.randn(5, 2, 2, 8, generator=g),
+    )
     assert not core(q, k, v, None).any()  # not recording: the backend's own forward
     core.record = True
     out = core(q, k, v, None)
@@ -234,8 +308,11 @@ def _bf16_accuracy_worker(rank: int, world: int, model: dict, seq: int) -> dict:
     ids = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
     pos = torch.arange(seq, device=device).expand_as(ids)
     init_distributed(_recipe(model, "local").parallel, 1234)
-    reference = build_gpt_model(_recipe(model, "local").model, build_transformer_config(_recipe(model, "local").model),
-                                VOCAB).to(device)
+    reference = build_gpt_model(
+        _recipe(model, "local").model,
+        build_transformer_config(_recipe(model, "local").model),
+        VOCAB,
+    ).to(device)
     exact = reference(ids, pos, None).float()
     errors = {}
     for backend in ("local", "sdpa"):
@@ -243,7 +320,9 @@ def _bf16_accuracy_worker(rank: int, world: int, model: dict, seq: int) -> dict:
         cfg = build_transformer_config(recipe.model, precision="bf16")
         net = build_gpt_model(recipe.model, cfg, VOCAB).to(device)
         net.load_state_dict(reference.state_dict())
-        errors[backend] = (wrap_precision(net, cfg)(ids, pos, None).float() - exact).abs().max().item()
+        errors[backend] = (
+            (wrap_precision(net, cfg)(ids, pos, None).float() - exact).abs().max().item()
+        )
     shutdown()
     return {"errors": errors, "scale": exact.abs().max().item()}
 

@@ -13,13 +13,31 @@ from conftest import REPO, SHARED
 
 sys.path.insert(0, str(REPO / "tools"))
 
-RECORD_KEYS = {"recipe", "case", "device", "te", "attention_backend", "megatron_core", "tokens_per_s", "step_s",
-               "mfu", "peak_mem_gib"}
+RECORD_KEYS = {
+    "recipe",
+    "case",
+    "device",
+    "te",
+    "attention_backend",
+    "megatron_core",
+    "tokens_per_s",
+    "step_s",
+    "mfu",
+    "peak_mem_gib",
+}
 
 
 def _linear_weights(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters()
-               if p.dim() == 2 and "embed" not in n and n != "pos.weight" and "norm" not in n and "head" not in n and "output_layer" not in n)
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() == 2
+        and "embed" not in n
+        and n != "pos.weight"
+        and "norm" not in n
+        and "head" not in n
+        and "output_layer" not in n
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny/gpt", "tiny/llama", "llama-1b"])
@@ -32,7 +50,10 @@ def test_flops_per_token_counts_the_linear_weights_of_both_models(name: str) -> 
     m = load_recipe(name, ["model.num_layers=2"]).model  # two layers of the real width
     vocab = 1024
     plain = PlainDecoder(m, vocab)
-    expected = 6 * (_linear_weights(plain) + vocab * m.hidden_size) + 12 * m.num_layers * m.seq_length * m.hidden_size
+    expected = (
+        6 * (_linear_weights(plain) + vocab * m.hidden_size)
+        + 12 * m.num_layers * m.seq_length * m.hidden_size
+    )
     assert model_flops_per_token(m, vocab) == expected
     if name.startswith("tiny"):  # the same count from megatron-core's own modules
         from multiproc import run_ranks
@@ -63,19 +84,47 @@ def test_plain_decoder_learns_and_matches_the_shapes() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 256, (2, 33))
     losses = [plain_train_step(model, opt, [(ids[:, :-1], ids[:, 1:])]) for _ in range(5)]
-    assert losses[0] == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.1)  # small init: uniform
+    assert losses[0] == pytest.approx(
+        torch.log(torch.tensor(256.0)).item(), abs=0.1
+    )  # small init: uniform
     assert losses[-1] < losses[0] - 0.1
 
 
 def test_bench_writes_json_records(tmp_path) -> None:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000]))
+    corpus.write_text(
+        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    )
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/bench_gpu.py"), "--recipes", "tiny/llama", "--cases", "off", "hold", "plain",
-         "--steps", "1", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus), "--json", str(out),
-         "--peak-tflops", "1", "train.micro_batch_size=4", "model.seq_length=32"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "tools/bench_gpu.py"),
+            "--recipes",
+            "tiny/llama",
+            "--cases",
+            "off",
+            "hold",
+            "plain",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--vocab",
+            "400",
+            "--corpus",
+            str(corpus),
+            "--json",
+            str(out),
+            "--peak-tflops",
+            "1",
+            "train.micro_batch_size=4",
+            "model.seq_length=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
     assert [r["case"] for r in records] == ["off", "hold", "plain"]

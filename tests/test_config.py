@@ -36,15 +36,29 @@ BAD_OVERRIDES = [
     (["qk.ramp=2"], "qk.ramp", "at most 1"),
     (["qk.layers={top: 99}"], "qk.layers", "top=99 must be between 1 and the number of layers (4)"),
     (["qk.layers={indices: [9]}"], "qk.layers", "layer indices [9] out of range for 4 layers"),
-    (["qk.unit=steps", "qk.hold=2.5"], "qk.hold", "got 2.5; a length in steps must be a whole number"),
-    (["qk.hold=0.7", "qk.ramp=0.5"], "qk.hold", "more than the whole run, the slowdown would never end"),
+    (
+        ["qk.unit=steps", "qk.hold=2.5"],
+        "qk.hold",
+        "got 2.5; a length in steps must be a whole number",
+    ),
+    (
+        ["qk.hold=0.7", "qk.ramp=0.5"],
+        "qk.hold",
+        "more than the whole run, the slowdown would never end",
+    ),
     (["parallel.tensor=3"], "parallel.tensor", "it must divide model.num_attention_heads (4)"),
     (["parallel.pipeline=3"], "parallel.pipeline", "it must divide model.num_layers (4)"),
-    (["train.global_batch_size=12"], "train.global_batch_size", "multiple of train.micro_batch_size (8)"),
+    (
+        ["train.global_batch_size=12"],
+        "train.global_batch_size",
+        "multiple of train.micro_batch_size (8)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides,key,detail", BAD_OVERRIDES, ids=[" ".join(o[0]) for o in BAD_OVERRIDES])
+@pytest.mark.parametrize(
+    "overrides,key,detail", BAD_OVERRIDES, ids=[" ".join(o[0]) for o in BAD_OVERRIDES]
+)
 def test_bad_override_names_key_and_value(overrides, key, detail, capsys) -> None:
     code = main(["print-recipe", "tiny/gpt", *overrides])
     err = capsys.readouterr().err
@@ -55,12 +69,15 @@ def test_bad_override_names_key_and_value(overrides, key, detail, capsys) -> Non
 
 def test_fewer_query_groups_than_tensor_ranks_is_allowed() -> None:
     """megatron-core replicates K/V when the TP size is a multiple of the groups."""
-    r = load_recipe("tiny/gpt", ["model.num_query_groups=2", "parallel.tensor=4", "model.num_attention_heads=8"])
+    r = load_recipe(
+        "tiny/gpt", ["model.num_query_groups=2", "parallel.tensor=4", "model.num_attention_heads=8"]
+    )
     assert r.parallel.tensor == 4
 
 
 def test_train_refuses_what_print_recipe_refuses_before_any_data_work(tmp_path, capsys) -> None:
-    """The same one line from `train` as from `print-recipe`, and nothing written: no data prepared."""
+    """The same one line from `train` as from `print-recipe`, and nothing written: no data
+    prepared."""
     out = tmp_path / "run"
     for overrides in (["qk.hold=1.5"], ["qk.layers={top: 99}"], ["parallel.tensor=3"]):
         assert main(["print-recipe", "tiny/gpt", *overrides]) == 2
@@ -87,8 +104,15 @@ def test_unknown_recipe_lists_known(capsys) -> None:
 
 
 def test_overrides_and_inheritance() -> None:
-    r = load_recipe("tiny/llama", ["qk.enabled=true", "qk.layers={indices: [1, 3]}", "train.steps=7"])
-    assert (r.model.ffn, r.model.norm, r.model.bias, r.model.position) == ("swiglu", "rmsnorm", False, "rope")
+    r = load_recipe(
+        "tiny/llama", ["qk.enabled=true", "qk.layers={indices: [1, 3]}", "train.steps=7"]
+    )
+    assert (r.model.ffn, r.model.norm, r.model.bias, r.model.position) == (
+        "swiglu",
+        "rmsnorm",
+        False,
+        "rope",
+    )
     assert r.model.hidden_size == 128  # inherited from tiny/gpt
     assert r.qk.enabled and r.qk.layers.indices == [1, 3] and r.train.steps == 7
     with pytest.raises(RecipeError):
@@ -96,10 +120,16 @@ def test_overrides_and_inheritance() -> None:
 
 
 def test_print_recipe_subprocess_exit_code() -> None:
-    proc = subprocess.run([sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "model.ffn=relu"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "model.ffn=relu"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "model.ffn" in proc.stderr and "relu" in proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "qk.enabled=true"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "slowqk.cli", "print-recipe", "tiny/gpt", "qk.enabled=true"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "enabled: true" in ok.stdout

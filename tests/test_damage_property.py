@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 DAMAGE = st.tuples(
-    st.integers(0, 10**6),                                         # which file (modulo the count)
+    st.integers(0, 10**6),  # which file (modulo the count)
     st.sampled_from(["flip", "truncate", "append", "zero", "delete"]),
-    st.floats(0, 1, allow_nan=False),                              # where in the file
-    st.integers(1, 4096),                                          # how many bytes
+    st.floats(0, 1, allow_nan=False),  # where in the file
+    st.integers(1, 4096),  # how many bytes
 )
 
 
@@ -35,26 +35,35 @@ def damage(root: Path, choice: tuple, skip: tuple[str, ...] = ()) -> Path:
         target.unlink()
         return target
     if op == "flip":
-        data[at:at + n] = bytes(b ^ 0xA5 for b in data[at:at + n])
+        data[at : at + n] = bytes(b ^ 0xA5 for b in data[at : at + n])
     elif op == "truncate":
         data = data[:at]
     elif op == "append":
         data += bytes(range(256)) * (n // 256 + 1)
     else:
-        data[at:at + n] = bytes(len(data[at:at + n]))
+        data[at : at + n] = bytes(len(data[at : at + n]))
     target.write_bytes(bytes(data))
     return target
 
 
 def identical(a: Path, b: Path, skip: tuple[str, ...] = ()) -> bool:
     def files(root):
-        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name not in skip}
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and p.name not in skip
+        }
+
     return files(a) == files(b)
 
 
 OUTCOMES = {"dataset": {"refused": 0, "harmless": 0}, "checkpoint": {"refused": 0, "harmless": 0}}
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +104,8 @@ def test_damaged_dataset_is_refused_in_one_line(pristine_dataset, tmp_path_facto
 
 @pytest.fixture(scope="module")
 def pristine_checkpoint(tmp_path_factory, pristine_dataset) -> Path:
-    """A real two-step run's checkpoint (model, distributed optimizer, scheduler, RNG, tokenizer)."""
+    """A real two-step run's checkpoint (model, distributed optimizer, scheduler, RNG,
+    tokenizer)."""
     from multiproc import run_ranks
 
     run = tmp_path_factory.mktemp("ckpt") / "run"
@@ -107,9 +117,22 @@ def _train_two_steps(rank: int, world: int, dataset: str, out_dir: str) -> None:
     from slowqk.config import load_recipe
     from slowqk.train import train
 
-    train(load_recipe("tiny/gpt", ["data.corpus=null", f"data.dataset={dataset}", f"out_dir={out_dir}",
-                                   "train.steps=2", "train.save_interval=2", "model.num_layers=2",
-                                   "model.seq_length=32", "train.tensorboard=false"]), quiet=True)
+    train(
+        load_recipe(
+            "tiny/gpt",
+            [
+                "data.corpus=null",
+                f"data.dataset={dataset}",
+                f"out_dir={out_dir}",
+                "train.steps=2",
+                "train.save_interval=2",
+                "model.num_layers=2",
+                "model.seq_length=32",
+                "train.tensorboard=false",
+            ],
+        ),
+        quiet=True,
+    )
 
 
 @SETTINGS
@@ -130,8 +153,9 @@ def test_damaged_checkpoint_is_never_loaded(pristine_checkpoint, tmp_path_factor
         OUTCOMES["checkpoint"]["harmless"] += 1
         # what a run would load is byte-identical to what was saved (damage to the `latest`
         # pointer alone only changes which complete checkpoint is found)
-        assert found is not None and identical(found, pristine_checkpoint / found.name), \
+        assert found is not None and identical(found, pristine_checkpoint / found.name), (
             f"{choice} on {target.relative_to(root)} was not caught"
+        )
     shutil.rmtree(root.parent)
 
 
@@ -140,6 +164,10 @@ def test_record_the_outcomes(fault_record) -> None:
     for what, counts in OUTCOMES.items():
         total = sum(counts.values())
         assert total >= 150, f"the {what} property did not run"
-        fault_record(f"random {what} damage", f"{total} random flips, truncations, appends, zero-fills, deletions "
-                     f"of one {what} file", "refused in one line naming the file, or harmless (bytes unchanged)",
-                     f"{counts['refused']} refused, {counts['harmless']} harmless; no traceback, nothing damaged loaded")
+        fault_record(
+            f"random {what} damage",
+            f"{total} random flips, truncations, appends, zero-fills, deletions of one {what} file",
+            "refused in one line naming the file, or harmless (bytes unchanged)",
+            f"{counts['refused']} refused, {counts['harmless']} harmless; no traceback, nothing "
+            "damaged loaded",
+        )

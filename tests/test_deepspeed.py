@@ -18,16 +18,26 @@ pytestmark = pytest.mark.slow
 
 def _overrides(dataset: str, out: Path, **extra) -> list[str]:
     # the adaptive release: both engines must measure the same drift and release at the same step
-    return small_run_overrides(dataset, out, **{
-        "optimizer.eps": 1e-3,  # Adam amplifies rounding on tiny gradients; see the Q/K exactness notes
-        "qk.adaptive.max_hold": 5, "qk.adaptive.threshold": 0.76, **extra})  # settles at step 4
+    return small_run_overrides(
+        dataset,
+        out,
+        **{
+            # Adam amplifies rounding on tiny gradients; see the Q/K exactness notes
+            "optimizer.eps": 1e-3,
+            "qk.adaptive.max_hold": 5,
+            "qk.adaptive.threshold": 0.76,
+            **extra,
+        },
+    )  # settles at step 4
 
 
 def _megatron(rank: int, world: int, overrides: list[str]) -> dict:
     from slowqk.config import load_recipe
     from slowqk.train import train
 
-    return train(load_recipe("tiny/gpt", [*overrides, "parallel.distributed_optimizer=true"]), quiet=True)
+    return train(
+        load_recipe("tiny/gpt", [*overrides, "parallel.distributed_optimizer=true"]), quiet=True
+    )
 
 
 def _deepspeed(rank: int, world: int, overrides: list[str], stage: int) -> dict:
@@ -84,16 +94,30 @@ def _rows_worker(rank: int, world: int, stage: int, mult_q: float, mult_k: float
     from slowqk.models import build_gpt_model, build_transformer_config
     from slowqk.optim import build_lr_groups
 
-    recipe = tiny_recipe(model={"num_query_groups": 2}, train={"micro_batch_size": 2, "global_batch_size": 2 * world},
-                         qk={"enabled": True, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 8, "ramp": 0,
-                             "mult_q": mult_q, "mult_k": mult_k},
-                         lr_groups=groups_config())
+    recipe = tiny_recipe(
+        model={"num_query_groups": 2},
+        train={"micro_batch_size": 2, "global_batch_size": 2 * world},
+        qk={
+            "enabled": True,
+            "layers": {"indices": LAYERS},
+            "unit": "steps",
+            "hold": 8,
+            "ramp": 0,
+            "mult_q": mult_q,
+            "mult_k": mult_k,
+        },
+        lr_groups=groups_config(),
+    )
     out = {}
     for name, patched in (("patched", True), ("plain", False)):
-        init_distributed(recipe.parallel, recipe.seed)  # same seed: the same initial weights both times
+        init_distributed(
+            recipe.parallel, recipe.seed
+        )  # same seed: the same initial weights both times
         model = build_gpt_model(recipe.model, build_transformer_config(recipe.model), VOCAB)
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, eps=1e-3)
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(recipe, world, stage))
+        engine, ds_opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, config=deepspeed_config(recipe, world, stage)
+        )
         if patched:
             build_lr_groups(recipe, ds_opt, [model]).set_step(0)
         ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7 + rank))
@@ -115,7 +139,9 @@ def test_zero_stage_scales_exactly_the_groups_elements(stage) -> None:
 
     res = run_ranks(_rows_worker, 2, stage, MULT_Q, MULT_K)[0]
     moved = set()
-    for name, label, mult, d_p, d_u in scaled_row_updates(res["before"], res["patched"], res["plain"]):
+    for name, label, mult, d_p, d_u in scaled_row_updates(
+        res["before"], res["patched"], res["plain"]
+    ):
         if d_u.abs().max() == 0:  # e.g. the K bias: softmax ignores a per-query constant
             continue
         # relative to the update's size, or one fp32 ulp of the weights it was added to (norm
@@ -127,11 +153,23 @@ def test_zero_stage_scales_exactly_the_groups_elements(stage) -> None:
     assert moved == {"q", "k"} | {f"group{i}" for i in range(len(ROW_GROUPS))}, moved
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.tensor=2"], "key 'parallel.engine': deepspeed runs at parallel.tensor=1, parallel.pipeline=1"),
-    (["train.save_interval=5"], "key 'train.save_interval': not available with parallel.engine=deepspeed"),
-    (["optimizer.name=sgd"], "key 'optimizer.name': got 'sgd'; the DeepSpeed engine is wired for adamw"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.tensor=2"],
+            "key 'parallel.engine': deepspeed runs at parallel.tensor=1, parallel.pipeline=1",
+        ),
+        (
+            ["train.save_interval=5"],
+            "key 'train.save_interval': not available with parallel.engine=deepspeed",
+        ),
+        (
+            ["optimizer.name=sgd"],
+            "key 'optimizer.name': got 'sgd'; the DeepSpeed engine is wired for adamw",
+        ),
+    ],
+)
 def test_unsupported_combinations_are_refused_when_the_recipe_loads(overrides, message) -> None:
     from slowqk.config import RecipeError, load_recipe
 

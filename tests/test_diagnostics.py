@@ -72,7 +72,9 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
     cfg = build_transformer_config(recipe.model, tensor_parallel=tp)
     model = build_gpt_model(recipe.model, cfg, VOCAB, probe=True)
     plain_keys = set(build_gpt_model(recipe.model, cfg, VOCAB).state_dict())
-    ids = torch.randint(0, VOCAB, (2, recipe.model.seq_length), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        0, VOCAB, (2, recipe.model.seq_length), generator=torch.Generator().manual_seed(3)
+    )
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     probs = attention_probs(model, ids, pos)
     stats = probe_stats(model, ids, pos)
@@ -82,15 +84,25 @@ def _probe_worker(rank: int, world: int, tp: int, model_overrides: dict) -> dict
     worst = max((probs[i] - blk.last_probs).abs().max().item() for i, blk in enumerate(ref.blocks))
     entropy = {i: attention_entropy(p).tolist() for i, p in probs.items()}
     shutdown()
-    return {"worst": worst, "same_keys": set(model.state_dict()) == plain_keys, "entropy": entropy,
-            "shape": tuple(probs[0].shape), "stats": stats}
+    return {
+        "worst": worst,
+        "same_keys": set(model.state_dict()) == plain_keys,
+        "entropy": entropy,
+        "shape": tuple(probs[0].shape),
+        "stats": stats,
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,model", [(1, {"attention_backend": "local"}),
-                                      (2, {"num_query_groups": 2, "position": "rope", "attention_backend": "sdpa"}),
-                                      (1, {"qk_norm": True})],
-                         ids=["tp1-mha-local", "tp2-gqa-rope-sdpa", "tp1-qk-norm"])
+@pytest.mark.parametrize(
+    "tp,model",
+    [
+        (1, {"attention_backend": "local"}),
+        (2, {"num_query_groups": 2, "position": "rope", "attention_backend": "sdpa"}),
+        (1, {"qk_norm": True}),
+    ],
+    ids=["tp1-mha-local", "tp2-gqa-rope-sdpa", "tp1-qk-norm"],
+)
 def test_probed_attention_matches_the_reference(tp, model) -> None:
     from multiproc import run_ranks
 
@@ -113,7 +125,9 @@ def test_probe_stats_tp2_equal_tp1_on_the_same_weights() -> None:
     assert tp1.keys() == tp2.keys() == {0, 1, 2, 3}
     for layer, values in tp1.items():
         for key, x in values.items():
-            torch.testing.assert_close(torch.tensor(tp2[layer][key]), torch.tensor(x), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                torch.tensor(tp2[layer][key]), torch.tensor(x), rtol=1e-5, atol=1e-7
+            )
 
 
 def _train_worker(rank: int, world: int, overrides: list[str]) -> dict:
@@ -125,22 +139,39 @@ def _train_worker(rank: int, world: int, overrides: list[str]) -> dict:
 
 def _overrides(dataset, run_dir, **extra) -> list[str]:
     base = {
-        "out_dir": str(run_dir), "data.corpus": "null", "data.dataset": str(dataset),
-        "model.num_layers": 4, "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32,
-        "train.steps": 6, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.log_interval": 1,
-        "train.eval_interval": 3, "train.eval_iters": 1, "train.progress_bar": "false", "train.tensorboard": "false",
-        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": 3, "qk.ramp": 2,
+        "out_dir": str(run_dir),
+        "data.corpus": "null",
+        "data.dataset": str(dataset),
+        "model.num_layers": 4,
+        "model.hidden_size": 64,
+        "model.num_attention_heads": 4,
+        "model.seq_length": 32,
+        "train.steps": 6,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.log_interval": 1,
+        "train.eval_interval": 3,
+        "train.eval_iters": 1,
+        "train.progress_bar": "false",
+        "train.tensorboard": "false",
+        "qk.enabled": "true",
+        "qk.unit": "steps",
+        "qk.hold": 3,
+        "qk.ramp": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
-RELEASE = 3  # the adaptive release settles here in these runs: lower-layer drift ratios 1, 0.85, 0.74
+RELEASE = (
+    3  # the adaptive release settles here in these runs: lower-layer drift ratios 1, 0.85, 0.74
+)
 
 
 @pytest.mark.slow
 def test_diagnostics_do_not_change_training(small_dataset, tmp_path) -> None:
-    """The probe leaves training bitwise unchanged; every layout measures the same statistics and the
+    """The probe leaves training bitwise unchanged; every layout measures the same statistics and
+    the
     same lower-layer drift, and makes the same adaptive release decision (from a checkpoint taken
     before it was made)."""
     from multiproc import run_ranks
@@ -149,17 +180,33 @@ def test_diagnostics_do_not_change_training(small_dataset, tmp_path) -> None:
     from slowqk.monitor import read_diagnostics
 
     def losses(run):
-        return [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+        return [
+            (r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")
+        ]
 
     off, on = tmp_path / "off", tmp_path / "on"
-    common = {"diagnostics.interval": 2, "parallel.distributed_optimizer": "true", "train.save_interval": 2, "train.keep_last": 5,
-              "qk.release": "adaptive", "qk.adaptive.min_hold": 1, "qk.adaptive.max_hold": 5, "qk.adaptive.threshold": 0.8}
-    run_ranks(_train_worker, 1, _overrides(small_dataset, off, **{**common, "diagnostics.interval": 0}))
+    common = {
+        "diagnostics.interval": 2,
+        "parallel.distributed_optimizer": "true",
+        "train.save_interval": 2,
+        "train.keep_last": 5,
+        "qk.release": "adaptive",
+        "qk.adaptive.min_hold": 1,
+        "qk.adaptive.max_hold": 5,
+        "qk.adaptive.threshold": 0.8,
+    }
+    run_ranks(
+        _train_worker, 1, _overrides(small_dataset, off, **{**common, "diagnostics.interval": 0})
+    )
     run_ranks(_train_worker, 1, _overrides(small_dataset, on, **common))
     assert losses(on) == losses(off)  # the probe never changes the trajectory: bitwise
     release = json.loads((on / "summary.json").read_text())["qk_release"]
     assert (release["step"], release["reason"]) == (RELEASE, "settled"), release
-    drift_on = {r["step"]: r["lower_drift"] for r in read_metrics(on / "metrics.jsonl") if "lower_drift" in r}
+    drift_on = {
+        r["step"]: r["lower_drift"]
+        for r in read_metrics(on / "metrics.jsonl")
+        if "lower_drift" in r
+    }
 
     d1 = read_diagnostics(on / "diagnostics.jsonl")
     assert [r["step"] for r in d1] == [1, 3, 5]
@@ -183,15 +230,29 @@ def test_diagnostics_do_not_change_training(small_dataset, tmp_path) -> None:
         "pp2": {"parallel.pipeline": 2},
         "dp2_distopt": {},
     }
-    keys = ("entropy", "max_prob", "residual_rms", "ffn_write_rms", "dq_rel", "dk_rel", "grad_norm",
-            "lambda_q", "lambda_k", "pathway_energy")
+    keys = (
+        "entropy",
+        "max_prob",
+        "residual_rms",
+        "ffn_write_rms",
+        "dq_rel",
+        "dk_rel",
+        "grad_norm",
+        "lambda_q",
+        "lambda_k",
+        "pathway_energy",
+    )
     bad = []
     for name, extra in layouts.items():
         _resume_copy(on, tmp_path / name, 2)
         run_ranks(_train_worker, 2, _overrides(small_dataset, tmp_path / name, **common, **extra))
         release = json.loads((tmp_path / name / "summary.json").read_text())["qk_release"]
         assert (release["step"], release["reason"]) == (RELEASE, "settled"), (name, release)
-        drift = {r["step"]: r["lower_drift"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "lower_drift" in r}
+        drift = {
+            r["step"]: r["lower_drift"]
+            for r in read_metrics(tmp_path / name / "metrics.jsonl")
+            if "lower_drift" in r
+        }
         assert drift == pytest.approx({s: x for s, x in drift_on.items() if s > 2}, rel=1e-4), name
         d2 = read_diagnostics(tmp_path / name / "diagnostics.jsonl")
         assert [r["step"] for r in d2] == [3, 5], name
@@ -235,9 +296,18 @@ def test_logit_change_estimators_match_separate_q_k_logits() -> None:
     assert got == pytest.approx(want, rel=1e-10)
     # TP: each rank's query groups give partial sums that add up to the whole
     rows = layout.rows_per_group
-    halves = [qk_logit_change_sums(x, w0[i * rows:(i + 1) * rows], w1[i * rows:(i + 1) * rows],
-                                   b0[i * rows:(i + 1) * rows], b1[i * rows:(i + 1) * rows],
-                                   heads_per_group=2, head_dim=3) for i in range(2)]
+    halves = [
+        qk_logit_change_sums(
+            x,
+            w0[i * rows : (i + 1) * rows],
+            w1[i * rows : (i + 1) * rows],
+            b0[i * rows : (i + 1) * rows],
+            b1[i * rows : (i + 1) * rows],
+            heads_per_group=2,
+            head_dim=3,
+        )
+        for i in range(2)
+    ]
     assert [a + b for a, b in zip(*halves, strict=True)] == pytest.approx(list(got), rel=1e-10)
     with pytest.raises(ValueError, match="fused QKV"):
         qk_logit_change_sums(x, w0[:-1], w1[:-1], None, None, heads_per_group=2, head_dim=3)

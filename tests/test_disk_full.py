@@ -1,5 +1,6 @@
 """A full disk during a checkpoint save, on a real (small) tmpfs: one line and exit 2, the previous
-checkpoint and ``latest`` intact, no partial copy left, and a resume with space continues bitwise."""
+checkpoint and ``latest`` intact, no partial copy left, and a resume with space continues
+bitwise."""
 
 from __future__ import annotations
 
@@ -27,11 +28,24 @@ def dataset(tmp_path_factory) -> str:
 
 def _args(dataset: str, run_dir: Path) -> list[str]:
     base = {
-        "out_dir": str(run_dir), "data.corpus": "null", "data.dataset": dataset,
-        "model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4, "model.seq_length": 32,
-        "train.steps": 6, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.log_interval": 1,
-        "train.eval_interval": 6, "train.eval_iters": 1, "train.save_interval": 2, "train.keep_last": 5,
-        "train.progress_bar": "false", "train.tensorboard": "false", "optimizer.warmup_steps": 2,
+        "out_dir": str(run_dir),
+        "data.corpus": "null",
+        "data.dataset": dataset,
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.num_attention_heads": 4,
+        "model.seq_length": 32,
+        "train.steps": 6,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.log_interval": 1,
+        "train.eval_interval": 6,
+        "train.eval_iters": 1,
+        "train.save_interval": 2,
+        "train.keep_last": 5,
+        "train.progress_bar": "false",
+        "train.tensorboard": "false",
+        "optimizer.warmup_steps": 2,
     }
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -51,7 +65,11 @@ def small_tmpfs(tmp_path):
     """A tmpfs mount point; the test sets its size with ``remount``."""
     where = tmp_path / "small"
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
     try:
@@ -98,18 +116,23 @@ def test_a_full_disk_is_one_line_and_loses_nothing(dataset, tmp_path, small_tmpf
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step 4: "), errors
-    assert str(run / "checkpoints") in errors[0] and "needs about" in errors[0] and "MiB" in errors[0]
+    assert (
+        str(run / "checkpoints") in errors[0] and "needs about" in errors[0] and "MiB" in errors[0]
+    )
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
     verify_checkpoint(run / "checkpoints" / "iter_0000002")
 
     # the check fooled: the save runs into ENOSPC while writing, and cleans up after itself
     message = run_ranks(_train_with_free_space_misreported, 1, _args(dataset, run))[0]
-    assert message.startswith("checkpoint at step 4: ") and "ran out of space while writing" in message, message
+    assert (
+        message.startswith("checkpoint at step 4: ") and "ran out of space while writing" in message
+    ), message
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
     verify_checkpoint(run / "checkpoints" / "iter_0000002")
 
-    # a partial copy a crash left behind is removed at the next start; a resume with space is bitwise
+    # a partial copy a crash left behind is removed at the next start; a resume with space is
+    # bitwise
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
     (moved / "checkpoints" / "iter_0000004.tmp").mkdir()

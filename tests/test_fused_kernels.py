@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from multiproc import run_ranks
 
-MODEL = ["model.ffn=swiglu", "model.bias=true", "model.norm=rmsnorm", "model.position=rope", "model.num_layers=2",
-         "model.hidden_size=64", "model.seq_length=32"]
+MODEL = [
+    "model.ffn=swiglu",
+    "model.bias=true",
+    "model.norm=rmsnorm",
+    "model.position=rope",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.seq_length=32",
+]
 
 
 def _worker(rank: int, world: int, dataset: str, out_dir: str, fused: bool) -> dict:
@@ -18,10 +25,21 @@ def _worker(rank: int, world: int, dataset: str, out_dir: str, fused: bool) -> d
     from slowqk.distributed import shutdown
     from slowqk.train import Trainer
 
-    recipe = load_recipe("tiny/gpt", [*MODEL, f"train.fused_kernels={fused}", "data.corpus=null",
-                                      f"data.dataset={dataset}", f"out_dir={out_dir}", "train.steps=3",
-                                      "train.micro_batch_size=4", "train.global_batch_size=8",
-                                      "train.tensorboard=false", "train.progress_bar=false"])
+    recipe = load_recipe(
+        "tiny/gpt",
+        [
+            *MODEL,
+            f"train.fused_kernels={fused}",
+            "data.corpus=null",
+            f"data.dataset={dataset}",
+            f"out_dir={out_dir}",
+            "train.steps=3",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=8",
+            "train.tensorboard=false",
+            "train.progress_bar=false",
+        ],
+    )
     trainer = Trainer(recipe, quiet=True)
     c = trainer.config
     flags = (c.bias_activation_fusion, c.bias_dropout_fusion, c.cross_entropy_loss_fusion)

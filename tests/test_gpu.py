@@ -44,10 +44,22 @@ def _train_125m(rank: int, world: int, family: str) -> dict:
 
     recipe = load_recipe(
         f"{family}-125m-slowqk",
-        [f"data.corpus={SHARED / 'data/shakespeare/shakespeare_modern.txt'}", "data.tokenizer=null",
-         "data.train_prefixes=[]", "data.valid_prefixes=[]", "data.tokenizer_vocab_size=8192",
-         "train.steps=40", "train.global_batch_size=32", "train.eval_interval=20", "train.eval_iters=2",
-         "train.save_interval=null", f"out_dir=runs/gpu-{family}-125m", "qk.unit=steps", "qk.hold=20", "qk.ramp=10"],
+        [
+            f"data.corpus={SHARED / 'data/shakespeare/shakespeare_modern.txt'}",
+            "data.tokenizer=null",
+            "data.train_prefixes=[]",
+            "data.valid_prefixes=[]",
+            "data.tokenizer_vocab_size=8192",
+            "train.steps=40",
+            "train.global_batch_size=32",
+            "train.eval_interval=20",
+            "train.eval_iters=2",
+            "train.save_interval=null",
+            f"out_dir=runs/gpu-{family}-125m",
+            "qk.unit=steps",
+            "qk.hold=20",
+            "qk.ramp=10",
+        ],
     )
     summary = train(recipe, quiet=True)
     summary["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -30,22 +30,47 @@ from multiproc import run_ranks
 STEPS = 10
 # hold 3 steps, ramp 3 steps: covers the hold, the ramp and the released phase.
 QK = {"enabled": True, "unit": "steps", "hold": 3, "ramp": 3, "mult_q": 0.25, "mult_k": 0.5}
-LLAMA = {"num_query_groups": 2, "ffn": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope"}
+LLAMA = {
+    "num_query_groups": 2,
+    "ffn": "swiglu",
+    "norm": "rmsnorm",
+    "bias": False,
+    "position": "rope",
+}
 
 
 def _g(params, mult, layers=None, **schedule) -> dict:
-    return {"params": params, "mult": mult, "unit": "steps", **({"layers": layers} if layers else {}), **schedule}
+    return {
+        "params": params,
+        "mult": mult,
+        "unit": "steps",
+        **({"layers": layers} if layers else {}),
+        **schedule,
+    }
 
 
 # every part at least once, scheduled (hold/ramp) and constant, above and below 1
-GPT_GROUPS = [_g(["v"], 0.5, {"top": 2}, hold=3, ramp=3), _g(["o"], 0.3, {"indices": [0, 1]}),
-              _g(["fc2"], 2.0, {"indices": [1, 2]}, hold=4, shape="cosine", ramp=2), _g(["norm"], 0.1),
-              _g(["embedding"], 0.5, hold=2, ramp=2), _g(["output"], 0.25)]
-LLAMA_GROUPS = [_g(["gate"], 0.25, {"indices": [1, 2]}, hold=3, ramp=3), _g(["up"], 0.5, {"indices": [1, 3]}),
-                _g(["fc1", "o"], 0.3, {"indices": [0]}, hold=5), _g(["norm", "v"], 0.2, {"indices": [3]}),
-                _g(["embedding"], 0.5, hold=2, ramp=4)]
-PP_GROUPS = [_g(["v"], 0.5, {"indices": [1, 2]}, hold=3, ramp=3), _g(["o", "fc1"], 0.3, {"indices": [3]}),
-             _g(["norm", "fc2"], 0.2, {"indices": [0]}, hold=6), _g(["embedding"], 0.5, hold=2, ramp=2)]
+GPT_GROUPS = [
+    _g(["v"], 0.5, {"top": 2}, hold=3, ramp=3),
+    _g(["o"], 0.3, {"indices": [0, 1]}),
+    _g(["fc2"], 2.0, {"indices": [1, 2]}, hold=4, shape="cosine", ramp=2),
+    _g(["norm"], 0.1),
+    _g(["embedding"], 0.5, hold=2, ramp=2),
+    _g(["output"], 0.25),
+]
+LLAMA_GROUPS = [
+    _g(["gate"], 0.25, {"indices": [1, 2]}, hold=3, ramp=3),
+    _g(["up"], 0.5, {"indices": [1, 3]}),
+    _g(["fc1", "o"], 0.3, {"indices": [0]}, hold=5),
+    _g(["norm", "v"], 0.2, {"indices": [3]}),
+    _g(["embedding"], 0.5, hold=2, ramp=4),
+]
+PP_GROUPS = [
+    _g(["v"], 0.5, {"indices": [1, 2]}, hold=3, ramp=3),
+    _g(["o", "fc1"], 0.3, {"indices": [3]}),
+    _g(["norm", "fc2"], 0.2, {"indices": [0]}, hold=6),
+    _g(["embedding"], 0.5, hold=2, ramp=2),
+]
 
 
 def _recipe(case: dict, distopt: bool):
@@ -53,7 +78,11 @@ def _recipe(case: dict, distopt: bool):
 
     return tiny_recipe(
         model=case.get("model", {}),
-        parallel={"tensor": case["tp"], "pipeline": case.get("pp", 1), "distributed_optimizer": distopt},
+        parallel={
+            "tensor": case["tp"],
+            "pipeline": case.get("pp", 1),
+            "distributed_optimizer": distopt,
+        },
         optimizer={"name": case["optimizer"], "schedule": "cosine", "eps": case.get("eps", 1e-8)},
         qk=dict(QK, layers=case.get("layers", {"top": 1}), enabled="layers" in case),
         lr_groups=case.get("groups", []),
@@ -73,7 +102,9 @@ def _relative_diffs(ref, after, floor: float) -> dict[str, float]:
     # Relative to the tensor's scale, floored at the init std: the K bias has an exactly zero
     # gradient (softmax ignores a per-query constant), so its values are rounding noise only.
     out = {}
-    for (name, p_ref), (_, p_other) in zip(ref.named_parameters(), after.named_parameters(), strict=True):
+    for (name, p_ref), (_, p_other) in zip(
+        ref.named_parameters(), after.named_parameters(), strict=True
+    ):
         scale = max(p_ref.abs().max().item(), floor)
         out[name] = (p_ref - p_other).abs().max().item() / scale
     return out
@@ -116,15 +147,21 @@ def _reference_worker(rank: int, world: int, case: dict) -> dict:
         ref.loss(global_ids[:, :-1], global_ids[:, 1:]).backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), o.clip_grad)
         ref_opt.step()
-        train_step(chunks, opt, sched, lr_groups, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb])
+        train_step(
+            chunks, opt, sched, lr_groups, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb]
+        )
 
     state = gather_full_state(model, gated)
     after = ReferenceGPT(mc, VOCAB).to(dtype)
     after.load_megatron(state)
     copy = state.get("output_layer.weight") if mc.tie_embeddings else None
-    result = {"worst": _relative_diffs(ref, after, mc.init_method_std),
-              "scaled": {name: lr_groups.num_elements(name) for name in specs},
-              "tied_copy_equal": None if copy is None else torch.equal(copy, state["embedding.word_embeddings.weight"])}
+    result = {
+        "worst": _relative_diffs(ref, after, mc.init_method_std),
+        "scaled": {name: lr_groups.num_elements(name) for name in specs},
+        "tied_copy_equal": None
+        if copy is None
+        else torch.equal(copy, state["embedding.word_embeddings.weight"]),
+    }
     shutdown()
     return result
 
@@ -146,7 +183,9 @@ def _distopt_worker(rank: int, world: int, case: dict) -> dict:
     mb, mc = recipe.train.micro_batch_size, recipe.model
     for step, global_ids in _batches(dp_size, mb, mc.seq_length, recipe.train.steps):
         for _model, chunks, opt, sched, groups in stacks.values():
-            train_step(chunks, opt, sched, groups, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb])
+            train_step(
+                chunks, opt, sched, groups, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb]
+            )
     models = {}
     for distopt, (model, *_rest) in stacks.items():
         models[distopt] = ReferenceGPT(mc, 256)
@@ -174,46 +213,117 @@ def _groups_cut_by_shard(optimizer, chunks, groups) -> set[str]:
         for part, rows in pp.rows.items():
             for spec in groups.specs.values():
                 if spec.covers(pp.layer, part) and any(
-                        a * pp.row_len < edge < b * pp.row_len for a, b in rows for edge in (lo, hi) if 0 < edge < n):
+                    a * pp.row_len < edge < b * pp.row_len
+                    for a, b in rows
+                    for edge in (lo, hi)
+                    if 0 < edge < n
+                ):
                     cut.add(spec.name)
     return cut
 
 
 REFERENCE_CASES = {
     "mha-tp1-adamw": dict(tp=1, world=1, optimizer="adamw", layers={"top": 2}),
-    "gqa-llama-tp1-sgd-skip": dict(tp=1, world=1, optimizer="sgd", layers={"indices": [1, 3]}, model=LLAMA),
+    "gqa-llama-tp1-sgd-skip": dict(
+        tp=1, world=1, optimizer="sgd", layers={"indices": [1, 3]}, model=LLAMA
+    ),
     "mha-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", layers={"top_fraction": 0.5}),
-    "gqa-tp2-sgd-skip": dict(tp=2, world=2, optimizer="sgd", layers={"indices": [0, 2]}, model={"num_query_groups": 2}),
+    "gqa-tp2-sgd-skip": dict(
+        tp=2, world=2, optimizer="sgd", layers={"indices": [0, 2]}, model={"num_query_groups": 2}
+    ),
     "gqa-llama-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", layers={"top": 2}, model=LLAMA),
-    "groups-mha-tp1-adamw": dict(tp=1, world=1, optimizer="adamw", layers={"top": 2}, groups=GPT_GROUPS,
-                                 model={"tie_embeddings": False}),
-    "groups-gqa-llama-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", groups=LLAMA_GROUPS, model=LLAMA),
-    "groups-gqa-pp2-adamw": dict(tp=1, pp=2, world=2, optimizer="adamw", layers={"top": 1}, groups=PP_GROUPS,
-                                 model={"num_query_groups": 2}),
+    "groups-mha-tp1-adamw": dict(
+        tp=1,
+        world=1,
+        optimizer="adamw",
+        layers={"top": 2},
+        groups=GPT_GROUPS,
+        model={"tie_embeddings": False},
+    ),
+    "groups-gqa-llama-tp2-adamw": dict(
+        tp=2, world=2, optimizer="adamw", groups=LLAMA_GROUPS, model=LLAMA
+    ),
+    "groups-gqa-pp2-adamw": dict(
+        tp=1,
+        pp=2,
+        world=2,
+        optimizer="adamw",
+        layers={"top": 1},
+        groups=PP_GROUPS,
+        model={"num_query_groups": 2},
+    ),
     # QK-norm: per-head norms of Q and K (replicated on TP ranks, their grads summed over TP by
     # megatron-core) are part of `norm`
-    "qknorm-llama-tp2-adamw": dict(tp=2, world=2, optimizer="adamw", layers={"top": 2}, model=dict(LLAMA, qk_norm=True),
-                                   groups=[_g(["norm"], 0.2, {"indices": [1, 2]}, hold=3, ramp=3)]),
-    "qknorm-mha-pp2-adamw": dict(tp=1, pp=2, world=2, optimizer="adamw", layers={"top": 1}, model={"qk_norm": True},
-                                 groups=[_g(["norm", "v"], 0.5, {"indices": [0, 3]})]),
+    "qknorm-llama-tp2-adamw": dict(
+        tp=2,
+        world=2,
+        optimizer="adamw",
+        layers={"top": 2},
+        model=dict(LLAMA, qk_norm=True),
+        groups=[_g(["norm"], 0.2, {"indices": [1, 2]}, hold=3, ramp=3)],
+    ),
+    "qknorm-mha-pp2-adamw": dict(
+        tp=1,
+        pp=2,
+        world=2,
+        optimizer="adamw",
+        layers={"top": 1},
+        model={"qk_norm": True},
+        groups=[_g(["norm", "v"], 0.5, {"indices": [0, 3]})],
+    ),
 }
 
 DISTOPT_CASES = {
     "mha-tp1-dp1": dict(tp=1, world=1, optimizer="adamw", eps=1e-3, layers={"top": 2}),
-    "gqa-llama-tp2-dp1": dict(tp=2, world=2, optimizer="adamw", eps=1e-3, layers={"indices": [1, 3]}, model=LLAMA),
+    "gqa-llama-tp2-dp1": dict(
+        tp=2, world=2, optimizer="adamw", eps=1e-3, layers={"indices": [1, 3]}, model=LLAMA
+    ),
     # DP=2: main params are sharded over two ranks; Q/K ranges of several layers cross the boundary.
-    "gqa-tp1-dp2-skip": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, layers={"indices": [0, 1, 3]},
-                             model={"num_query_groups": 2}, cut=[]),
+    "gqa-tp1-dp2-skip": dict(
+        tp=1,
+        world=2,
+        optimizer="adamw",
+        eps=1e-3,
+        layers={"indices": [0, 1, 3]},
+        model={"num_query_groups": 2},
+        cut=[],
+    ),
     # the shard boundary falls inside the groups' blocks (checked below): with this FFN width
     # inside layer 1's gate rows, in the GPT case inside layer 1's fc2. 8 steps: by step 10 the
     # two optimizers' grad-norm rounding has grown to ~6e-6 on parameters outside every group too
     # (measured; 0.6e-7 at step 8), through the groups' holds, ramps and constant multipliers.
-    "groups-gqa-llama-tp1-dp2": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, groups=LLAMA_GROUPS, steps=8,
-                                     model=dict(LLAMA, ffn_hidden_size=96), cut=["gate@1-2"]),
-    "groups-mha-tp1-dp2": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, layers={"top": 2}, groups=GPT_GROUPS, steps=8,
-                               model={"tie_embeddings": False}, cut=["fc2@1-2"]),
-    "qknorm-gqa-tp1-dp2": dict(tp=1, world=2, optimizer="adamw", eps=1e-3, layers={"top": 2}, steps=8,
-                               model={"num_query_groups": 2, "qk_norm": True}, groups=[_g(["norm"], 0.3)], cut=[]),
+    "groups-gqa-llama-tp1-dp2": dict(
+        tp=1,
+        world=2,
+        optimizer="adamw",
+        eps=1e-3,
+        groups=LLAMA_GROUPS,
+        steps=8,
+        model=dict(LLAMA, ffn_hidden_size=96),
+        cut=["gate@1-2"],
+    ),
+    "groups-mha-tp1-dp2": dict(
+        tp=1,
+        world=2,
+        optimizer="adamw",
+        eps=1e-3,
+        layers={"top": 2},
+        groups=GPT_GROUPS,
+        steps=8,
+        model={"tie_embeddings": False},
+        cut=["fc2@1-2"],
+    ),
+    "qknorm-gqa-tp1-dp2": dict(
+        tp=1,
+        world=2,
+        optimizer="adamw",
+        eps=1e-3,
+        layers={"top": 2},
+        steps=8,
+        model={"num_query_groups": 2, "qk_norm": True},
+        groups=[_g(["norm"], 0.3)],
+        cut=[],
+    ),
 }
 
 
@@ -230,7 +340,9 @@ def test_groups_match_separate_param_group_reference(name: str) -> None:
     results = run_ranks(_reference_worker, case["world"], case)
     _assert_within_1e6(results, "the separate-parameter reference")
     for res in results:
-        assert res["tied_copy_equal"] in (None, True), "the last stage's copy of the embedding drifted"
+        assert res["tied_copy_equal"] in (None, True), (
+            "the last stage's copy of the embedding drifted"
+        )
     for group in results[0]["scaled"]:  # every group held elements somewhere
         assert sum(res["scaled"][group] for res in results) > 0, group
     if case.get("pp", 1) > 1 and case["model"].get("tie_embeddings", True):
@@ -247,7 +359,11 @@ def test_distributed_optimizer_matches_fp32_optimizer(name: str) -> None:
     # sharding: the ranks' element counts add up to the unsharded count (held on every DP rank)
     dp = case["world"] // case["tp"]
     for group in results[0]["scaled"]:
-        assert sum(res["scaled"][group] for res in results) == sum(res["scaled_full"][group] for res in results) // dp > 0
+        assert (
+            sum(res["scaled"][group] for res in results)
+            == sum(res["scaled_full"][group] for res in results) // dp
+            > 0
+        )
     # what print-recipe reports (from the shapes alone) is what the optimizer holds
     from megatron_harness import VOCAB
 
@@ -256,7 +372,12 @@ def test_distributed_optimizer_matches_fp32_optimizer(name: str) -> None:
     held = {g: sum(res["scaled"][g] for res in results) for g in results[0]["scaled"]}
     if "qk.q" in held:
         held["qk"] = held.pop("qk.q") + held.pop("qk.k")
-    declared = {label: sum(per_layer.values()) for label, per_layer in element_counts(_recipe(case, True), VOCAB).items()}
+    declared = {
+        label: sum(per_layer.values())
+        for label, per_layer in element_counts(_recipe(case, True), VOCAB).items()
+    }
     assert held == declared
     if dp > 1:  # the shard boundary cuts through a group's block
-        assert set().union(*(res["cut_groups"] for res in results)) >= set(case["cut"]), results[0]["cut_groups"]
+        assert set().union(*(res["cut_groups"] for res in results)) >= set(case["cut"]), results[0][
+            "cut_groups"
+        ]

@@ -17,17 +17,37 @@ from multiproc import run_ranks
 LAYERS = [1, 3]
 MULT_Q, MULT_K = 0.25, 0.5
 # (params, layers, mult): lr_groups entries beside the Q/K rows of LAYERS
-ROW_GROUPS = [(["v"], [0, 1], 0.75), (["o", "norm"], [2], 0.125), (["fc1"], [1], 2.0), (["fc2"], [3], 0.3),
-              (["embedding"], None, 0.6)]
+ROW_GROUPS = [
+    (["v"], [0, 1], 0.75),
+    (["o", "norm"], [2], 0.125),
+    (["fc1"], [1], 2.0),
+    (["fc2"], [3], 0.3),
+    (["embedding"], None, 0.6),
+]
 
 
 def groups_config(scale: float = 1.0) -> list[dict]:
     """ROW_GROUPS as recipe entries, constant multipliers (``scale`` 0 makes them all 1)."""
-    return [{"params": p, "mult": 1.0 + scale * (m - 1.0), **({"layers": {"indices": ls}} if ls else {})}
-            for p, ls, m in ROW_GROUPS]
+    return [
+        {
+            "params": p,
+            "mult": 1.0 + scale * (m - 1.0),
+            **({"layers": {"indices": ls}} if ls else {}),
+        }
+        for p, ls, m in ROW_GROUPS
+    ]
 
-def _worker(rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, steps: int,
-            precision: str = "fp32", scale: float = 1.0) -> dict:
+
+def _worker(
+    rank: int,
+    world: int,
+    distopt: bool,
+    mult_q: float,
+    mult_k: float,
+    steps: int,
+    precision: str = "fp32",
+    scale: float = 1.0,
+) -> dict:
     from megatron.core import parallel_state
     from megatron_harness import VOCAB, build_stack, tiny_recipe, train_step
 
@@ -38,8 +58,15 @@ def _worker(rank: int, world: int, distopt: bool, mult_q: float, mult_k: float, 
             model={"num_query_groups": 2},
             parallel={"distributed_optimizer": distopt},
             train={"precision": precision},
-            qk={"enabled": enabled, "layers": {"indices": LAYERS}, "unit": "steps", "hold": 8,
-                "ramp": 0, "mult_q": mult_q, "mult_k": mult_k},
+            qk={
+                "enabled": enabled,
+                "layers": {"indices": LAYERS},
+                "unit": "steps",
+                "hold": 8,
+                "ramp": 0,
+                "mult_q": mult_q,
+                "mult_k": mult_k,
+            },
             lr_groups=groups_config(scale) if enabled else [],
         )
 
@@ -78,7 +105,9 @@ def _main_params(optimizer, ddp_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _qk_row_masks(name: str, shape: torch.Size, heads: int = 4, groups: int = 2, head_dim: int = 16):
+def _qk_row_masks(
+    name: str, shape: torch.Size, heads: int = 4, groups: int = 2, head_dim: int = 16
+):
     """Boolean masks of the Q rows and K rows of a fused QKV weight/bias (megatron layout)."""
     per_group = heads // groups
     kinds = (["q"] * per_group * head_dim + ["k"] * head_dim + ["v"] * head_dim) * groups
@@ -98,11 +127,22 @@ def group_masks(name: str, shape: torch.Size) -> dict[str, tuple[float, torch.Te
         q, k, v = _qk_row_masks(name, shape)
         if layer in LAYERS:
             out.update({"q": (MULT_Q, q), "k": (MULT_K, k)})
-    module = {"linear_qkv": "v", "linear_proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
-              "layernorm": "norm", "word_embeddings": "embedding", "position_embeddings": "embedding"}
+    module = {
+        "linear_qkv": "v",
+        "linear_proj": "o",
+        "linear_fc1": "fc1",
+        "linear_fc2": "fc2",
+        "layernorm": "norm",
+        "word_embeddings": "embedding",
+        "position_embeddings": "embedding",
+    }
     part = next((p for key, p in module.items() if key in name), None)
     for i, (params, layers, mult) in enumerate(ROW_GROUPS):
-        if part in params and (layers is None or layer in layers) and (layer is not None) == (part != "embedding"):
+        if (
+            part in params
+            and (layers is None or layer in layers)
+            and (layer is not None) == (part != "embedding")
+        ):
             out[f"group{i}"] = (mult, v if part == "v" else torch.ones(shape, dtype=torch.bool))
     return out
 
@@ -116,8 +156,16 @@ def scaled_row_updates(before: dict, patched: dict, plain: dict):
         outside = torch.ones(before[name].shape, dtype=torch.bool)
         for label, (mult, mask) in masks.items():
             outside &= ~mask
-            yield name, label, mult, (patched[name] - before[name])[mask], (plain[name] - before[name])[mask]
-        assert torch.equal(patched[name][outside], plain[name][outside]), f"{name}: elements outside the groups changed"
+            yield (
+                name,
+                label,
+                mult,
+                (patched[name] - before[name])[mask],
+                (plain[name] - before[name])[mask],
+            )
+        assert torch.equal(patched[name][outside], plain[name][outside]), (
+            f"{name}: elements outside the groups changed"
+        )
 
 
 @pytest.mark.slow
@@ -126,11 +174,15 @@ def scaled_row_updates(before: dict, patched: dict, plain: dict):
     [(False, 1, "fp32"), (True, 2, "fp32"), (False, 1, "bf16"), (True, 2, "bf16")],
     ids=["fp32opt", "distopt-dp2", "bf16-float16opt", "bf16-distopt-dp2"],
 )
-def test_only_the_groups_elements_move_at_their_rate(distopt: bool, world: int, precision: str) -> None:
+def test_only_the_groups_elements_move_at_their_rate(
+    distopt: bool, world: int, precision: str
+) -> None:
     """bf16 runs exercise the fp32 main params of the mixed-precision optimizers."""
     res = run_ranks(_worker, world, distopt, MULT_Q, MULT_K, 1, precision)[0]
     moved = set()
-    for name, label, mult, d_patched, d_plain in scaled_row_updates(res["before"], res["patched"], res["plain"]):
+    for name, label, mult, d_patched, d_plain in scaled_row_updates(
+        res["before"], res["patched"], res["plain"]
+    ):
         # updates are read back as (new weight - old weight), each weight rounded to fp32: what is
         # exact is the update up to one unit in the last place of the weights it was added to
         ulp = torch.finfo(torch.float32).eps * res["before"][name].abs().max().item()

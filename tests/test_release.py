@@ -56,7 +56,9 @@ def test_release_respects_min_hold_and_max_hold() -> None:
 def test_smoothing_is_bias_corrected_and_state_round_trips() -> None:
     t = DriftTracker(0.5, 0.9)
     t.update(1, 10.0)
-    assert t.smoothed == pytest.approx(10.0) and t.ratio == 1.0  # no pull towards the EMA's zero start
+    assert (
+        t.smoothed == pytest.approx(10.0) and t.ratio == 1.0
+    )  # no pull towards the EMA's zero start
     drifts = [10.0, 9.0, 7.0, 6.0, 5.5, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0]
     whole = _release(threshold=0.4, smoothing=0.8)
     for i, d in enumerate(drifts):
@@ -89,15 +91,35 @@ def test_early_warning_fires_only_while_the_lower_layers_drift() -> None:
     assert both.check(5, {i: 0.5 for i in range(4)}, True) is None  # all layers sharpen together
 
 
-@pytest.mark.parametrize("overrides, key, match", [
-    (["qk.adaptive.min_hold=0.2", "qk.adaptive.max_hold=0.1"], "qk.adaptive.min_hold", "must be <= qk.adaptive.max_hold"),
-    (["qk.adaptive.max_hold=0.995"], "qk.adaptive.max_hold", "more than the whole run"),
-    (["qk.adaptive.max_hold=2"], "qk.adaptive.max_hold", "at most 1"),
-    (["qk.unit=steps", "qk.hold=3", "qk.ramp=2", "qk.adaptive.min_hold=2.5", "qk.adaptive.max_hold=9"],
-     "qk.adaptive.min_hold", "whole number"),
-    (["qk.layers.top_fraction=null", "qk.layers.indices=[0,3]"], "qk.release", "includes layer 0"),
-    (["qk.adaptive.threshold=1.5"], "qk.adaptive.threshold", "less than 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, match",
+    [
+        (
+            ["qk.adaptive.min_hold=0.2", "qk.adaptive.max_hold=0.1"],
+            "qk.adaptive.min_hold",
+            "must be <= qk.adaptive.max_hold",
+        ),
+        (["qk.adaptive.max_hold=0.995"], "qk.adaptive.max_hold", "more than the whole run"),
+        (["qk.adaptive.max_hold=2"], "qk.adaptive.max_hold", "at most 1"),
+        (
+            [
+                "qk.unit=steps",
+                "qk.hold=3",
+                "qk.ramp=2",
+                "qk.adaptive.min_hold=2.5",
+                "qk.adaptive.max_hold=9",
+            ],
+            "qk.adaptive.min_hold",
+            "whole number",
+        ),
+        (
+            ["qk.layers.top_fraction=null", "qk.layers.indices=[0,3]"],
+            "qk.release",
+            "includes layer 0",
+        ),
+        (["qk.adaptive.threshold=1.5"], "qk.adaptive.threshold", "less than 1"),
+    ],
+)
 def test_bad_adaptive_keys_are_one_line_errors(overrides, key, match) -> None:
     with pytest.raises(RecipeError, match=match) as err:
         load_recipe("tiny/gpt", ["qk.enabled=true", "qk.release=adaptive", *overrides])
@@ -110,19 +132,36 @@ def test_fixed_is_the_default_and_adaptive_keys_are_documented() -> None:
     recipe = load_recipe("tiny/gpt", [])
     assert recipe.qk.release == "fixed"
     readme = (REPO / "README.md").read_text()
-    for key in ("qk.release", "qk.adaptive.min_hold", "qk.adaptive.max_hold", "qk.adaptive.threshold",
-                "qk.adaptive.smoothing", "diagnostics.warn", "diagnostics.warn_entropy_gap"):
+    for key in (
+        "qk.release",
+        "qk.adaptive.min_hold",
+        "qk.adaptive.max_hold",
+        "qk.adaptive.threshold",
+        "qk.adaptive.smoothing",
+        "diagnostics.warn",
+        "diagnostics.warn_entropy_gap",
+    ):
         assert f"`{key}`" in readme, key
 
 
 # ------------------------------------------------------------------ through the training loop
 
-RELEASE = 4  # where the lower layer's drift settles in these runs (threshold 0.7; ratios 0.75, 0.67 at 3, 4)
+# where the lower layer's drift settles in these runs (threshold 0.7; ratios 0.75, 0.67 at 3, 4)
+RELEASE = 4
 
 
 def _overrides(dataset: str, out: Path, **extra) -> list[str]:
-    return small_run_overrides(dataset, out, **{"train.steps": 8, "train.eval_interval": 8, "qk.adaptive.max_hold": 7,
-                                                "qk.adaptive.threshold": 0.7, **extra})
+    return small_run_overrides(
+        dataset,
+        out,
+        **{
+            "train.steps": 8,
+            "train.eval_interval": 8,
+            "qk.adaptive.max_hold": 7,
+            "qk.adaptive.threshold": 0.7,
+            **extra,
+        },
+    )
 
 
 def _train(rank: int, world: int, overrides: list[str]) -> dict:
@@ -157,7 +196,11 @@ def test_release_is_recorded_and_data_parallel_replicas_count_once(small_dataset
     ref = tmp_path / "single"
     summary = json.loads((ref / "summary.json").read_text())
     release = summary["qk_release"]
-    assert (release["rule"], release["step"], release["reason"]) == ("adaptive", RELEASE, "settled"), release
+    assert (release["rule"], release["step"], release["reason"]) == (
+        "adaptive",
+        RELEASE,
+        "settled",
+    ), release
     assert release["ramp_end"] == RELEASE + 2 and "settled at step" in release["why"]
     records = _records(ref)
     assert records[RELEASE]["qk_release"]["step"] == RELEASE  # the metrics record of the decision
@@ -179,40 +222,92 @@ def test_release_is_recorded_and_data_parallel_replicas_count_once(small_dataset
 
 
 @pytest.mark.slow
-def test_adaptive_forced_at_the_fixed_hold_trains_bitwise_like_fixed(small_dataset, tmp_path) -> None:
+def test_adaptive_forced_at_the_fixed_hold_trains_bitwise_like_fixed(
+    small_dataset, tmp_path
+) -> None:
     """Measuring the drift only reads the weights: an adaptive run whose release is forced at the
     fixed rule's step (min_hold = max_hold = hold) has bitwise the fixed run's losses."""
-    run_ranks(_train, 1, _overrides(small_dataset, tmp_path / "fixed", **{"qk.release": "fixed", "qk.hold": 3}))
-    run_ranks(_train, 1, _overrides(small_dataset, tmp_path / "forced", **{"qk.adaptive.min_hold": 3,
-                                                                           "qk.adaptive.max_hold": 3}))
+    run_ranks(
+        _train,
+        1,
+        _overrides(small_dataset, tmp_path / "fixed", **{"qk.release": "fixed", "qk.hold": 3}),
+    )
+    run_ranks(
+        _train,
+        1,
+        _overrides(
+            small_dataset,
+            tmp_path / "forced",
+            **{"qk.adaptive.min_hold": 3, "qk.adaptive.max_hold": 3},
+        ),
+    )
     fixed, forced = _records(tmp_path / "fixed"), _records(tmp_path / "forced")
-    assert [(r["loss"], r["mult_q"]) for r in fixed.values()] == [(r["loss"], r["mult_q"]) for r in forced.values()]
-    assert json.loads((tmp_path / "fixed" / "summary.json").read_text())["qk_release"]["rule"] == "fixed"
+    assert [(r["loss"], r["mult_q"]) for r in fixed.values()] == [
+        (r["loss"], r["mult_q"]) for r in forced.values()
+    ]
+    assert (
+        json.loads((tmp_path / "fixed" / "summary.json").read_text())["qk_release"]["rule"]
+        == "fixed"
+    )
 
 
 def _warning_run(dataset: str, out: Path, **extra) -> tuple[dict, list[dict]]:
     from slowqk.monitor import read_diagnostics
 
-    args = {**dict(a.split("=", 1) for a in _overrides(dataset, out)), "model.num_layers": 4, "train.steps": 24,
-            "train.log_interval": 4, "train.eval_interval": 24, "diagnostics.interval": 3, "qk.release": "fixed",
-            "qk.enabled": "false", "qk.hold": 0, "optimizer.warmup_steps": 5, **{k: str(v) for k, v in extra.items()}}
+    args = {
+        **dict(a.split("=", 1) for a in _overrides(dataset, out)),
+        "model.num_layers": 4,
+        "train.steps": 24,
+        "train.log_interval": 4,
+        "train.eval_interval": 24,
+        "diagnostics.interval": 3,
+        "qk.release": "fixed",
+        "qk.enabled": "false",
+        "qk.hold": 0,
+        "optimizer.warmup_steps": 5,
+        **{k: str(v) for k, v in extra.items()},
+    }
     run_ranks(_train, 1, [f"{k}={v}" for k, v in args.items() if not k.startswith("qk.adaptive.")])
-    return json.loads((out / "summary.json").read_text()), read_diagnostics(out / "diagnostics.jsonl")
+    return json.loads((out / "summary.json").read_text()), read_diagnostics(
+        out / "diagnostics.jsonl"
+    )
 
 
 @pytest.mark.slow
-def test_early_warning_fires_in_a_harsh_run_and_stays_quiet_in_the_control(small_dataset, tmp_path) -> None:
+def test_early_warning_fires_in_a_harsh_run_and_stays_quiet_in_the_control(
+    small_dataset, tmp_path
+) -> None:
     """Harsh: no warmup, lr 1e-2 (3x the recipe's) and the upper layers' W_Q, W_K at 8x that (the
     opposite of the intervention): their attention sharpens within a few steps while the lower
     layers still move. The control has the same lr with a 5-step warmup and no Q/K boost."""
-    harsh, harsh_diag = _warning_run(small_dataset, tmp_path / "harsh", **{
-        "optimizer.warmup_steps": 0, "optimizer.lr": 0.01, "qk.enabled": "true", "qk.mult_q": 8, "qk.mult_k": 8, "qk.hold": 24, "qk.ramp": 0})
-    control, control_diag = _warning_run(small_dataset, tmp_path / "control", **{"optimizer.lr": 0.01})
+    harsh, harsh_diag = _warning_run(
+        small_dataset,
+        tmp_path / "harsh",
+        **{
+            "optimizer.warmup_steps": 0,
+            "optimizer.lr": 0.01,
+            "qk.enabled": "true",
+            "qk.mult_q": 8,
+            "qk.mult_k": 8,
+            "qk.hold": 24,
+            "qk.ramp": 0,
+        },
+    )
+    control, control_diag = _warning_run(
+        small_dataset, tmp_path / "control", **{"optimizer.lr": 0.01}
+    )
     fired = harsh["specialization_warning"]
-    assert fired["fired"] and fired["first"]["drop_upper"] - fired["first"]["drop_lower"] >= 0.1, fired
+    assert fired["fired"] and fired["first"]["drop_upper"] - fired["first"]["drop_lower"] >= 0.1, (
+        fired
+    )
     assert fired["first"]["upper_layers"] == [2, 3] and fired["first"]["lower_layers"] == [0, 1]
     assert any("warning" in r for r in harsh_diag)
-    assert control["specialization_warning"] == {"fired": False, "probes_firing": 0, "first": None, "gap": 0.1}
+    assert control["specialization_warning"] == {
+        "fired": False,
+        "probes_firing": 0,
+        "first": None,
+        "gap": 0.1,
+    }
     assert not any("warning" in r for r in control_diag)
 
 
@@ -226,15 +321,26 @@ def _initial_state(rank: int, world: int, tp: int, pp: int, model: dict) -> dict
     recipe = tiny_recipe(model=model, parallel={"tensor": tp, "pipeline": pp})
     init_distributed(recipe.parallel, recipe.seed)
     cfg = build_transformer_config(recipe.model, tensor_parallel=tp, pipeline_parallel=pp)
-    built = build_gpt_model(recipe.model, cfg, VOCAB, pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
+    built = build_gpt_model(
+        recipe.model,
+        cfg,
+        VOCAB,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     state = gather_full_state(built, recipe.model.ffn == "swiglu")
     shutdown()
     return state
 
 
-LLAMA_UNTIED = {"num_query_groups": 2, "ffn": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope",
-                "tie_embeddings": False}
+LLAMA_UNTIED = {
+    "num_query_groups": 2,
+    "ffn": "swiglu",
+    "norm": "rmsnorm",
+    "bias": False,
+    "position": "rope",
+    "tie_embeddings": False,
+}
 
 
 @pytest.mark.slow
@@ -258,12 +364,17 @@ def test_the_same_seed_gives_the_same_run_at_any_layout(small_dataset, tmp_path)
     """From scratch, one process vs PP=2 vs TP=2 x PP=2: the same step-1 loss (to fp32 rounding:
     the layouts reduce in other orders) and the adaptive release on the same step."""
     runs = {}
-    for name, (world, extra) in {"single": (1, {}), "pp2": (2, {"parallel.pipeline": 2}),
-                                 "tp2pp2": (4, {"parallel.tensor": 2, "parallel.pipeline": 2})}.items():
+    for name, (world, extra) in {
+        "single": (1, {}),
+        "pp2": (2, {"parallel.pipeline": 2}),
+        "tp2pp2": (4, {"parallel.tensor": 2, "parallel.pipeline": 2}),
+    }.items():
         run_ranks(_train, world, _overrides(small_dataset, tmp_path / name, **extra))
-        runs[name] = (_records(tmp_path / name), json.loads((tmp_path / name / "summary.json").read_text()))
+        runs[name] = (
+            _records(tmp_path / name),
+            json.loads((tmp_path / name / "summary.json").read_text()),
+        )
     ref, ref_summary = runs["single"]
     for name, (records, summary) in runs.items():
         assert records[1]["loss"] == pytest.approx(ref[1]["loss"], rel=1e-6, abs=0), name
         assert summary["qk_release"]["step"] == ref_summary["qk_release"]["step"] == RELEASE, name
-

@@ -1,4 +1,5 @@
-"""Pure logic of the intervention: multiplier schedules, layer selection, fused-QKV element blocks."""
+"""Pure logic of the intervention: multiplier schedules, layer selection, fused-QKV element
+blocks."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def test_layer_selection() -> None:
 def _mask_from_blocks(layout, kind, row_len, tp_rank, tp_size, lo, hi) -> torch.Tensor:
     n = hi - lo
     mask = torch.zeros(n, dtype=torch.bool)
-    for b in layout.local_blocks(kind, row_len=row_len, tp_rank=tp_rank, tp_size=tp_size, lo=lo, hi=hi):
+    for b in layout.local_blocks(
+        kind, row_len=row_len, tp_rank=tp_rank, tp_size=tp_size, lo=lo, hi=hi
+    ):
         for i in range(b.count):
             start = b.offset + i * b.stride
             assert not mask[start : start + b.length].any(), "blocks overlap"
@@ -69,14 +72,20 @@ def _mask_from_blocks(layout, kind, row_len, tp_rank, tp_size, lo, hi) -> torch.
 def _brute_force_mask(layout, kind, row_len, tp_rank, tp_size, lo, hi) -> torch.Tensor:
     kinds = []
     for _g in range(layout.num_query_groups):
-        kinds += ["q"] * layout.heads_per_group * layout.head_dim + ["k"] * layout.head_dim + ["v"] * layout.head_dim
+        kinds += (
+            ["q"] * layout.heads_per_group * layout.head_dim
+            + ["k"] * layout.head_dim
+            + ["v"] * layout.head_dim
+        )
     rows = len(kinds) // tp_size
     local = kinds[tp_rank * rows : (tp_rank + 1) * rows]
     flat = torch.tensor([k == kind for k in local]).repeat_interleave(row_len)
     return flat[lo:hi]
 
 
-@pytest.mark.parametrize("groups,heads_per_group,head_dim,tp", [(4, 1, 8, 1), (2, 2, 4, 2), (1, 4, 4, 2), (2, 3, 2, 4)])
+@pytest.mark.parametrize(
+    "groups,heads_per_group,head_dim,tp", [(4, 1, 8, 1), (2, 2, 4, 2), (1, 4, 4, 2), (2, 3, 2, 4)]
+)
 def test_blocks_match_brute_force(groups, heads_per_group, head_dim, tp) -> None:
     layout = FusedQKVLayout(groups, heads_per_group, head_dim)
     row_len = 3
@@ -84,7 +93,8 @@ def test_blocks_match_brute_force(groups, heads_per_group, head_dim, tp) -> None
     g = torch.Generator().manual_seed(0)
     for tp_rank in range(tp):
         ranges = [(0, local_numel)] + [
-            tuple(sorted(torch.randint(0, local_numel + 1, (2,), generator=g).tolist())) for _ in range(20)
+            tuple(sorted(torch.randint(0, local_numel + 1, (2,), generator=g).tolist()))
+            for _ in range(20)
         ]
         for lo, hi in ranges:
             for kind in "qkv":

@@ -21,7 +21,9 @@ DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
 
 
 def _find(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+    )
 
 
 def _free_port() -> int:
@@ -34,7 +36,10 @@ def _free_port() -> int:
 def cluster(tmp_path_factory):
     missing = [d for d in DAEMONS if _find(d) is None]
     if missing:
-        pytest.skip(f"Slurm/munge not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)")
+        pytest.skip(
+            f"Slurm/munge not installed ({', '.join(missing)} missing; apt-get install slurm-wlm "
+            "munge)"
+        )
     if os.geteuid() != 0:
         pytest.skip("the throwaway Slurm cluster runs its daemons as root")
     root = tmp_path_factory.mktemp("slurm")
@@ -44,9 +49,23 @@ def cluster(tmp_path_factory):
     key, sock = root / "munge" / "munge.key", root / "munge" / "munge.socket"
     subprocess.run([_find("mungekey"), "--create", "--keyfile", str(key), "--force"], check=True)
     key.chmod(0o600)
-    subprocess.run([_find("munged"), "--force", "--key-file", str(key), "--socket", str(sock),
-                    "--pid-file", str(root / "munge" / "munged.pid"), "--log-file", str(root / "munge" / "munged.log"),
-                    "--seed-file", str(root / "munge" / "seed")], check=True)
+    subprocess.run(
+        [
+            _find("munged"),
+            "--force",
+            "--key-file",
+            str(key),
+            "--socket",
+            str(sock),
+            "--pid-file",
+            str(root / "munge" / "munged.pid"),
+            "--log-file",
+            str(root / "munge" / "munged.log"),
+            "--seed-file",
+            str(root / "munge" / "seed"),
+        ],
+        check=True,
+    )
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     # cred_expire also sets how long a requeued job waits before it may start again (120 s by
@@ -82,12 +101,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         subprocess.run([_find("slurmd"), "-f", str(conf)], check=True, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+            ).stdout
             if "idle" in out:
                 break
             time.sleep(1)
         else:
-            pytest.skip(f"Slurm did not come up in 60 s: {(root / 'log' / 'slurmctld.log').read_text()[-800:]}")
+            pytest.skip(
+                "Slurm did not come up in 60 s: "
+                f"{(root / 'log' / 'slurmctld.log').read_text()[-800:]}"
+            )
         yield {"env": env, "root": root}
     finally:
         for pidfile in (root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"):
@@ -98,17 +122,40 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
 def _submit(cluster, workdir: Path, job_name: str, steps: int, dataset: str) -> int:
     env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
-    cmd = [sys.executable, "-m", "slowqk.cli", "submit", "tiny/gpt", "--tasks-per-node", "2", "--cpus-per-task", "1",
-           "--job-name", job_name, "--time", "15", f"train.steps={steps}", "data.corpus=null", f"data.dataset={dataset}",
-           "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64", "train.save_interval=10",
-           "train.eval_interval=50", "train.eval_iters=1", "train.tensorboard=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowqk.cli",
+        "submit",
+        "tiny/gpt",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--job-name",
+        job_name,
+        "--time",
+        "15",
+        f"train.steps={steps}",
+        "data.corpus=null",
+        f"data.dataset={dataset}",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.seq_length=64",
+        "train.save_interval=10",
+        "train.eval_interval=50",
+        "train.eval_iters=1",
+        "train.tensorboard=false",
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stdout.strip().split()[-1])  # "Submitted batch job N"
 
 
 def _job_state(cluster, job: int) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", str(job)], env=cluster["env"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", str(job)], env=cluster["env"], capture_output=True, text=True
+    ).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
@@ -146,7 +193,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, 
     info = _wait(cluster, job)
     log = (tmp_path / "logs" / f"pre-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
-    assert "ranks checkpointed on a stop signal; requeueing" in log and f"job {job} (restart 1)" in log
+    assert (
+        "ranks checkpointed on a stop signal; requeueing" in log and f"job {job} (restart 1)" in log
+    )
     rank0 = (run / "logs" / "rank0.log").read_text()
     assert "stop signal received; checkpoint saved at step" in rank0
     summary = json.loads((run / "summary.json").read_text())

@@ -32,15 +32,26 @@ def _overrides(prepared: dict, run_dir: Path, **extra: str) -> list[str]:
         "out_dir": str(run_dir),
         "data.corpus": "null",
         "data.dataset": prepared["dataset"],
-        "model.num_layers": "4", "model.hidden_size": "64", "model.num_attention_heads": "4",
+        "model.num_layers": "4",
+        "model.hidden_size": "64",
+        "model.num_attention_heads": "4",
         "model.seq_length": "32",
-        "train.steps": "6", "train.micro_batch_size": "2", "train.global_batch_size": "8",
-        "train.log_interval": "1", "train.eval_interval": "3", "train.eval_iters": "1",
-        "train.save_interval": "2", "train.keep_last": "5", "train.progress_bar": "false",
+        "train.steps": "6",
+        "train.micro_batch_size": "2",
+        "train.global_batch_size": "8",
+        "train.log_interval": "1",
+        "train.eval_interval": "3",
+        "train.eval_iters": "1",
+        "train.save_interval": "2",
+        "train.keep_last": "5",
+        "train.progress_bar": "false",
         "train.tensorboard": "false",
         "optimizer.warmup_steps": "2",
         # the intervention is mid-hold at the checkpoint (step 2) and ramps across step 4
-        "qk.enabled": "true", "qk.unit": "steps", "qk.hold": "3", "qk.ramp": "2",
+        "qk.enabled": "true",
+        "qk.unit": "steps",
+        "qk.hold": "3",
+        "qk.ramp": "2",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -70,7 +81,9 @@ def _resume_copy(src: Path, dst: Path, step: int) -> None:
 @pytest.mark.slow
 def test_resume_is_exact_and_pp2_matches_pp1(prepared, tmp_path) -> None:
     full = tmp_path / "full"
-    summary = run_ranks(_train_worker, 2, _overrides(prepared, full))[0]  # DP=2, distributed optimizer
+    summary = run_ranks(_train_worker, 2, _overrides(prepared, full))[
+        0
+    ]  # DP=2, distributed optimizer
     assert summary["steps"] == 6 and summary["qk_enabled"]
     reference = _losses(full)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
@@ -98,11 +111,15 @@ def test_resume_is_exact_and_pp2_matches_pp1(prepared, tmp_path) -> None:
 def test_qk_norm_trains_with_diagnostics_resumes_and_reshards_to_tp2(prepared, tmp_path) -> None:
     qk_norm = {"model.qk_norm": "true", "diagnostics.interval": "3", "model.num_query_groups": "2"}
     full = tmp_path / "full"
-    run_ranks(_train_worker, 2, _overrides(prepared, full, **qk_norm))  # DP=2, distributed optimizer
+    run_ranks(
+        _train_worker, 2, _overrides(prepared, full, **qk_norm)
+    )  # DP=2, distributed optimizer
     reference = _losses(full)
     assert reference[6] < reference[1]
     plain = tmp_path / "plain"
-    run_ranks(_train_worker, 2, _overrides(prepared, plain, **dict(qk_norm, **{"model.qk_norm": "false"})))
+    run_ranks(
+        _train_worker, 2, _overrides(prepared, plain, **dict(qk_norm, **{"model.qk_norm": "false"}))
+    )
     assert _losses(plain)[1] != reference[1]  # the switch changes the model
     from slowqk.monitor import read_diagnostics
 
@@ -115,14 +132,22 @@ def test_qk_norm_trains_with_diagnostics_resumes_and_reshards_to_tp2(prepared, t
         run_ranks(_train_worker, 2, _overrides(prepared, run, **qk_norm, **extra))
         got = _losses(run)
         assert sorted(got) == [3, 4, 5, 6]
-        for s in got:  # the same layout bitwise; TP=2 (resharded, per-head norms replicated) to rounding
-            assert got[s] == (reference[s] if not extra else pytest.approx(reference[s], rel=1e-5)), (name, s)
+        for s in (
+            got
+        ):  # the same layout bitwise; TP=2 (resharded, per-head norms replicated) to rounding
+            assert got[s] == (
+                reference[s] if not extra else pytest.approx(reference[s], rel=1e-5)
+            ), (name, s)
 
 
 @pytest.mark.slow
 def test_pp2_trains_from_scratch(prepared, tmp_path) -> None:
     run = tmp_path / "pp2"
-    summary = run_ranks(_train_worker, 2, _overrides(prepared, run, **{"parallel.pipeline": "2", "train.save_interval": "null"}))[0]
+    summary = run_ranks(
+        _train_worker,
+        2,
+        _overrides(prepared, run, **{"parallel.pipeline": "2", "train.save_interval": "null"}),
+    )[0]
     losses = _losses(run)
     assert summary["steps"] == 6 and losses[6] < losses[1]
     assert not (run / "checkpoints").exists()
@@ -133,18 +158,39 @@ def test_quickstart_command_prints_both_arms(tmp_path) -> None:
     """The README's main command, shortened: both arms train and the table lists both."""
     out = tmp_path / "qs"
     proc = subprocess.run(
-        [sys.executable, "-m", "slowqk.cli", "quickstart", "--out", str(out), "--steps", "12",
-         f"data.corpus={CORPUS}", "train.eval_interval=6", "model.seq_length=64",
-         "train.progress_bar=false", "qk.unit=steps", "qk.hold=4", "qk.ramp=2"],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "slowqk.cli",
+            "quickstart",
+            "--out",
+            str(out),
+            "--steps",
+            "12",
+            f"data.corpus={CORPUS}",
+            "train.eval_interval=6",
+            "model.seq_length=64",
+            "train.progress_bar=false",
+            "qk.unit=steps",
+            "qk.hold=4",
+            "qk.ramp=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
-    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("control", "intervention"))}
+    rows = {
+        line.split()[0]: line.split()
+        for line in table.splitlines()
+        if line.startswith(("control", "intervention"))
+    }
     assert set(rows) == {"control", "intervention"}, table
     for arm, cols in rows.items():
         val_loss, ppl = float(cols[1]), float(cols[2])
-        assert 0 < val_loss < 8 and ppl == pytest.approx(2.718281828 ** val_loss, rel=1e-3), arm
+        assert 0 < val_loss < 8 and ppl == pytest.approx(2.718281828**val_loss, rel=1e-3), arm
     results = json.loads((out / "results.json").read_text())
     assert results["intervention"]["qk_enabled"] and not results["control"]["qk_enabled"]
     # the intervention changed the run (tiny after 12 steps, but not zero)

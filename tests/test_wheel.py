@@ -1,4 +1,5 @@
-"""The project as a user of a wheel gets it: built, installed outside the checkout, run elsewhere."""
+"""The project as a user of a wheel gets it: built, installed outside the checkout, run
+elsewhere."""
 
 from __future__ import annotations
 
@@ -18,16 +19,50 @@ def installed(tmp_path_factory) -> dict:
     from the test environment's site-packages, added by a .pth line (which does not run that
     directory's own .pth files, so the checkout's editable install stays out)."""
     root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(root / "dist"), str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(root / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((root / "dist").glob("slowqk-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SLOWQK_SHARED_DIR")}
@@ -35,12 +70,20 @@ def installed(tmp_path_factory) -> dict:
 
 
 def _run(installed: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([installed["python"], *args], cwd=installed["cwd"], env=installed["env"],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [installed["python"], *args],
+        cwd=installed["cwd"],
+        env=installed["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_the_wheel_is_what_runs_and_it_knows_its_recipes(installed) -> None:
-    where = _run(installed, "-c", "import slowqk, slowqk.patches, slowqk.hf.export; print(slowqk.__file__)")
+    where = _run(
+        installed, "-c", "import slowqk, slowqk.patches, slowqk.hf.export; print(slowqk.__file__)"
+    )
     assert where.returncode == 0, where.stderr[-2000:]
     assert where.stdout.strip().startswith(str(installed["site"]))  # not the checkout
     shown = _run(installed, "-m", "slowqk.cli", "print-recipe", "gpt-125m")
@@ -52,8 +95,22 @@ def test_the_wheel_is_what_runs_and_it_knows_its_recipes(installed) -> None:
 @pytest.mark.slow
 def test_the_wheel_trains_tiny_gpt_from_another_directory(installed) -> None:
     corpus = installed["cwd"] / "corpus.txt"
-    corpus.write_text("".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000]))
-    res = _run(installed, "-m", "slowqk.cli", "train", "tiny/gpt", f"data.corpus={corpus}", "data.tokenizer_vocab_size=400",
-               "train.steps=3", "model.seq_length=32", "train.tensorboard=false", "out_dir=run", "--quiet")
+    corpus.write_text(
+        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    )
+    res = _run(
+        installed,
+        "-m",
+        "slowqk.cli",
+        "train",
+        "tiny/gpt",
+        f"data.corpus={corpus}",
+        "data.tokenizer_vocab_size=400",
+        "train.steps=3",
+        "model.seq_length=32",
+        "train.tensorboard=false",
+        "out_dir=run",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (installed["cwd"] / "run" / "summary.json").is_file()

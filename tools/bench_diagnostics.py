@@ -1,6 +1,7 @@
 """Overhead of the in-training diagnostics: the same run with the probe off and on, side by side.
 
-    python tools/bench_diagnostics.py [--recipe tiny/gpt] [--steps 200] [--interval 50] [--repeats 3]
+    python tools/bench_diagnostics.py [--recipe tiny/gpt] [--steps 200] [--interval 50] [--repeats
+    3]
 
 Runs off/on pairs in alternating order (machine noise on a shared CPU is several percent per run)
 and prints each pair's training seconds (the probe's time counts as training time) and the median
@@ -20,15 +21,28 @@ from pathlib import Path
 
 
 def run(recipe: str, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "slowqk.cli", "train", recipe, *overrides, f"out_dir={out}",
-           "train.progress_bar=false", "train.tensorboard=false", "--no-resume", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowqk.cli",
+        "train",
+        recipe,
+        *overrides,
+        f"out_dir={out}",
+        "train.progress_bar=false",
+        "train.tensorboard=false",
+        "--no-resume",
+        "--quiet",
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
 
 def pair_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
     """The options every off/on bench takes: --recipe, --steps, --repeats and recipe overrides."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--recipe", default="tiny/gpt")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--repeats", type=int, default=3)
@@ -41,12 +55,17 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=50)
     args = ap.parse_args()
     base = [*args.overrides, f"train.steps={args.steps}", f"train.eval_interval={args.steps}"]
-    arms = {"off": [*base, "diagnostics.interval=0"], "on": [*base, f"diagnostics.interval={args.interval}"]}
+    arms = {
+        "off": [*base, "diagnostics.interval=0"],
+        "on": [*base, f"diagnostics.interval={args.interval}"],
+    }
     print(f"{args.recipe}, {args.steps} steps, probe every {args.interval} steps")
     compare_pairs(args.recipe, arms, args.repeats, "diagnostics_seconds", "probe")
 
 
-def compare_pairs(recipe: str, arms: dict[str, list[str]], repeats: int, inside_key: str, what: str) -> None:
+def compare_pairs(
+    recipe: str, arms: dict[str, list[str]], repeats: int, inside_key: str, what: str
+) -> None:
     """Run "off"/"on" pairs in alternating order; print each pair and the median overheads, between
     runs and as ``what``'s own time recorded inside the "on" run (summary.json's ``inside_key``)."""
     overheads, inside = [], []
@@ -58,12 +77,19 @@ def compare_pairs(recipe: str, arms: dict[str, list[str]], repeats: int, inside_
             own = runs["on"][inside_key]
             overheads.append(100.0 * (secs["on"] / secs["off"] - 1.0))
             inside.append(100.0 * own / (secs["on"] - own))
-            print(f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead {overheads[-1]:+.2f}% "
-                  f"(run-to-run); {what} time inside the run {own:.3f} s = {inside[-1]:.3f}% of the rest")
+            print(
+                f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead "
+                f"{overheads[-1]:+.2f}% "
+                f"(run-to-run); {what} time inside the run {own:.3f} s = {inside[-1]:.3f}% of the "
+                "rest"
+            )
     overheads.sort()
     inside.sort()
-    print(f"  median overhead: {overheads[len(overheads) // 2]:+.2f}% off-vs-on, "
-          f"{inside[len(inside) // 2]:.3f}% measured inside the run (the {what}'s own time; immune to machine noise)")
+    print(
+        f"  median overhead: {overheads[len(overheads) // 2]:+.2f}% off-vs-on, "
+        f"{inside[len(inside) // 2]:.3f}% measured inside the run (the {what}'s own time; immune "
+        "to machine noise)"
+    )
 
 
 if __name__ == "__main__":

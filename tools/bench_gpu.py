@@ -1,6 +1,8 @@
-"""Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same shapes.
+"""Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same
+shapes.
 
-    python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain plain-compiled]
+    python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain
+    plain-compiled]
                               [--steps 20] [--warmup 5] [--json PATH] [-- overrides ...]
 
 Cases, each in a fresh process (one GPU):
@@ -10,8 +12,10 @@ Cases, each in a fresh process (one GPU):
   plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
                   autocast, fused AdamW), what a user would otherwise run
   plain-compiled  the same under torch.compile
-The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the same
-vocabulary. Timings exclude the warmup steps (and compilation). Overrides apply to the megatron cases
+The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the
+same
+vocabulary. Timings exclude the warmup steps (and compilation). Overrides apply to the megatron
+cases
 (e.g. ``model.attention_backend=local``, ``train.micro_batch_size=4``) and shape the plain one too.
 
 Model FLOPs per token follow the PaLM/Megatron convention, counting matmuls only:
@@ -41,29 +45,56 @@ PLAIN_CASES = ("plain", "plain-compiled")
 
 def model_flops_per_token(m, vocab_size: int) -> float:
     """From the shapes alone, so megatron-core and the plain model are counted the same way."""
-    heads, groups, hd = m.num_attention_heads, m.num_query_groups or m.num_attention_heads, m.hidden_size // m.num_attention_heads
+    heads, groups, hd = (
+        m.num_attention_heads,
+        m.num_query_groups or m.num_attention_heads,
+        m.hidden_size // m.num_attention_heads,
+    )
     h, f = m.hidden_size, m.ffn_size
-    per_layer = h * (heads + 2 * groups) * hd + heads * hd * h + (3 if m.ffn == "swiglu" else 2) * h * f
-    matmul = m.num_layers * per_layer + vocab_size * h  # the output projection is a matmul, tied or not
+    per_layer = (
+        h * (heads + 2 * groups) * hd + heads * hd * h + (3 if m.ffn == "swiglu" else 2) * h * f
+    )
+    matmul = (
+        m.num_layers * per_layer + vocab_size * h
+    )  # the output projection is a matmul, tied or not
     return 6.0 * matmul + 12.0 * m.num_layers * m.seq_length * heads * hd
 
 
-def synthetic_recipe(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]):
+def synthetic_recipe(
+    recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str]
+):
     """``recipe_name`` on the prepared ``data``, with the case's Q/K settings, no checkpoints,
     TensorBoard or diagnostics: what a timed run needs (shared with tools/profile_step.py)."""
     from slowqk.config import load_recipe
 
-    qk = {"off": ["qk.enabled=false"],
-          "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup}", "qk.ramp=0"],
-          "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"]}.get(case, ["qk.enabled=false"])
-    return load_recipe(recipe_name, [*extra, *qk, "data.corpus=null", f"data.dataset={data}", "data.tokenizer=null",
-                                     "data.train_prefixes=[]", "data.valid_prefixes=[]", f"out_dir={out}",
-                                     f"train.steps={steps + warmup}", "train.save_interval=null",
-                                     "train.tensorboard=false", "diagnostics.interval=0", "train.eval_iters=1"])
+    qk = {
+        "off": ["qk.enabled=false"],
+        "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup}", "qk.ramp=0"],
+        "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"],
+    }.get(case, ["qk.enabled=false"])
+    return load_recipe(
+        recipe_name,
+        [
+            *extra,
+            *qk,
+            "data.corpus=null",
+            f"data.dataset={data}",
+            "data.tokenizer=null",
+            "data.train_prefixes=[]",
+            "data.valid_prefixes=[]",
+            f"out_dir={out}",
+            f"train.steps={steps + warmup}",
+            "train.save_interval=null",
+            "train.tensorboard=false",
+            "diagnostics.interval=0",
+            "train.eval_iters=1",
+        ],
+    )
 
 
 def _timed(step, steps: int, warmup: int) -> tuple[float, float, list]:
-    """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step results."""
+    """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step
+    results."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -85,8 +116,14 @@ def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
 
     trainer = Trainer(recipe, quiet=True)
     seconds, peak, results = _timed(trainer.train_step, steps, warmup)
-    return {"step_s": seconds, "peak_mem_gib": peak, "vocab": trainer.vocab_size, "te": trainer.use_te,
-            "attention_backend": trainer.attention_backend, "mult_q": sorted({r["mult_q"] for r in results})}
+    return {
+        "step_s": seconds,
+        "peak_mem_gib": peak,
+        "vocab": trainer.vocab_size,
+        "te": trainer.use_te,
+        "attention_backend": trainer.attention_backend,
+        "mult_q": sorted({r["mult_q"] for r in results}),
+    }
 
 
 def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
@@ -100,20 +137,43 @@ def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> di
     torch.manual_seed(recipe.seed)
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     model = PlainDecoder(m, padded).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, betas=(recipe.optimizer.beta1, recipe.optimizer.beta2),
-                            weight_decay=recipe.optimizer.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=recipe.optimizer.lr,
+        betas=(recipe.optimizer.beta1, recipe.optimizer.beta2),
+        weight_decay=recipe.optimizer.weight_decay,
+        fused=device.type == "cuda",
+    )
     if case == "plain-compiled":
         model = torch.compile(model)
-    ids = torch.randint(0, vocab, (t.global_batch_size // t.micro_batch_size, t.micro_batch_size, m.seq_length + 1),
-                        device=device)
+    ids = torch.randint(
+        0,
+        vocab,
+        (t.global_batch_size // t.micro_batch_size, t.micro_batch_size, m.seq_length + 1),
+        device=device,
+    )
     batches = [(x[:, :-1], x[:, 1:]) for x in ids]
     seconds, peak, _ = _timed(lambda: plain_train_step(model, opt, batches), steps, warmup)
-    return {"step_s": seconds, "peak_mem_gib": peak, "vocab": padded, "te": False, "attention_backend": "sdpa",
-            "mult_q": [1.0]}
+    return {
+        "step_s": seconds,
+        "peak_mem_gib": peak,
+        "vocab": padded,
+        "te": False,
+        "attention_backend": "sdpa",
+        "mult_q": [1.0],
+    }
 
 
-def run_case(recipe_name: str, case: str, steps: int, warmup: int, data: str, out: str, extra: list[str],
-             vocab: int) -> dict:
+def run_case(
+    recipe_name: str,
+    case: str,
+    steps: int,
+    warmup: int,
+    data: str,
+    out: str,
+    extra: list[str],
+    vocab: int,
+) -> dict:
     import megatron.core
     import torch
 
@@ -123,18 +183,26 @@ def run_case(recipe_name: str, case: str, steps: int, warmup: int, data: str, ou
     else:
         res = run_megatron_case(recipe, case, steps, warmup)
     return {
-        "recipe": recipe_name, "case": case,
+        "recipe": recipe_name,
+        "case": case,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "megatron_core": megatron.core.__version__, "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "torch": torch.__version__,
         "tokens_per_s": recipe.tokens_per_step / res["step_s"],
         "flops_per_token": model_flops_per_token(recipe.model, res["vocab"]),
-        "micro_batch_size": recipe.train.micro_batch_size, "global_batch_size": recipe.train.global_batch_size,
-        "seq_length": recipe.model.seq_length, **res,
+        "micro_batch_size": recipe.train.micro_batch_size,
+        "global_batch_size": recipe.train.global_batch_size,
+        "seq_length": recipe.model.seq_length,
+        **res,
     }
 
 
 def _with_mfu(record: dict, peak_tflops: float | None) -> dict:
-    mfu = record["tokens_per_s"] * record["flops_per_token"] / (peak_tflops * 1e12) if peak_tflops else None
+    mfu = (
+        record["tokens_per_s"] * record["flops_per_token"] / (peak_tflops * 1e12)
+        if peak_tflops
+        else None
+    )
     return {**record, "mfu": mfu}
 
 
@@ -146,10 +214,16 @@ def _write_json(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--recipes", nargs="+", default=["gpt-125m", "llama-350m", "llama-1b"])
-    ap.add_argument("--cases", nargs="+", default=[*MEGATRON_CASES, *PLAIN_CASES],
-                    choices=[*MEGATRON_CASES, *PLAIN_CASES])
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=[*MEGATRON_CASES, *PLAIN_CASES],
+        choices=[*MEGATRON_CASES, *PLAIN_CASES],
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
@@ -157,10 +231,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--json", type=Path, default=None, help="write the records (a JSON list) here")
     ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)  # internal: recipe case data out
-    ap.add_argument("overrides", nargs="*", help="recipe overrides for every case (e.g. train.micro_batch_size=4)")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        help="recipe overrides for every case (e.g. train.micro_batch_size=4)",
+    )
     args = ap.parse_args()
     if args.case:
-        res = run_case(*args.case[:2], args.steps, args.warmup, *args.case[2:], args.overrides, args.vocab)
+        res = run_case(
+            *args.case[:2], args.steps, args.warmup, *args.case[2:], args.overrides, args.vocab
+        )
         print("RESULT " + json.dumps(res))
         return
 
@@ -171,9 +251,23 @@ def main() -> None:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
         for recipe in args.recipes:
             for case in args.cases:
-                cmd = [sys.executable, __file__, "--case", recipe, case, str(data), str(Path(tmp) / f"{recipe}-{case}"),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(args.vocab),
-                       "--", *args.overrides]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    recipe,
+                    case,
+                    str(data),
+                    str(Path(tmp) / f"{recipe}-{case}"),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--vocab",
+                    str(args.vocab),
+                    "--",
+                    *args.overrides,
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -181,9 +275,15 @@ def main() -> None:
                     failed.append(f"{recipe}/{case}")
                     continue
                 record = json.loads(line[7:])
-                peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in record["device"]), None)
+                peak = args.peak_tflops or next(
+                    (v for k, v in PEAKS.items() if k in record["device"]), None
+                )
                 rows.append(_with_mfu(record, peak))
-                print(f"  {recipe}/{case}: {record['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+                print(
+                    f"  {recipe}/{case}: {record['step_s'] * 1e3:.1f} ms/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if args.json:  # after every case, so a run cut short keeps what it measured
                     _write_json(args.json, rows)
     if not rows:
@@ -198,10 +298,15 @@ def print_table(rows: list[dict], peak: float | None) -> None:
     off = {r["recipe"]: r for r in rows if r["case"] == "off"}
     plain = {r["recipe"]: r for r in rows if r["case"] == "plain"}
     r0 = rows[0]
-    print(f"\ndevice: {r0['device']}; megatron-core {r0['megatron_core']}; torch {r0['torch']}; "
-          f"dense bf16 peak: {peak or 'unknown'} TFLOP/s")
-    print(f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'vs off':>9}{'vs plain':>10}"
-          f"{'peak GiB':>10}{'MFU':>8}  mult_q")
+    print(
+        f"\ndevice: {r0['device']}; megatron-core {r0['megatron_core']}; torch {r0['torch']}; "
+        f"dense bf16 peak: {peak or 'unknown'} TFLOP/s"
+    )
+    print(
+        f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'vs off':>9}"
+        f"{'vs plain':>10}{'peak GiB':>10}{'MFU':>8}  mult_q"
+    )
+
     def ratio(r: dict, base: dict, key: str) -> str:
         b = base.get(r["recipe"])
         return f"{r[key] / b[key]:.3f}x" if b and b[key] else "-"
@@ -209,9 +314,12 @@ def print_table(rows: list[dict], peak: float | None) -> None:
     for r in rows:
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         mfu = "-" if r["mfu"] is None or math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"
-        print(f"{r['recipe']:<12}{r['case']:<16}{r['attention_backend']:<8}{r['step_s'] * 1e3:>9.1f}"
-              f"{r['tokens_per_s']:>11.0f}{ratio(r, off, 'step_s'):>9}{ratio(r, plain, 'tokens_per_s'):>10}{mem:>10}{mfu:>8}"
-              f"  {r['mult_q']}")
+        print(
+            f"{r['recipe']:<12}{r['case']:<16}{r['attention_backend']:<8}{r['step_s'] * 1e3:>9.1f}"
+            f"{r['tokens_per_s']:>11.0f}{ratio(r, off, 'step_s'):>9}"
+            f"{ratio(r, plain, 'tokens_per_s'):>10}{mem:>10}{mfu:>8}"
+            f"  {r['mult_q']}"
+        )
 
 
 if __name__ == "__main__":

@@ -16,19 +16,36 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diagnostics import compare_pairs, pair_arguments  # noqa: E402 - one way to run and compare pairs
+# one way to run and compare pairs, after the path above
+from bench_diagnostics import compare_pairs, pair_arguments  # noqa: E402
 
 
 def main() -> None:
     args = pair_arguments(__doc__, 100).parse_args()
     n = args.steps
-    base = [*args.overrides, f"train.steps={n}", f"train.eval_interval={n}", "diagnostics.interval=0",
-            "qk.enabled=true", "qk.unit=steps", f"qk.hold={n}", "qk.ramp=0"]
-    arms = {"off": [*base, "qk.release=fixed"],
-            "on": [*base, "qk.release=adaptive", "qk.adaptive.threshold=1e-9", "qk.adaptive.min_hold=0",
-                   f"qk.adaptive.max_hold={n}"]}
+    base = [
+        *args.overrides,
+        f"train.steps={n}",
+        f"train.eval_interval={n}",
+        "diagnostics.interval=0",
+        "qk.enabled=true",
+        "qk.unit=steps",
+        f"qk.hold={n}",
+        "qk.ramp=0",
+    ]
+    arms = {
+        "off": [*base, "qk.release=fixed"],
+        "on": [
+            *base,
+            "qk.release=adaptive",
+            "qk.adaptive.threshold=1e-9",
+            "qk.adaptive.min_hold=0",
+            f"qk.adaptive.max_hold={n}",
+        ],
+    }
     print(f"{args.recipe}, {n} steps, drift measured at every step in the 'on' arm")
     compare_pairs(args.recipe, arms, args.repeats, "drift_seconds", "meter")
+
 
 if __name__ == "__main__":
     main()

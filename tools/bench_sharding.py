@@ -51,9 +51,16 @@ def main() -> None:
     from slowqk.data.shard import ShardOptions, build_shards
     from slowqk.data.tokenizer import train_sentencepiece
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mb", type=int, default=50)
-    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"))
+    ap.add_argument(
+        "--corpus",
+        default=str(
+            Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
+        ),
+    )
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--docs-per-shard", type=int, default=20_000)
     args = ap.parse_args()
@@ -70,15 +77,30 @@ def main() -> None:
         rows.append(("plain loop (1 process)", 1, tokens, time.perf_counter() - t))
         for workers in (1, 2):
             t = time.perf_counter()
-            m = build_shards([corpus], work / f"tool{workers}", tok, ShardOptions(docs_per_shard=args.docs_per_shard),
-                             workers=workers, progress=False)
-            rows.append((f"slowqk data shard, {workers} worker(s)", workers, m["splits"]["train"]["tokens"], time.perf_counter() - t))
+            m = build_shards(
+                [corpus],
+                work / f"tool{workers}",
+                tok,
+                ShardOptions(docs_per_shard=args.docs_per_shard),
+                workers=workers,
+                progress=False,
+            )
+            rows.append(
+                (
+                    f"slowqk data shard, {workers} worker(s)",
+                    workers,
+                    m["splits"]["train"]["tokens"],
+                    time.perf_counter() - t,
+                )
+            )
         base = rows[0][2] / rows[0][3]
         print(f"corpus: {size / 1e6:.1f} MB, {rows[0][2]:,} tokens (vocab {args.vocab_size})")
         print(f"{'method':<34}{'tokens/s':>12}{'per worker':>12}{'vs plain':>10}{'seconds':>9}")
         for name, workers, n, sec in rows:
             rate = n / sec
-            print(f"{name:<34}{rate:>12,.0f}{rate / workers:>12,.0f}{rate / base:>9.2f}x{sec:>9.1f}")
+            print(
+                f"{name:<34}{rate:>12,.0f}{rate / workers:>12,.0f}{rate / base:>9.2f}x{sec:>9.1f}"
+            )
         same = (work / "plain.bin").read_bytes() == b"".join(
             (work / "tool1" / "train" / f"shard_{i:05d}.bin").read_bytes()
             for i in range(len(list((work / "tool1" / "train").glob("*.bin"))))

@@ -1,6 +1,7 @@
-"""Import a Hugging Face GPT-2 / LLaMA directory as a weights-only checkpoint (see `slowqk import-hf --help`).
+"""Import a Hugging Face GPT-2 / LLaMA directory as a weights-only checkpoint (see `slowqk import-hf
+--help`).
 
-    python tools/convert_from_hf.py HF_DIR OUT --recipe RECIPE [--tp N] [--pp N]
+python tools/convert_from_hf.py HF_DIR OUT --recipe RECIPE [--tp N] [--pp N]
 """
 
 import sys

@@ -1,6 +1,7 @@
-"""Export a checkpoint (any TP/PP) to a Hugging Face model directory (see `slowqk export-hf --help`).
+"""Export a checkpoint (any TP/PP) to a Hugging Face model directory (see `slowqk export-hf
+--help`).
 
-    python tools/convert_to_hf.py CHECKPOINT OUT [--dtype bfloat16] [--max-shard-size 2GB] [--check-val]
+python tools/convert_to_hf.py CHECKPOINT OUT [--dtype bfloat16] [--max-shard-size 2GB] [--check-val]
 """
 
 import sys

@@ -1,6 +1,8 @@
-"""Score a Hugging Face model with lm-evaluation-harness on local tasks (see `slowqk evaluate --help`).
+"""Score a Hugging Face model with lm-evaluation-harness on local tasks (see `slowqk evaluate
+--help`).
 
-    python tools/evaluate.py MODEL_DIR [--tasks a,b] [--limit N] [--out results.json] | --compare A.json B.json
+python tools/evaluate.py MODEL_DIR [--tasks a,b] [--limit N] [--out results.json] | --compare A.json
+B.json
 """
 
 import sys

@@ -1,4 +1,5 @@
-"""The plain-PyTorch decoder a user would write instead of megatron-core, for the throughput baseline.
+"""The plain-PyTorch decoder a user would write instead of megatron-core, for the throughput
+baseline.
 
 Same shapes as a recipe's model (layers, width, heads, GQA, FFN, norm, biases, positions, tied
 embeddings, padded vocabulary), written the direct way: one fused QKV linear, torch's
@@ -37,13 +38,17 @@ class PlainBlock(nn.Module):
         """``rope``: cos and sin ``[2, s, head_dim]``, or None for learned positions."""
         b, s, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(
-            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim], dim=-1)
+            [self.heads * self.head_dim, self.groups * self.head_dim, self.groups * self.head_dim],
+            dim=-1,
+        )
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.groups, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.groups, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = self._rotate(q, rope), self._rotate(k, rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
+        )
         x = x + self.proj(y.transpose(1, 2).reshape(b, s, -1))
         z = self.fc1(self.norm2(x))
         if self.gated:
@@ -80,11 +85,15 @@ class PlainDecoder(nn.Module):
             x = x + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             x = block(x, self.rope)
-        logits = F.linear(self.norm(x), self.embed.weight if self.head is None else self.head.weight)
+        logits = F.linear(
+            self.norm(x), self.embed.weight if self.head is None else self.head.weight
+        )
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def plain_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple]) -> float:
+def plain_train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple]
+) -> float:
     """One optimizer step over micro-batches (gradient accumulation), bf16 autocast on CUDA."""
     device_type = next(model.parameters()).device.type
     total = 0.0

@@ -1,6 +1,6 @@
 """Train a SentencePiece tokenizer on a text corpus and write train/valid megatron-core datasets.
 
-    python tools/prepare_data.py CORPUS.txt --out data/ [--vocab-size 32000] [--valid-fraction 0.01]
+python tools/prepare_data.py CORPUS.txt --out data/ [--vocab-size 32000] [--valid-fraction 0.01]
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Profile training steps of a recipe (torch.profiler) and print the top kernels by time.
 
-    python tools/profile_step.py [--steps 2] [--warmup 3] [--top 25] [--out DIR] [--] llama-1b [overrides ...]
+    python tools/profile_step.py [--steps 2] [--warmup 3] [--top 25] [--out DIR] [--] llama-1b
+    [overrides ...]
 
 Reads the same synthetic data as ``tools/bench_gpu.py`` (the bundled corpus, tokenized once).
 Writes ``DIR/top_kernels.txt`` (self device time on CUDA, self CPU time on CPU) and a Chrome trace
@@ -17,7 +18,9 @@ from bench_gpu import CORPUS, synthetic_recipe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("recipe")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
@@ -37,7 +40,15 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
-        recipe = synthetic_recipe(args.recipe, "off", args.steps, args.warmup, str(data), str(Path(tmp) / "run"), args.overrides)
+        recipe = synthetic_recipe(
+            args.recipe,
+            "off",
+            args.steps,
+            args.warmup,
+            str(data),
+            str(Path(tmp) / "run"),
+            args.overrides,
+        )
         trainer = Trainer(recipe, quiet=True)
         for _ in range(args.warmup):
             trainer.train_step()
@@ -50,7 +61,9 @@ def main() -> None:
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=args.top)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "top_kernels.txt").write_text(f"{args.recipe} {' '.join(args.overrides)}, {args.steps} steps\n{table}\n")
+    (args.out / "top_kernels.txt").write_text(
+        f"{args.recipe} {' '.join(args.overrides)}, {args.steps} steps\n{table}\n"
+    )
     prof.export_chrome_trace(str(args.out / "trace.json"))
     print(table)
 

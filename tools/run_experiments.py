@@ -1,6 +1,6 @@
 """Run a grid of arms x variants x seeds (see `slowqk experiment run --help`).
 
-    python tools/run_experiments.py GRID.yaml [--jobs N] [key=value | key=[a,b]]...
+python tools/run_experiments.py GRID.yaml [--jobs N] [key=value | key=[a,b]]...
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Tokenize local corpora into sharded megatron-core datasets (see `slowqk data shard --help`).
 
-    python tools/shard_dataset.py INPUT... --out DIR --tokenizer TOK [--workers N] [--split 98,1,1]
+python tools/shard_dataset.py INPUT... --out DIR --tokenizer TOK [--workers N] [--split 98,1,1]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Summary table (paired 95% CIs) and plots of a grid directory.
 
-    python tools/summarize_experiments.py GRID_DIR [--out DIR]
+python tools/summarize_experiments.py GRID_DIR [--out DIR]
 """
 
 import sys

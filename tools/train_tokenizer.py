@@ -1,4 +1,5 @@
-"""Train a SentencePiece tokenizer on a sample of local corpora (see `slowqk tokenizer train --help`)."""
+"""Train a SentencePiece tokenizer on a sample of local corpora (see `slowqk tokenizer train
+--help`)."""
 
 import sys
 

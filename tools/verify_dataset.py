@@ -1,7 +1,7 @@
 """Check a sharded dataset against its manifest, or show what is in it.
 
-    python tools/verify_dataset.py DIR            # verify
-    python tools/verify_dataset.py DIR --inspect  # decoded documents and statistics
+python tools/verify_dataset.py DIR            # verify
+python tools/verify_dataset.py DIR --inspect  # decoded documents and statistics
 """
 
 import sys

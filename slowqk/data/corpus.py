@@ -68,7 +68,9 @@ def prepare_corpus(
     try:  # read (and refuse) the corpus before anything is written
         text = corpus.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file") from None
+        raise InputError(
+            f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file"
+        ) from None
     train_docs, valid_docs = split_corpus(text, valid_fraction)
     if not train_docs or not valid_docs:
         raise ValueError(
@@ -87,8 +89,11 @@ def prepare_corpus(
         tok_path = Path(tokenizer)
     dataset_dir = out_dir / "dataset"
     manifest = build_shards(
-        [train_txt, valid_txt], dataset_dir, tok_path,
+        [train_txt, valid_txt],
+        dataset_dir,
+        tok_path,
         ShardOptions(valid_files=(str(valid_txt),), docs_per_shard=100_000),
-        progress=progress, overwrite=True,
+        progress=progress,
+        overwrite=True,
     )
     return PreparedCorpus(dataset_dir, dataset_dir / manifest["tokenizer"]["file"], manifest)

@@ -49,7 +49,9 @@ def build_datasets(
     return train, valid
 
 
-def global_batch_indices(step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[list[int]]:
+def global_batch_indices(
+    step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[list[int]]:
     """Sample indices of each micro-batch this DP rank processes at ``step``.
 
     A pure function of the step, so a resumed run reads exactly what an uninterrupted one would.
@@ -64,9 +66,14 @@ def global_batch_indices(step: int, global_batch: int, micro_batch: int, dp_rank
 
 def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
     items = [dataset[i % len(dataset)] for i in indices]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    return {
+        k: torch.stack([torch.as_tensor(it[k]) for it in items])
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
 
 
-def micro_batches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+def micro_batches(
+    dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> Iterator[dict]:
     for idx in global_batch_indices(step, global_batch, micro_batch, dp_rank, dp_size):
         yield collate(dataset, idx)

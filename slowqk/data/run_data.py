@@ -21,7 +21,9 @@ class RunData:
     valid: Any
 
 
-def resolve_sources(recipe: Recipe, rank: int, run_dir: Path) -> tuple[Path, list[str], list[str], list[float] | None]:
+def resolve_sources(
+    recipe: Recipe, rank: int, run_dir: Path
+) -> tuple[Path, list[str], list[str], list[float] | None]:
     """Tokenizer, train prefixes, validation prefixes and train blend weights (rank 0 prepares a
     bundled corpus; the others wait and read it)."""
     from slowqk.data.corpus import prepare_corpus
@@ -32,9 +34,18 @@ def resolve_sources(recipe: Recipe, rank: int, run_dir: Path) -> tuple[Path, lis
     if d.train_prefixes:
         if d.tokenizer is None:
             raise ValueError("data.tokenizer is required with data.train_prefixes")
-        return Path(d.tokenizer), list(d.train_prefixes), list(d.valid_prefixes) or list(d.train_prefixes), d.train_weights
+        return (
+            Path(d.tokenizer),
+            list(d.train_prefixes),
+            list(d.valid_prefixes) or list(d.train_prefixes),
+            d.train_weights,
+        )
     if d.corpus is not None:
-        kwargs = dict(valid_fraction=d.valid_fraction, vocab_size=d.tokenizer_vocab_size, tokenizer=d.tokenizer)
+        kwargs = dict(
+            valid_fraction=d.valid_fraction,
+            vocab_size=d.tokenizer_vocab_size,
+            tokenizer=d.tokenizer,
+        )
         if rank == 0:
             prepare_corpus(d.corpus, run_dir / "data", **kwargs)
         dist.barrier()
@@ -58,9 +69,13 @@ def check_out_dir(run_dir: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"out_dir={run_dir}: cannot be created, {existing} is a file, not a directory")
+        raise ValueError(
+            f"out_dir={run_dir}: cannot be created, {existing} is a file, not a directory"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"out_dir={run_dir}: cannot be created or written, {existing} is not writable")
+        raise ValueError(
+            f"out_dir={run_dir}: cannot be created or written, {existing} is not writable"
+        )
 
 
 def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
@@ -73,7 +88,9 @@ def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
     tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe, rank, run_dir)
     tokenizer = load_tokenizer(tok_path)
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
-    padded = padded_vocab_size(vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor)
+    padded = padded_vocab_size(
+        vocab, recipe.model.make_vocab_size_divisible_by, recipe.parallel.tensor
+    )
     cache = run_dir / "data" / "cache"
     if rank == 0:
         cache.mkdir(parents=True, exist_ok=True)
@@ -81,9 +98,15 @@ def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
 
     def build():
         return build_datasets(
-            tokenizer, seq_length=recipe.model.seq_length, seed=recipe.seed, train_prefixes=train_prefixes,
-            valid_prefixes=valid_prefixes, train_weights=train_weights, train_samples=t.steps * t.global_batch_size,
-            valid_samples=t.eval_iters * t.global_batch_size, cache_dir=cache,
+            tokenizer,
+            seq_length=recipe.model.seq_length,
+            seed=recipe.seed,
+            train_prefixes=train_prefixes,
+            valid_prefixes=valid_prefixes,
+            train_weights=train_weights,
+            train_samples=t.steps * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size,
+            cache_dir=cache,
         )
 
     if rank == 0:  # builds the index caches once

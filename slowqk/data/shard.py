@@ -49,8 +49,14 @@ class ShardOptions:
     def __post_init__(self) -> None:
         if self.docs_per_shard < 1:
             raise ValueError(f"docs_per_shard must be >= 1, got {self.docs_per_shard}")
-        if len(self.split) != 3 or any(x < 0 for x in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
-            raise ValueError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if (
+            len(self.split) != 3
+            or any(x < 0 for x in self.split)
+            or abs(sum(self.split) - 1.0) > 1e-6
+        ):
+            raise ValueError(
+                f"split must be three non-negative fractions summing to 1, got {self.split}"
+            )
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -106,6 +112,7 @@ def append_documents(builder, flat, lengths) -> None:
     first = len(builder.sequence_lengths)
     builder.sequence_lengths.extend(int(n) for n in lengths)
     builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
+
 
 _TOKENIZER = None
 
@@ -182,19 +189,25 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _documents(inputs: Sequence[Path], options: ShardOptions, stats: ReadStats) -> Iterator[tuple[str, str]]:
+def _documents(
+    inputs: Sequence[Path], options: ShardOptions, stats: ReadStats
+) -> Iterator[tuple[str, str]]:
     """(split, text) for every document, in the fixed input order."""
     held_out = {str(Path(f).resolve()): "valid" for f in options.valid_files}
     held_out.update({str(Path(f).resolve()): "test" for f in options.test_files})
     index = 0
     for path in inputs:
         fixed = held_out.get(str(path.resolve()))
-        for text in iter_documents(path, options.text_field, skip_bad_lines=options.skip_bad_lines, stats=stats):
+        for text in iter_documents(
+            path, options.text_field, skip_bad_lines=options.skip_bad_lines, stats=stats
+        ):
             yield (fixed or assign_split(index, options.seed, options.split)), text
             index += 1
 
 
-def _jobs(out: Path, docs: Iterator[tuple[str, str]], per_shard: int) -> Iterator[tuple[str, str, list[str]]]:
+def _jobs(
+    out: Path, docs: Iterator[tuple[str, str]], per_shard: int
+) -> Iterator[tuple[str, str, list[str]]]:
     buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
 
@@ -255,14 +268,19 @@ def build_shards(
         if old != record:
             if not overwrite:
                 what = "a different dataset" if old else "files that are not a SlowQK dataset"
-                raise InputError(f"{out}: output directory holds {what}; choose another --out or pass --overwrite")
+                raise InputError(
+                    f"{out}: output directory holds {what}; choose another --out or pass "
+                    "--overwrite"
+                )
             shutil.rmtree(out)
         elif (out / MANIFEST).is_file():
             return json.loads((out / MANIFEST).read_text())
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     _write_json(out / BUILD, record)
-    tok_copy = out / ("tokenizer" + (".json" if Path(tokenizer_path).suffix == ".json" else ".model"))
+    tok_copy = out / (
+        "tokenizer" + (".json" if Path(tokenizer_path).suffix == ".json" else ".model")
+    )
     if not tok_copy.exists():
         shutil.copyfile(tokenizer_path, tok_copy)
 
@@ -327,9 +345,18 @@ def build_shards(
     manifest = {
         **record,
         "format": "megatron-core indexed dataset",
-        "tokenizer": {"file": tok_copy.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod},
+        "tokenizer": {
+            "file": tok_copy.name,
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+        },
         "splits": splits,
-        "skipped": {"total": sum(stats.skipped.values()), "by_reason": stats.skipped, "examples": stats.examples},
+        "skipped": {
+            "total": sum(stats.skipped.values()),
+            "by_reason": stats.skipped,
+            "examples": stats.examples,
+        },
         "seconds": time.perf_counter() - started,
     }
     _write_json(out / MANIFEST, manifest)
@@ -358,11 +385,14 @@ def load_manifest(dataset_dir: str | Path) -> dict:
 
 
 def _manifest_problem(manifest) -> str | None:
-    """What a run needs from a manifest, checked for shape (values are checked against the files)."""
+    """What a run needs from a manifest, checked for shape (values are checked against the
+    files)."""
     if not isinstance(manifest, dict):
         return "expected a JSON object"
     tok = manifest.get("tokenizer")
-    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), str) for k in ("file", "sha256")):
+    if not isinstance(tok, dict) or not all(
+        isinstance(tok.get(k), str) for k in ("file", "sha256")
+    ):
         return "'tokenizer' needs 'file' and 'sha256'"
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not splits:
@@ -372,8 +402,12 @@ def _manifest_problem(manifest) -> str | None:
         if not isinstance(shards, list) or not shards:
             return f"split {name!r} lists no shards"
         for e in shards:
-            if not (isinstance(e, dict) and isinstance(e.get("prefix"), str) and isinstance(e.get("sha256"), dict)
-                    and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("documents", "tokens"))):
+            if not (
+                isinstance(e, dict)
+                and isinstance(e.get("prefix"), str)
+                and isinstance(e.get("sha256"), dict)
+                and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("documents", "tokens"))
+            ):
                 return f"split {name!r}: a shard entry lacks prefix, sha256, documents or tokens"
     return None
 
@@ -390,7 +424,9 @@ def check_tokenizer(tokenizer_path: str | Path, dataset_dir: str | Path, manifes
         )
 
 
-def blend(dataset_dirs: Sequence[str | Path], weights: Sequence[float] | None, split: str) -> tuple[list[str], list[float] | None]:
+def blend(
+    dataset_dirs: Sequence[str | Path], weights: Sequence[float] | None, split: str
+) -> tuple[list[str], list[float] | None]:
     """Shard prefixes and megatron-core blend weights for several datasets.
 
     A dataset's weight is spread over its shards in proportion to their tokens, so the blend

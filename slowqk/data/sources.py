@@ -41,7 +41,10 @@ def input_format(path: Path) -> str:
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
     formats = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
     if suffix not in formats:
-        raise InputError(f"{path}: unsupported input type {suffix or '(none)'}; expected .jsonl, .json, .txt, .parquet or a saved dataset directory")
+        raise InputError(
+            f"{path}: unsupported input type {suffix or '(none)'}; expected .jsonl, .json, .txt, "
+            ".parquet or a saved dataset directory"
+        )
     return formats[suffix]
 
 
@@ -107,15 +110,23 @@ def _hf_stream(path: Path, fmt: str):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
-                raise InputError(f"{path}: saved DatasetDict has splits {list(ds)}; expected 'train'")
+                raise InputError(
+                    f"{path}: saved DatasetDict has splits {list(ds)}; expected 'train'"
+                )
             ds = ds["train"]
         return ds.to_iterable_dataset()
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
-    return datasets.load_dataset(fmt, data_files=[str(path)], split="train", streaming=True, **kwargs)
+    return datasets.load_dataset(
+        fmt, data_files=[str(path)], split="train", streaming=True, **kwargs
+    )
 
 
 def iter_documents(
-    path: str | Path, text_field: str = "text", *, skip_bad_lines: bool = False, stats: ReadStats | None = None
+    path: str | Path,
+    text_field: str = "text",
+    *,
+    skip_bad_lines: bool = False,
+    stats: ReadStats | None = None,
 ) -> Iterator[str]:
     """Yield the text of every document in ``path``; bad input raises :class:`InputError`."""
     import datasets
@@ -137,10 +148,16 @@ def iter_documents(
         # batches of rows: far less per-document overhead than row dicts
         for batch in _hf_stream(path, fmt).iter(batch_size=4096):
             if text_field not in batch:
-                raise InputError(f"{path}: no field '{text_field}' (fields: {', '.join(sorted(batch))}); choose one with --text-field")
+                raise InputError(
+                    f"{path}: no field '{text_field}' (fields: {', '.join(sorted(batch))}); choose "
+                    "one with --text-field"
+                )
             for text in batch[text_field]:
                 if not isinstance(text, str):
-                    raise InputError(f"{path}: field '{text_field}' of row {n + 1} is {type(text).__name__}, expected a string")
+                    raise InputError(
+                        f"{path}: field '{text_field}' of row {n + 1} is {type(text).__name__}, "
+                        "expected a string"
+                    )
                 if fmt == "text":
                     text = text.strip("\n")
                     if not text.strip():
@@ -154,7 +171,9 @@ def iter_documents(
         if isinstance(exc, InputError):
             raise
         if fmt == "json":
-            raise InputError(f"{path}: {_first_bad_json_line(path)} (use --skip-bad-lines to skip such lines)") from None
+            raise InputError(
+                f"{path}: {_first_bad_json_line(path)} (use --skip-bad-lines to skip such lines)"
+            ) from None
         if "utf-8" in str(exc).lower() or "decode" in str(exc).lower():
             raise InputError(f"{path}: {first_bad_utf8(path)}") from None
         raise InputError(f"{path}: could not read ({type(exc).__name__}: {exc})") from None

@@ -14,9 +14,14 @@ from slowqk.hashing import file_sha256
 try:  # megatron-core 0.14 - 0.16: the datasets' tokenizer base class
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _TokenizerBase
 except ImportError:  # megatron-core >= 0.19 removed it; its datasets only read .eod and .vocab_size
+
     class _TokenizerBase:  # type: ignore[no-redef]
         def __init__(self, name: str, **kwargs) -> None:
-            self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [name], **kwargs}
+            self.unique_identifiers = {
+                "class": type(self).__name__,
+                "tokenizer_path": [name],
+                **kwargs,
+            }
 
 
 def train_sentencepiece(
@@ -34,7 +39,9 @@ def train_sentencepiece(
     try:
         _train(texts, model, vocab_size, model_type, special_tokens)
     except RuntimeError as exc:  # sentencepiece reports bad settings as RuntimeError
-        raise ValueError(f"tokenizer training failed (vocab_size={vocab_size}): {str(exc).split('] ')[-1]}") from None
+        raise ValueError(
+            f"tokenizer training failed (vocab_size={vocab_size}): {str(exc).split('] ')[-1]}"
+        ) from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(model.getvalue())
@@ -42,7 +49,9 @@ def train_sentencepiece(
     return out_path
 
 
-def _train(texts, model, vocab_size: int, model_type: str, special_tokens: list[str] | None) -> None:
+def _train(
+    texts, model, vocab_size: int, model_type: str, special_tokens: list[str] | None
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -55,7 +64,10 @@ def _train(texts, model, vocab_size: int, model_type: str, special_tokens: list[
         remove_extra_whitespaces=False,
         user_defined_symbols=["\n", *(special_tokens or [])],
         split_by_whitespace=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
         num_threads=1,  # thread count changes the learned vocabulary; keep it reproducible
         minloglevel=2,
     )
@@ -121,11 +133,15 @@ class HFTokenizer(_TokenizerBase):
         super().__init__(str(path), sha256=self.sha256)
         self.tok = Tokenizer.from_file(str(path))
         self.path = path
-        candidates = [eod_token] if eod_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+        candidates = (
+            [eod_token] if eod_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+        )
         ids = [self.tok.token_to_id(t) for t in candidates if t]
         ids = [i for i in ids if i is not None]
         if not ids:
-            raise ValueError(f"{path}: no end-of-document token among {candidates}; pass one explicitly")
+            raise ValueError(
+                f"{path}: no end-of-document token among {candidates}; pass one explicitly"
+            )
         self._eod = ids[0]
 
     def tokenize(self, text: str) -> np.ndarray:

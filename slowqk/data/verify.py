@@ -30,7 +30,8 @@ def _load_manifest(dataset_dir: str | Path) -> tuple[Path, dict]:
 def shard_problems(prefix: Path, entry: dict) -> tuple[list[str], object | None]:
     """The structural checks of one shard against its manifest entry, without reading the tokens:
     both files present, the index readable, documents and tokens as listed, the .bin exactly as
-    long as the index says, record pointers consistent. Returns the problems and the open dataset."""
+    long as the index says, record pointers consistent. Returns the problems and the open
+    dataset."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     missing = [f"{prefix}{e}" for e in (".bin", ".idx") if not Path(f"{prefix}{e}").is_file()]
@@ -50,10 +51,15 @@ def shard_problems(prefix: Path, entry: dict) -> tuple[list[str], object | None]
     itemsize = np.dtype(ds.index.dtype).itemsize
     size, want = Path(f"{prefix}.bin").stat().st_size, tokens * itemsize
     if size != want:
-        problems.append(f"{prefix}.bin: {size} bytes, expected {want} ({tokens} tokens x {itemsize} bytes; truncated?)")
+        problems.append(
+            f"{prefix}.bin: {size} bytes, expected {want} ({tokens} tokens x {itemsize} bytes; "
+            "truncated?)"
+        )
     pointers = ds.index.sequence_pointers.astype(np.int64)
     if len(pointers) and (pointers[0] != 0 or np.any(np.diff(pointers) != lengths[:-1] * itemsize)):
-        problems.append(f"{prefix}.idx: record offsets do not follow the record lengths (damaged index)")
+        problems.append(
+            f"{prefix}.idx: record offsets do not follow the record lengths (damaged index)"
+        )
     return problems, (None if problems else ds)
 
 
@@ -75,13 +81,19 @@ def check_dataset_on_open(dataset_dir: str | Path, manifest: dict, hashes: bool 
             raise VerifyError(problems[0])
     if not hashes:
         return
-    expected = {f"{prefix}{ext}": want for prefix, entry in _shards(root, manifest) for ext, want in entry["sha256"].items()}
+    expected = {
+        f"{prefix}{ext}": want
+        for prefix, entry in _shards(root, manifest)
+        for ext, want in entry["sha256"].items()
+    }
     got = sha256_files(sorted(expected))
     bad = [path for path in sorted(expected) if got[path] != expected[path]]
     if bad:
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
-        raise VerifyError(f"{bad[0]}: content differs from {root / MANIFEST} (sha256){more}; "
-                          "rebuild the dataset, or data.verify=false to skip this check")
+        raise VerifyError(
+            f"{bad[0]}: content differs from {root / MANIFEST} (sha256){more}; "
+            "rebuild the dataset, or data.verify=false to skip this check"
+        )
 
 
 def verify_dataset(dataset_dir: str | Path) -> dict:
@@ -110,7 +122,11 @@ def verify_dataset(dataset_dir: str | Path) -> dict:
             if ds is None:
                 continue
             lengths = ds.sequence_lengths
-            data = np.asarray(ds.bin_reader.read(ds.index.dtype, int(lengths.sum()), 0)) if len(lengths) else np.array([])
+            data = (
+                np.asarray(ds.bin_reader.read(ds.index.dtype, int(lengths.sum()), 0))
+                if len(lengths)
+                else np.array([])
+            )
             if data.size and int(data.max()) >= vocab:
                 problems.append(f"{prefix}: token id {int(data.max())} >= vocabulary size {vocab}")
             ends = np.cumsum(lengths) - 1
@@ -125,7 +141,9 @@ def verify_dataset(dataset_dir: str | Path) -> dict:
     return totals
 
 
-def inspect_dataset(dataset_dir: str | Path, split: str = "train", n_docs: int = 3, max_chars: int = 400) -> str:
+def inspect_dataset(
+    dataset_dir: str | Path, split: str = "train", n_docs: int = 3, max_chars: int = 400
+) -> str:
     """A few decoded documents and the split's statistics, as text."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -146,9 +164,14 @@ def inspect_dataset(dataset_dir: str | Path, split: str = "train", n_docs: int =
             shown += 1
     all_len = np.concatenate(lengths) if lengths else np.array([0])
     info = manifest["splits"][split]
-    out.append(f"=== {split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards")
-    out.append(f"document length (tokens): mean {all_len.mean():.1f}, median {np.median(all_len):.0f}, "
-               f"p99 {np.percentile(all_len, 99):.0f}, max {all_len.max()}")
+    out.append(
+        f"=== {split}: {info['documents']} documents, {info['tokens']} tokens, "
+        f"{len(info['shards'])} shards"
+    )
+    out.append(
+        f"document length (tokens): mean {all_len.mean():.1f}, median {np.median(all_len):.0f}, "
+        f"p99 {np.percentile(all_len, 99):.0f}, max {all_len.max()}"
+    )
     edges = np.unique(np.geomspace(1, max(2, all_len.max() + 1), num=10).astype(int))
     hist, _ = np.histogram(all_len, bins=edges)
     width = max(hist.max(), 1)

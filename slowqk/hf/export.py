@@ -57,14 +57,20 @@ class _ShardWriter:
 
         if not self.pending:
             return
-        save_file(self.pending, str(self.out / f"shard-{len(self.files):05d}.tmp"), metadata=self.metadata)
+        save_file(
+            self.pending, str(self.out / f"shard-{len(self.files):05d}.tmp"), metadata=self.metadata
+        )
         self.files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> list[str]:
         self.flush()
         n = len(self.files)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         umask = os.umask(0)
         os.umask(umask)
         for i, name in enumerate(names):
@@ -72,9 +78,13 @@ class _ShardWriter:
             os.chmod(self.out / f"shard-{i:05d}.tmp", 0o666 & ~umask)
             os.replace(self.out / f"shard-{i:05d}.tmp", self.out / name)
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {t: names[i] for i, ts in enumerate(self.files) for t in ts}}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {t: names[i] for i, ts in enumerate(self.files) for t in ts},
+            }
+            (self.out / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True)
+            )
         return names
 
 
@@ -99,8 +109,16 @@ def write_tokenizer(src: Path, out: Path) -> None:
         staging = out / ".tokenizer-src"
         staging.mkdir()
         shutil.copyfile(src, staging / "tokenizer.model")
-        (staging / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False}))
+        (staging / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "add_bos_token": False,
+                    "add_eos_token": False,
+                    "legacy": False,
+                }
+            )
+        )
         tok = AutoTokenizer.from_pretrained(str(staging))
         shutil.rmtree(staging)
         shutil.copyfile(src, out / "tokenizer.model")
@@ -138,7 +156,9 @@ def export_checkpoint(
     key_rules = rules(model)  # raises UnsupportedArchitecture naming the part
     vocab = int(extra.get("vocab_size") or model.vocab_size or 0)
     if not vocab:
-        raise CheckpointReadError(f"{reader.path}: the checkpoint does not record its vocabulary size")
+        raise CheckpointReadError(
+            f"{reader.path}: the checkpoint does not record its vocabulary size"
+        )
     tok_file = reader.path / extra.get("tokenizer_file", "")
     if not extra.get("tokenizer_file") or not tok_file.is_file():
         raise CheckpointReadError(f"{reader.path}: no tokenizer file in the checkpoint")
@@ -146,24 +166,36 @@ def export_checkpoint(
 
     tokenizer = load_tokenizer(tok_file)
     if tokenizer.sha256 != extra.get("tokenizer_sha256"):
-        raise CheckpointReadError(f"{tok_file}: sha256 differs from the checkpoint's tokenizer_sha256")
+        raise CheckpointReadError(
+            f"{tok_file}: sha256 differs from the checkpoint's tokenizer_sha256"
+        )
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eod")
 
-    # The checkpoint's tensors must be exactly what its recipe describes (before anything is written).
-    padded = int(extra.get("padded_vocab_size") or reader.shape("embedding.word_embeddings.weight")[0])
+    # The checkpoint's tensors must be exactly what its recipe describes (before anything is
+    # written).
+    padded = int(
+        extra.get("padded_vocab_size") or reader.shape("embedding.word_embeddings.weight")[0]
+    )
     expected = {r.key for r in key_rules}
     for key in reader.tensor_keys():
         if not key.startswith(("embedding.", "decoder.", "output_layer.")) or "_extra_state" in key:
             continue
         if key not in expected:
-            raise CheckpointReadError(f"{reader.path}: tensor {key!r} has no place in the "
-                                      f"{type(hf_config(model, padded, bos, eos)).__name__} layout of the checkpoint's recipe")
+            raise CheckpointReadError(
+                f"{reader.path}: tensor {key!r} has no place in the "
+                f"{type(hf_config(model, padded, bos, eos)).__name__} layout of the checkpoint's "
+                "recipe"
+            )
         want = expected_shape(key, model, padded)
         if reader.shape(key) != want:
-            raise CheckpointReadError(f"{reader.path}: tensor {key!r} has shape {reader.shape(key)}, the checkpoint's "
-                                      f"recipe implies {want} (a checkpoint from a different recipe?)")
+            raise CheckpointReadError(
+                f"{reader.path}: tensor {key!r} has shape {reader.shape(key)}, the checkpoint's "
+                f"recipe implies {want} (a checkpoint from a different recipe?)"
+            )
     if vocab > padded:
-        raise CheckpointReadError(f"{reader.path}: vocab_size {vocab} exceeds the embedding's {padded} rows")
+        raise CheckpointReadError(
+            f"{reader.path}: vocab_size {vocab} exceeds the embedding's {padded} rows"
+        )
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +209,9 @@ def export_checkpoint(
             elif rule.key.endswith(".bias") and not model.bias:
                 stacked = _zero_bias_for(rule.key, reader)
             else:
-                raise CheckpointReadError(f"{reader.path}: tensor {rule.key!r} is missing from the checkpoint")
+                raise CheckpointReadError(
+                    f"{reader.path}: tensor {rule.key!r} is missing from the checkpoint"
+                )
             for name, tensor in iter_hf_tensors(rule, stacked):
                 writer.add(name, tensor.to(target).contiguous())
             del stacked
@@ -187,12 +221,22 @@ def export_checkpoint(
         config.save_pretrained(str(tmp))
         from transformers import GenerationConfig
 
-        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(tmp))
+        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(
+            str(tmp)
+        )
         write_tokenizer(tok_file, tmp)
-        (tmp / "slowqk_export.json").write_text(json.dumps({
-            "checkpoint": str(reader.path), "step": extra.get("step"), "recipe": extra["recipe"],
-            "tokenizer_sha256": extra.get("tokenizer_sha256"), "dtype": dtype,
-        }, indent=2))
+        (tmp / "slowqk_export.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(reader.path),
+                    "step": extra.get("step"),
+                    "recipe": extra["recipe"],
+                    "tokenizer_sha256": extra.get("tokenizer_sha256"),
+                    "dtype": dtype,
+                },
+                indent=2,
+            )
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

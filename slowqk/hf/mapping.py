@@ -4,7 +4,8 @@ weights (Qwen3 is the LLaMA block with per-head QK-norm, ``model.qk_norm``).
 Megatron-core's distributed checkpoints store each layer parameter as one global tensor stacked
 over layers (``decoder.layers.<name>`` of shape ``[num_layers, ...]``), TP shards already merged,
 with the names of the Transformer Engine layout (the pre-attention norm is
-``self_attention.linear_qkv.layer_norm_weight``, the pre-MLP norm ``mlp.linear_fc1.layer_norm_weight``).
+``self_attention.linear_qkv.layer_norm_weight``, the pre-MLP norm
+``mlp.linear_fc1.layer_norm_weight``).
 Conventions that matter:
 
 - ``linear_qkv`` rows are grouped per query group: ``[q heads of group 0, k_0, v_0, q heads of
@@ -44,15 +45,25 @@ class Dims:
 
     @classmethod
     def of(cls, model: ModelConfig) -> Dims:
-        return cls(model.num_layers, model.hidden_size, model.num_attention_heads,
-                   model.num_query_groups or model.num_attention_heads,
-                   model.hidden_size // model.num_attention_heads, model.ffn_size)
+        return cls(
+            model.num_layers,
+            model.hidden_size,
+            model.num_attention_heads,
+            model.num_query_groups or model.num_attention_heads,
+            model.hidden_size // model.num_attention_heads,
+            model.ffn_size,
+        )
 
 
 # model.gelu <-> GPT-2's activation_function; the HF names of the tanh approximation all compute
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (to float rounding)
 GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_new"}
-GELU_FROM_HF = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+GELU_FROM_HF = {
+    "gelu": "exact",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+}
 
 
 def family(model: ModelConfig) -> str:
@@ -62,19 +73,27 @@ def family(model: ModelConfig) -> str:
     if model.qk_norm:
         if parts != {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}:
             raise UnsupportedArchitecture(
-                "model.qk_norm=true: the only stock Hugging Face architecture with per-head QK-norm is "
-                "Qwen3ForCausalLM, a LLaMA block (needs ffn=swiglu, norm=rmsnorm, position=rope; got "
-                f"ffn={model.ffn}, norm={model.norm}, position={model.position})")
+                "model.qk_norm=true: the only stock Hugging Face architecture with per-head "
+                "QK-norm is "
+                "Qwen3ForCausalLM, a LLaMA block (needs ffn=swiglu, norm=rmsnorm, position=rope; "
+                "got "
+                f"ffn={model.ffn}, norm={model.norm}, position={model.position})"
+            )
         if model.bias:
             raise UnsupportedArchitecture(
-                "model.bias=true with model.qk_norm=true: Qwen3ForCausalLM has no MLP biases")
+                "model.bias=true with model.qk_norm=true: Qwen3ForCausalLM has no MLP biases"
+            )
         return "qwen3"
     if parts == {"ffn": "gelu", "norm": "layernorm", "position": "learned"}:
         if model.num_query_groups not in (None, model.num_attention_heads):
             raise UnsupportedArchitecture(
-                f"model.num_query_groups={model.num_query_groups}: GPT2LMHeadModel has no grouped-query attention")
+                f"model.num_query_groups={model.num_query_groups}: GPT2LMHeadModel has no "
+                "grouped-query attention"
+            )
         if not model.tie_embeddings:
-            raise UnsupportedArchitecture("model.tie_embeddings=false: GPT2LMHeadModel ties its output layer to wte")
+            raise UnsupportedArchitecture(
+                "model.tie_embeddings=false: GPT2LMHeadModel ties its output layer to wte"
+            )
         return "gpt2"
     if parts == {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}:
         return "llama"  # biases map to attention_bias / mlp_bias (model.gelu does not apply)
@@ -85,7 +104,8 @@ def family(model: ModelConfig) -> str:
     raise UnsupportedArchitecture(
         f"no stock Hugging Face architecture expresses this mix exactly: as GPT2LMHeadModel it has "
         f"{', '.join(off_gpt2)} (GPT-2 needs ffn=gelu, norm=layernorm, position=learned); as "
-        f"LlamaForCausalLM it has {', '.join(off_llama)} (LLaMA needs ffn=swiglu, norm=rmsnorm, position=rope)"
+        f"LlamaForCausalLM it has {', '.join(off_llama)} (LLaMA needs ffn=swiglu, norm=rmsnorm, "
+        "position=rope)"
     )
 
 
@@ -96,19 +116,40 @@ def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | N
     kind = family(model)
     if kind == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=model.seq_length, n_embd=d.hidden, n_layer=d.num_layers,
-            n_head=d.heads, n_inner=d.ffn, activation_function=GELU_TO_HF[model.gelu],
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm_epsilon,
-            initializer_range=model.init_method_std, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            n_positions=model.seq_length,
+            n_embd=d.hidden,
+            n_layer=d.num_layers,
+            n_head=d.heads,
+            n_inner=d.ffn,
+            activation_function=GELU_TO_HF[model.gelu],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=model.norm_epsilon,
+            initializer_range=model.init_method_std,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            tie_word_embeddings=True,
             architectures=["GPT2LMHeadModel"],
         )
     common = dict(
-        vocab_size=vocab_size, hidden_size=d.hidden, intermediate_size=d.ffn, num_hidden_layers=d.num_layers,
-        num_attention_heads=d.heads, num_key_value_heads=d.groups, head_dim=d.head_dim, hidden_act="silu",
-        max_position_embeddings=model.seq_length, initializer_range=model.init_method_std,
-        rms_norm_eps=model.norm_epsilon, tie_word_embeddings=model.tie_embeddings,
+        vocab_size=vocab_size,
+        hidden_size=d.hidden,
+        intermediate_size=d.ffn,
+        num_hidden_layers=d.num_layers,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.groups,
+        head_dim=d.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=model.seq_length,
+        initializer_range=model.init_method_std,
+        rms_norm_eps=model.norm_epsilon,
+        tie_word_embeddings=model.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(int(model.rotary_base))},
-        attention_bias=model.bias, bos_token_id=bos, eos_token_id=eos,
+        attention_bias=model.bias,
+        bos_token_id=bos,
+        eos_token_id=eos,
     )
     if kind == "qwen3":  # its QK-norm eps is rms_norm_eps, as megatron-core's qk_layernorm
         return Qwen3Config(**common, use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
@@ -119,7 +160,8 @@ def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | N
 
 
 def split_qkv(w: torch.Tensor, d: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group fused rows (weight ``[rows, hidden]`` or bias ``[rows]``) -> Q, K, V in head order."""
+    """Per-group fused rows (weight ``[rows, hidden]`` or bias ``[rows]``) -> Q, K, V in head
+    order."""
     hpg = d.heads // d.groups
     g = w.reshape(d.groups, (hpg + 2) * d.head_dim, *w.shape[1:])
     q = g[:, : hpg * d.head_dim].reshape(d.heads * d.head_dim, *w.shape[1:])
@@ -131,8 +173,11 @@ def split_qkv(w: torch.Tensor, d: Dims) -> tuple[torch.Tensor, torch.Tensor, tor
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Dims) -> torch.Tensor:
     hpg = d.heads // d.groups
     rest = q.shape[1:]
-    parts = (q.reshape(d.groups, hpg * d.head_dim, *rest), k.reshape(d.groups, d.head_dim, *rest),
-             v.reshape(d.groups, d.head_dim, *rest))
+    parts = (
+        q.reshape(d.groups, hpg * d.head_dim, *rest),
+        k.reshape(d.groups, d.head_dim, *rest),
+        v.reshape(d.groups, d.head_dim, *rest),
+    )
     return torch.cat(parts, dim=1).reshape(-1, *rest).contiguous()
 
 
@@ -171,6 +216,7 @@ def rules(model: ModelConfig) -> list[Rule]:
     d = Dims.of(model)
     L = "decoder.layers."
     if family(model) == "gpt2":
+
         def c_attn(w):
             return (torch.cat(split_qkv(w, d), 0).t().contiguous(),)
 
@@ -183,26 +229,102 @@ def rules(model: ModelConfig) -> list[Rule]:
             return (torch.cat(split_qkv(b, d), 0).contiguous(),)
 
         out = [
-            Rule("embedding.word_embeddings.weight", ("transformer.wte.weight",), _same, _ident, layered=False),
-            Rule("embedding.position_embeddings.weight", ("transformer.wpe.weight",), _same, _ident, layered=False),
-            Rule(L + "self_attention.linear_qkv.layer_norm_weight", ("transformer.h.{i}.ln_1.weight",), _same, _ident),
-            Rule(L + "self_attention.linear_qkv.layer_norm_bias", ("transformer.h.{i}.ln_1.bias",), _same, _ident),
-            Rule(L + "self_attention.linear_qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",), c_attn, c_attn_back),
-            Rule(L + "self_attention.linear_proj.weight", ("transformer.h.{i}.attn.c_proj.weight",), _t, _untranspose),
-            Rule(L + "mlp.linear_fc1.layer_norm_weight", ("transformer.h.{i}.ln_2.weight",), _same, _ident),
-            Rule(L + "mlp.linear_fc1.layer_norm_bias", ("transformer.h.{i}.ln_2.bias",), _same, _ident),
-            Rule(L + "mlp.linear_fc1.weight", ("transformer.h.{i}.mlp.c_fc.weight",), _t, _untranspose),
-            Rule(L + "mlp.linear_fc2.weight", ("transformer.h.{i}.mlp.c_proj.weight",), _t, _untranspose),
-            Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), _same, _ident, layered=False),
-            Rule("decoder.final_layernorm.bias", ("transformer.ln_f.bias",), _same, _ident, layered=False),
+            Rule(
+                "embedding.word_embeddings.weight",
+                ("transformer.wte.weight",),
+                _same,
+                _ident,
+                layered=False,
+            ),
+            Rule(
+                "embedding.position_embeddings.weight",
+                ("transformer.wpe.weight",),
+                _same,
+                _ident,
+                layered=False,
+            ),
+            Rule(
+                L + "self_attention.linear_qkv.layer_norm_weight",
+                ("transformer.h.{i}.ln_1.weight",),
+                _same,
+                _ident,
+            ),
+            Rule(
+                L + "self_attention.linear_qkv.layer_norm_bias",
+                ("transformer.h.{i}.ln_1.bias",),
+                _same,
+                _ident,
+            ),
+            Rule(
+                L + "self_attention.linear_qkv.weight",
+                ("transformer.h.{i}.attn.c_attn.weight",),
+                c_attn,
+                c_attn_back,
+            ),
+            Rule(
+                L + "self_attention.linear_proj.weight",
+                ("transformer.h.{i}.attn.c_proj.weight",),
+                _t,
+                _untranspose,
+            ),
+            Rule(
+                L + "mlp.linear_fc1.layer_norm_weight",
+                ("transformer.h.{i}.ln_2.weight",),
+                _same,
+                _ident,
+            ),
+            Rule(
+                L + "mlp.linear_fc1.layer_norm_bias",
+                ("transformer.h.{i}.ln_2.bias",),
+                _same,
+                _ident,
+            ),
+            Rule(
+                L + "mlp.linear_fc1.weight",
+                ("transformer.h.{i}.mlp.c_fc.weight",),
+                _t,
+                _untranspose,
+            ),
+            Rule(
+                L + "mlp.linear_fc2.weight",
+                ("transformer.h.{i}.mlp.c_proj.weight",),
+                _t,
+                _untranspose,
+            ),
+            Rule(
+                "decoder.final_layernorm.weight",
+                ("transformer.ln_f.weight",),
+                _same,
+                _ident,
+                layered=False,
+            ),
+            Rule(
+                "decoder.final_layernorm.bias",
+                ("transformer.ln_f.bias",),
+                _same,
+                _ident,
+                layered=False,
+            ),
         ]
         bias_rules = [
-            Rule(L + "self_attention.linear_qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",), c_attn_bias, c_attn_back),
-            Rule(L + "self_attention.linear_proj.bias", ("transformer.h.{i}.attn.c_proj.bias",), _same, _ident),
+            Rule(
+                L + "self_attention.linear_qkv.bias",
+                ("transformer.h.{i}.attn.c_attn.bias",),
+                c_attn_bias,
+                c_attn_back,
+            ),
+            Rule(
+                L + "self_attention.linear_proj.bias",
+                ("transformer.h.{i}.attn.c_proj.bias",),
+                _same,
+                _ident,
+            ),
             Rule(L + "mlp.linear_fc1.bias", ("transformer.h.{i}.mlp.c_fc.bias",), _same, _ident),
             Rule(L + "mlp.linear_fc2.bias", ("transformer.h.{i}.mlp.c_proj.bias",), _same, _ident),
         ]
-        return out + bias_rules  # without model.bias these are exported as zeros (GPT-2 always has them)
+        return (
+            out + bias_rules
+        )  # without model.bias these are exported as zeros (GPT-2 always has them)
 
     def qkv(w):
         return split_qkv(w, d)
@@ -219,27 +341,87 @@ def rules(model: ModelConfig) -> list[Rule]:
 
     p = "model.layers.{i}."
     out = [
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _same, _ident, layered=False),
-        Rule(L + "self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",), _same, _ident),
-        Rule(L + "self_attention.linear_qkv.weight",
-             (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"), qkv, qkv_back),
-        Rule(L + "self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), _same, _ident),
-        Rule(L + "mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",), _same, _ident),
-        Rule(L + "mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), gate_up, gate_up_back),
+        Rule(
+            "embedding.word_embeddings.weight",
+            ("model.embed_tokens.weight",),
+            _same,
+            _ident,
+            layered=False,
+        ),
+        Rule(
+            L + "self_attention.linear_qkv.layer_norm_weight",
+            (p + "input_layernorm.weight",),
+            _same,
+            _ident,
+        ),
+        Rule(
+            L + "self_attention.linear_qkv.weight",
+            (
+                p + "self_attn.q_proj.weight",
+                p + "self_attn.k_proj.weight",
+                p + "self_attn.v_proj.weight",
+            ),
+            qkv,
+            qkv_back,
+        ),
+        Rule(
+            L + "self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), _same, _ident
+        ),
+        Rule(
+            L + "mlp.linear_fc1.layer_norm_weight",
+            (p + "post_attention_layernorm.weight",),
+            _same,
+            _ident,
+        ),
+        Rule(
+            L + "mlp.linear_fc1.weight",
+            (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            gate_up,
+            gate_up_back,
+        ),
         Rule(L + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), _same, _ident),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _same, _ident, layered=False),
+        Rule(
+            "decoder.final_layernorm.weight", ("model.norm.weight",), _same, _ident, layered=False
+        ),
     ]
     if not model.tie_embeddings:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), _same, _ident, layered=False))
     if model.qk_norm:  # Qwen3: per-head RMSNorm weights, [head_dim] each, shared by the heads
-        out += [Rule(L + "self_attention.q_layernorm.weight", (p + "self_attn.q_norm.weight",), _same, _ident),
-                Rule(L + "self_attention.k_layernorm.weight", (p + "self_attn.k_norm.weight",), _same, _ident)]
+        out += [
+            Rule(
+                L + "self_attention.q_layernorm.weight",
+                (p + "self_attn.q_norm.weight",),
+                _same,
+                _ident,
+            ),
+            Rule(
+                L + "self_attention.k_layernorm.weight",
+                (p + "self_attn.k_norm.weight",),
+                _same,
+                _ident,
+            ),
+        ]
     if model.bias:
         out += [
-            Rule(L + "self_attention.linear_qkv.bias",
-                 (p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"), qkv, qkv_back),
-            Rule(L + "self_attention.linear_proj.bias", (p + "self_attn.o_proj.bias",), _same, _ident),
-            Rule(L + "mlp.linear_fc1.bias", (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"), gate_up, gate_up_back),
+            Rule(
+                L + "self_attention.linear_qkv.bias",
+                (
+                    p + "self_attn.q_proj.bias",
+                    p + "self_attn.k_proj.bias",
+                    p + "self_attn.v_proj.bias",
+                ),
+                qkv,
+                qkv_back,
+            ),
+            Rule(
+                L + "self_attention.linear_proj.bias", (p + "self_attn.o_proj.bias",), _same, _ident
+            ),
+            Rule(
+                L + "mlp.linear_fc1.bias",
+                (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+                gate_up,
+                gate_up_back,
+            ),
             Rule(L + "mlp.linear_fc2.bias", (p + "mlp.down_proj.bias",), _same, _ident),
         ]
     return out

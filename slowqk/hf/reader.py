@@ -26,7 +26,9 @@ class CheckpointReader:
 
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
-            raise CheckpointReadError(f"{self.path}: not a distributed checkpoint (no .metadata file)")
+            raise CheckpointReadError(
+                f"{self.path}: not a distributed checkpoint (no .metadata file)"
+            )
         try:
             verify_checkpoint(self.path)  # every file present, of its recorded size and sha256
         except (CheckpointError, FileNotFoundError) as exc:
@@ -55,5 +57,7 @@ class CheckpointReader:
         try:
             dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
         except Exception as exc:  # DCP wraps I/O and decode errors in CheckpointException
-            raise CheckpointReadError(f"{self.path}: reading {key!r} failed: {str(exc).splitlines()[0][:300]}") from None
+            raise CheckpointReadError(
+                f"{self.path}: reading {key!r} failed: {str(exc).splitlines()[0][:300]}"
+            ) from None
         return out

@@ -20,15 +20,21 @@ def hf_loss_on_batches(hf_dir: str | Path, batches: list[list[dict]]) -> float:
         for micro in batches:
             losses = []
             for mb in micro:
-                logits = model(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits.float()
-                ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), mb["labels"], reduction="none")
+                logits = model(
+                    input_ids=mb["tokens"], position_ids=mb["position_ids"]
+                ).logits.float()
+                ce = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), mb["labels"], reduction="none"
+                )
                 mask = mb["loss_mask"].float()
                 losses.append(float((ce * mask).sum() / mask.sum()))
             per_batch.append(sum(losses) / len(losses))
     return sum(per_batch) / len(per_batch)
 
 
-def compare_validation(checkpoint: str | Path, hf_dir: str | Path, run_dir: str | Path | None = None) -> dict:
+def compare_validation(
+    checkpoint: str | Path, hf_dir: str | Path, run_dir: str | Path | None = None
+) -> dict:
     """``{"slowqk": loss, "hf": loss, ...}`` on the checkpoint recipe's validation batches.
 
     Builds the run's data and model on one process (any saved TP/PP layout is resharded to 1x1).
@@ -50,10 +56,18 @@ def compare_validation(checkpoint: str | Path, hf_dir: str | Path, run_dir: str 
         load_model_weights(path, [c.module for c in trainer.chunks])
         ours = trainer.evaluate()
         t = trainer.recipe.train
-        batches = [list(micro_batches(trainer.valid_ds, i, t.global_batch_size, t.micro_batch_size, 0, 1))
-                   for i in range(t.eval_iters)]
+        batches = [
+            list(micro_batches(trainer.valid_ds, i, t.global_batch_size, t.micro_batch_size, 0, 1))
+            for i in range(t.eval_iters)
+        ]
     finally:
         trainer.metrics.close()
     theirs = hf_loss_on_batches(hf_dir, batches)
-    return {"slowqk": ours, "hf": theirs, "abs_diff": abs(ours - theirs),
-            "slowqk_ppl": math.exp(ours), "hf_ppl": math.exp(theirs), "tokens": t.eval_iters * t.global_batch_size * trainer.recipe.model.seq_length}
+    return {
+        "slowqk": ours,
+        "hf": theirs,
+        "abs_diff": abs(ours - theirs),
+        "slowqk_ppl": math.exp(ours),
+        "hf_ppl": math.exp(theirs),
+        "tokens": t.eval_iters * t.global_batch_size * trainer.recipe.model.seq_length,
+    }

@@ -18,6 +18,7 @@ LAYER_PARTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "fc1", "fc2", 
 MODEL_PARTS: tuple[str, ...] = ("embedding", "output")
 GATED_ONLY: tuple[str, ...] = ("gate", "up")
 
+
 def atoms(part: str, gated: bool) -> set[str]:
     """The non-overlapping pieces ``part`` covers: ``fc1`` of a gated FFN is its gate and up."""
     if part == "fc1" and gated:
@@ -60,8 +61,13 @@ def element_counts(recipe, vocab_rows: int) -> dict[str, dict[int | None, int]]:
     m = recipe.model
     out = {}
     for _key, label, cover in group_coverage(recipe):
-        out[label] = {layer: sum(model_elements(a, m, vocab_rows) if layer is None else layer_elements(a, m)
-                                 for a in atoms_) for layer, atoms_ in sorted(cover.items(), key=_layer_order)}
+        out[label] = {
+            layer: sum(
+                model_elements(a, m, vocab_rows) if layer is None else layer_elements(a, m)
+                for a in atoms_
+            )
+            for layer, atoms_ in sorted(cover.items(), key=_layer_order)
+        }
     return out
 
 

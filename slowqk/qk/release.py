@@ -1,6 +1,7 @@
 """When to release the Q/K slowdown: on evidence that the lower layers have settled (pure logic).
 
-The signal (measured by :mod:`slowqk.lower_drift`, documented in the README's diagnostics table) is the
+The signal (measured by :mod:`slowqk.lower_drift`, documented in the README's diagnostics table) is
+the
 **lower-layer drift** of each optimizer step: the relative update of the weight matrices of the
 layers below the slowed ones, per unit of learning rate::
 
@@ -96,7 +97,9 @@ class AdaptiveRelease:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_hold <= self.max_hold:
-            raise ValueError(f"need 0 <= min_hold <= max_hold, got {self.min_hold} and {self.max_hold} steps")
+            raise ValueError(
+                f"need 0 <= min_hold <= max_hold, got {self.min_hold} and {self.max_hold} steps"
+            )
         if self.max_hold == 0:
             self._decide(0, "max_hold")
 
@@ -128,7 +131,9 @@ class AdaptiveRelease:
             return mult
         sched = self._schedules.get(mult)
         if sched is None or sched.hold_steps != self.release_step:
-            sched = self._schedules[mult] = MultiplierSchedule(mult, self.release_step, self.ramp_steps, self.shape)
+            sched = self._schedules[mult] = MultiplierSchedule(
+                mult, self.release_step, self.ramp_steps, self.shape
+            )
         return sched(step)
 
     def schedule(self, mult: float):
@@ -140,25 +145,43 @@ class AdaptiveRelease:
             return "not yet released"
         ratio = "n/a" if self.ratio_at_release is None else f"{self.ratio_at_release:.3f}"
         if self.reason == "settled":
-            return (f"lower layers settled at step {self.tracker.settled_at} (smoothed drift {ratio} "
-                    f"of its peak <= threshold {self.tracker.threshold}); released at step {self.release_step}"
-                    + (f" (min_hold {self.min_hold})" if self.release_step > self.tracker.settled_at else ""))
-        return (f"max_hold reached at step {self.release_step}; the lower layers had not settled "
-                f"(smoothed drift {ratio} of its peak > threshold {self.tracker.threshold})")
+            return (
+                f"lower layers settled at step {self.tracker.settled_at} (smoothed drift {ratio} "
+                f"of its peak <= threshold {self.tracker.threshold}); released at step "
+                f"{self.release_step}"
+                + (
+                    f" (min_hold {self.min_hold})"
+                    if self.release_step > self.tracker.settled_at
+                    else ""
+                )
+            )
+        return (
+            f"max_hold reached at step {self.release_step}; the lower layers had not settled "
+            f"(smoothed drift {ratio} of its peak > threshold {self.tracker.threshold})"
+        )
 
     def record(self) -> dict[str, Any]:
         """What the run writes down about its release (summary.json, metrics)."""
         return {
-            "rule": "adaptive", "step": self.release_step, "reason": self.reason,
+            "rule": "adaptive",
+            "step": self.release_step,
+            "reason": self.reason,
             "ramp_end": None if self.release_step is None else self.release_step + self.ramp_steps,
-            "settled_at": self.tracker.settled_at, "drift_ratio": self.ratio_at_release,
-            "threshold": self.tracker.threshold, "min_hold": self.min_hold, "max_hold": self.max_hold,
+            "settled_at": self.tracker.settled_at,
+            "drift_ratio": self.ratio_at_release,
+            "threshold": self.tracker.threshold,
+            "min_hold": self.min_hold,
+            "max_hold": self.max_hold,
             "why": self.describe(),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "release_step": self.release_step, "reason": self.reason,
-                "ratio_at_release": self.ratio_at_release}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "release_step": self.release_step,
+            "reason": self.reason,
+            "ratio_at_release": self.ratio_at_release,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
@@ -167,5 +190,10 @@ class AdaptiveRelease:
 
 
 def fixed_release_record(hold_steps: int, ramp_steps: int) -> dict[str, Any]:
-    return {"rule": "fixed", "step": hold_steps, "reason": "fixed", "ramp_end": hold_steps + ramp_steps,
-            "why": f"fixed hold of {hold_steps} steps"}
+    return {
+        "rule": "fixed",
+        "step": hold_steps,
+        "reason": "fixed",
+        "ramp_end": hold_steps + ramp_steps,
+        "why": f"fixed hold of {hold_steps} steps",
+    }

@@ -38,7 +38,9 @@ def select_layers(
     if indices is not None:
         bad = [i for i in indices if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"layer indices {bad} out of range for {num_layers} layers (0..{num_layers - 1})")
+            raise ValueError(
+                f"layer indices {bad} out of range for {num_layers} layers (0..{num_layers - 1})"
+            )
         return sorted(set(indices))
     if top_fraction is not None:
         top = max(1, math.floor(top_fraction * num_layers + 1e-9))
@@ -63,7 +65,9 @@ class Block:
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         """The block's elements of a flat (1-D, contiguous) tensor as a ``[count, length]`` view."""
-        return flat.as_strided((self.count, self.length), (self.stride, 1), flat.storage_offset() + self.offset)
+        return flat.as_strided(
+            (self.count, self.length), (self.stride, 1), flat.storage_offset() + self.offset
+        )
 
 
 @dataclass(frozen=True)
@@ -82,16 +86,25 @@ class FusedQKVLayout:
 
     def rows_in_group(self, kind: Kind) -> tuple[int, int]:
         q = self.heads_per_group * self.head_dim
-        return {"q": (0, q), "k": (q, q + self.head_dim), "v": (q + self.head_dim, q + 2 * self.head_dim)}[kind]
+        return {
+            "q": (0, q),
+            "k": (q, q + self.head_dim),
+            "v": (q + self.head_dim, q + 2 * self.head_dim),
+        }[kind]
 
     def global_rows(self, kind: Kind) -> list[tuple[int, int]]:
         a, b = self.rows_in_group(kind)
-        return [(g * self.rows_per_group + a, g * self.rows_per_group + b) for g in range(self.num_query_groups)]
+        return [
+            (g * self.rows_per_group + a, g * self.rows_per_group + b)
+            for g in range(self.num_query_groups)
+        ]
 
     def local_rows(self, kind: Kind, tp_rank: int = 0, tp_size: int = 1) -> RowRuns:
         """Rows of ``kind`` in this TP rank's contiguous chunk of the rows, rank-local numbering."""
         if self.total_rows % tp_size:
-            raise ValueError(f"{self.total_rows} QKV rows do not split over tensor parallel size {tp_size}")
+            raise ValueError(
+                f"{self.total_rows} QKV rows do not split over tensor parallel size {tp_size}"
+            )
         rows_local = self.total_rows // tp_size
         r0 = tp_rank * rows_local
         runs = []
@@ -131,9 +144,13 @@ class GatedFC1Layout:
 
     ffn_size: int
 
-    def local_rows(self, kind: Literal["gate", "up"], tp_rank: int = 0, tp_size: int = 1) -> RowRuns:
+    def local_rows(
+        self, kind: Literal["gate", "up"], tp_rank: int = 0, tp_size: int = 1
+    ) -> RowRuns:
         if self.ffn_size % tp_size:
-            raise ValueError(f"{self.ffn_size} FFN rows do not split over tensor parallel size {tp_size}")
+            raise ValueError(
+                f"{self.ffn_size} FFN rows do not split over tensor parallel size {tp_size}"
+            )
         half = self.ffn_size // tp_size
         return [(0, half)] if kind == "gate" else [(half, 2 * half)]
 
