@@ -175,8 +175,9 @@ def _leaf_tasks(obj) -> list:
 def _missing_field(exc: BaseException) -> str | None:
     """The field a template or a task function looked for: KeyError, or jinja's UndefinedError."""
     if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    found = re.search(r"has no attribute '([^']+)'|'([^']+)' is undefined", str(exc))
+        key = exc.args[0]  # a row's key, not lm-eval's sentence about an unknown task
+        return key if isinstance(key, str) and not re.search(r"\s", key) else None
+    found = re.search(r"'dict object' has no attribute '([^']+)'|'([^']+)' is undefined", str(exc))
     return (found.group(1) or found.group(2)) if found else None
 
 
@@ -220,11 +221,19 @@ def _first_row(task_manager, name: str) -> dict | None:
         return None
 
 
-def _render_rows(task) -> None:
-    """What lm-eval does with each row: text, target and (multiple choice) the choices."""
+def _render_rows(task, limit: int | None) -> None:
+    """What lm-eval does with each of the rows it will read: text, target and (multiple choice)
+    the choices. A field the templates name that a row holds as null (JSON rows with fewer keys
+    than others load that way) counts as missing: it would render as "None"."""
     docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+    named = set() if getattr(task.config, "process_docs", None) else _template_fields(task.config)
     for row, doc in enumerate(docs or []):
+        if limit is not None and row >= limit:
+            break
         try:
+            nulls = sorted(f for f in named if f in doc and doc[f] is None)
+            if nulls:
+                raise KeyError(nulls[0])
             task.doc_to_text(doc)
             task.doc_to_target(doc)
             if task.OUTPUT_TYPE == "multiple_choice":
@@ -234,29 +243,32 @@ def _render_rows(task) -> None:
             raise
 
 
-def check_task_data(task_manager, chosen: list[str]) -> None:
-    """Build each chosen task and render every row of its local file the way lm-eval will, before
-    it runs: a file without the task's fields is one :class:`TaskDataError` naming the file, the
-    task and the fields."""
+def check_task_data(task_manager, chosen: list[str], limit: int | None = None) -> None:
+    """Build each chosen task and render the rows lm-eval will read (the first ``limit``) the
+    way it will, before it runs: a file without the task's fields is one
+    :class:`TaskDataError` naming the file, the task and the fields."""
     from lm_eval.tasks import get_task_dict
 
     for name in chosen:
         try:
             for task in _leaf_tasks(get_task_dict([name], task_manager)):
-                _render_rows(task)
+                _render_rows(task, limit)
         except Exception as exc:
-            field = _missing_field(exc)
-            if field is None:
-                raise
             row, doc = getattr(exc, "slowqk_row", (None, _first_row(task_manager, name)))
-            fields = {field}
+            field = _missing_field(exc)
+            # a task function that met a null field (a key other rows have) fails on None
+            nulls = {k for k, v in doc.items() if v is None} if row and doc else set()
+            if field is None and not nulls:
+                raise
+            fields = {field} - {None} | nulls
             config = getattr(getattr(exc, "slowqk_task", None), "config", None)
             if doc is not None and config is not None and not getattr(config, "process_docs", None):
                 fields |= _template_fields(config) - set(doc)
-            which = f"row {row}" if row else "its rows"
-            has = f" (the rows have {', '.join(sorted(map(str, doc)))})" if doc is not None else ""
+            which = f"row {row} lacks" if row else "its rows lack"
+            held = sorted(str(k) for k, v in (doc or {}).items() if v is not None)
+            has = f" (the row has {', '.join(held)})" if doc is not None else ""
             raise TaskDataError(
-                f"{_data_files(task_manager, name)}: task {name!r}: {which} lack the field(s) "
+                f"{_data_files(task_manager, name)}: task {name!r}: {which} the field(s) "
                 f"{', '.join(repr(f) for f in sorted(fields))} it reads{has}"
             ) from None
 
@@ -314,7 +326,7 @@ def evaluate(
             else:
                 chosen.append(write_registry_task(task_dir, eval_dir, t, registry))
         manager = TaskManager(include_path=[str(task_dir), *extra])
-        check_task_data(manager, chosen)
+        check_task_data(manager, chosen, limit)
         raw = simple_evaluate(
             model="hf",
             model_args=f"pretrained={model_dir},dtype=float32"

@@ -565,6 +565,19 @@ def test_any_registry_task_runs_on_local_files(checkpoints, tmp_path) -> None:
     )
     assert "'premise'" in errors[0] or "'question'" in errors[0], errors
     assert not (tmp_path / "bad.json").exists()
+    # one row of three without a field the others have: it loads as null, would render "None"
+    good = {"premise": "The man fell.", "question": "cause", "choice1": "a", "choice2": "b"}
+    good["label"] = 0
+    partial = [good, {k: v for k, v in good.items() if k != "premise"}, good]
+    (data / "copa_validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    argv = ["evaluate", str(hf), "--tasks", "copa", "--eval-data", str(data), "--corpus", ""]
+    proc = run_cli([*argv, "--out", str(tmp_path / "bad.json")], cwd=REPO)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "row 2" in errors[0] and "'premise'" in errors[0], errors
+    # lm-eval reads only the first --limit rows: the check reads no further
+    proc = run_cli([*argv, "--limit", "1", "--out", str(tmp_path / "one.json")], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from types import SimpleNamespace
 
     import lm_eval.tasks
