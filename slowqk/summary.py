@@ -488,6 +488,27 @@ def _group(results: list[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
     return out
 
 
+_stamp = ""  # what made the runs, printed on every figure (set by write_summary)
+
+
+def _commits(summary: dict) -> str:
+    """``runs of commit abc1234`` (more than one when the runs mix code versions)."""
+    recs = summary.get("provenance", {}).get("records", [])
+    names = sorted(
+        {
+            (r.get("commit") or "unknown")[:7]
+            + (" (uncommitted changes)" if r.get("dirty") else "")
+            for r in recs
+        }
+    )
+    return f"runs of commit {', '.join(names)}" if names else "runs without a code record"
+
+
+def _save(fig, path: Path) -> None:
+    fig.text(0.995, 0.003, _stamp, ha="right", va="bottom", fontsize=6, color="0.4")
+    fig.savefig(path, dpi=110)
+
+
 def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
     plt = _plt()
     groups = _group(results)
@@ -505,7 +526,7 @@ def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
                 ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
         _style(ax, f"{variant}: validation loss (mean ± sd)", "loss (nats/token)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -535,7 +556,7 @@ def plot_paired_differences(summary: dict, path: Path) -> Path:
     ax.set_title("paired differences per seed (grey), mean and 95% CI (red)")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -564,7 +585,7 @@ def plot_contrasts(summary: dict, path: Path) -> Path:
     )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -624,7 +645,7 @@ def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path) -> list[Path]
             img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)"
         )
         path = out_dir / f"entropy_{variant}.png"
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -650,7 +671,7 @@ def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -
             _style(ax, f"{variant}: {key} (upper layers)", log=True)
     fig.tight_layout()
     if drew:
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
     plt.close(fig)
     return path if drew else None
 
@@ -669,6 +690,8 @@ def write_summary(
     if missing:
         table += f"\n{len(missing)} runs unfinished and left out: {', '.join(missing)}\n"
     (out / "summary.md").write_text(table)
+    global _stamp
+    _stamp = _commits(summary)
     (out / "summary.json").write_text(json.dumps({**summary, "missing": missing}, indent=2))
     files = [
         out / "summary.md",

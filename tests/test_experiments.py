@@ -297,3 +297,17 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys) -> None:
     assert reproduce_main(["experiment", "reproduce", str(out), "gpt/adaptive/seed1"]) == 1
     report = capsys.readouterr().out
     assert f"does NOT reproduce: step {first['step']}: loss" in report, report
+
+
+def test_every_figure_names_the_commit_of_its_runs() -> None:
+    from slowqk.summary import _commits
+
+    one = {"provenance": {"records": [{"commit": "cd9bedc76fe4", "dirty": False}]}}
+    assert _commits(one) == "runs of commit cd9bedc"
+    mixed = {
+        "provenance": {
+            "records": [{"commit": "cd9bedc76fe4"}, {"commit": "1234567ab", "dirty": True}]
+        }
+    }
+    assert _commits(mixed) == "runs of commit 1234567 (uncommitted changes), cd9bedc"
+    assert _commits({"provenance": {"records": []}}) == "runs without a code record"
