@@ -230,9 +230,8 @@ def _check_space(ckpt_root: Path, step: int, state: dict, files: dict[str, Path]
     if short.item():
         raise CheckpointSpaceError(
             f"checkpoint at step {step}: {ckpt_root} has {_mib(free)} free, the checkpoint needs "
-            f"about {_mib(need)}; "
-            f"nothing was written and {_latest_text(ckpt_root)} stays the latest; free space and "
-            "resume"
+            f"about {_mib(need)}; nothing was written and {_latest_text(ckpt_root)} stays the "
+            "latest; free space and resume"
         )
 
 
@@ -264,18 +263,16 @@ def save_checkpoint(
         )
     except CheckpointSpaceError:
         raise
-    except (
-        BaseException
-    ) as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+    # torch.distributed.checkpoint's CheckpointException is a BaseException
+    except BaseException as exc:
         if not _is_no_space(exc):
             raise
         tmp = ckpt_root / (_iter_name(step) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSpaceError(
             f"checkpoint at step {step}: {ckpt_root} ran out of space while writing (No space left "
-            "on device); the "
-            f"partial copy was removed and {_latest_text(ckpt_root)} stays the latest; free space "
-            "and resume"
+            f"on device); the partial copy was removed and {_latest_text(ckpt_root)} stays the "
+            "latest; free space and resume"
         ) from None
 
 

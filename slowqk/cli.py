@@ -189,8 +189,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     path = train_sentencepiece(texts, args.out, args.vocab_size, args.model_type, specials)
     print(
         f"tokenizer: {path} ({args.model_type}, vocab {args.vocab_size}, trained on {len(texts)} "
-        "documents, "
-        f"sha256 {file_sha256(path)[:12]})"
+        f"documents, sha256 {file_sha256(path)[:12]})"
     )
     return 0
 
@@ -392,9 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slowqk",
         description="Pretrain GPT- and LLaMA-style decoders on megatron-core, with the upper "
-        "layers' "
-        "W_Q/W_K learning rate slowed early in training; diagnostics, experiments, Hugging Face "
-        "export.",
+        "layers' W_Q/W_K learning rate slowed early in training; diagnostics, experiments, "
+        "Hugging Face export.",
         epilog="Recipes: `slowqk print-recipe NAME` (e.g. tiny/gpt, llama-350m). Overrides: "
         "key.sub=value.",
     )

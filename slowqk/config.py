@@ -242,9 +242,8 @@ class DataConfig(_Strict):
     verify: bool = Field(
         True,
         description="when a dataset opens, check every shard file's sha256 against its manifest "
-        "(reads "
-        "the whole dataset once per start; false = only the structural checks: sizes, index, "
-        "counts)",
+        "(reads the whole dataset once per start; false = only the structural checks: sizes, "
+        "index, counts)",
     )
 
     @model_validator(mode="after")
@@ -290,8 +289,7 @@ class TrainConfig(_Strict):
     init_from: str | None = Field(
         None,
         description="start from these weights (a checkpoint or checkpoint root, e.g. from "
-        "import-hf); "
-        "fresh optimizer, step 0; ignored when the run resumes from its own checkpoint",
+        "import-hf); fresh optimizer, step 0; ignored when the run resumes from its own checkpoint",
     )
     keep_last: int = Field(2, ge=1)
     keep_every: int | None = Field(
@@ -306,9 +304,8 @@ class TrainConfig(_Strict):
     fused_kernels: bool = Field(
         False,
         description="megatron-core's fused kernels that need no Transformer Engine "
-        "(torch.compile): SwiGLU "
-        "bias-activation, bias-dropout-add, vocab-parallel cross-entropy; exact, off until "
-        "measured to help",
+        "(torch.compile): SwiGLU bias-activation, bias-dropout-add, vocab-parallel cross-entropy; "
+        "exact, off until measured to help",
     )
 
 
@@ -615,8 +612,7 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                     (
                         key,
                         "not available with parallel.engine=deepspeed (checkpoints, diagnostics "
-                        "and "
-                        "init_from are megatron-engine features)",
+                        "and init_from are megatron-engine features)",
                     )
                 )
         if recipe.optimizer.name != "adamw":

@@ -32,8 +32,7 @@ def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
     if world_size % (tensor * pipeline):
         raise LayoutError(
             f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline "
-            f"({pipeline}) "
-            f"= {tensor * pipeline}; world_size must equal TP x PP x DP"
+            f"({pipeline}) = {tensor * pipeline}; world_size must equal TP x PP x DP"
         )
     return world_size // (tensor * pipeline)
 

@@ -83,10 +83,9 @@ class SpecializationWarning:
         return (
             f"step {event['step']}: premature upper-layer attention specialization: layers "
             f"{_span(event['upper_layers'])} entropy fell {event['drop_upper']:.3f} (to "
-            f"{event['entropy_upper']:.3f}), "
-            f"layers {_span(event['lower_layers'])} only {event['drop_lower']:.3f} (to "
-            f"{event['entropy_lower']:.3f}), "
-            f"while the lower layers still drift (gap >= {event['gap']})"
+            f"{event['entropy_upper']:.3f}), layers {_span(event['lower_layers'])} only "
+            f"{event['drop_lower']:.3f} (to {event['entropy_lower']:.3f}), while the lower layers "
+            f"still drift (gap >= {event['gap']})"
         )
 
     def record(self) -> dict[str, Any]:

@@ -114,9 +114,8 @@ def write_tasks(task_dir: Path, eval_data: Path | None, corpus: Path | None) -> 
             raise FileNotFoundError(f"corpus not found: {corpus}")
         docs = shakespeare_documents(corpus)
         last = task_dir / "shakespeare_lastword.jsonl"
-        with open(
-            last, "w"
-        ) as f:  # LAMBADA layout: the target is the passage's last word, no punctuation
+        # LAMBADA layout: the target is the passage's last word, no punctuation
+        with open(last, "w") as f:
             for d in docs:
                 text = re.sub(r"\W+$", "", " ".join(d.split()))
                 f.write(json.dumps({"text": text}) + "\n")

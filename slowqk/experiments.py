@@ -139,8 +139,7 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
             if getattr(c, key) not in ran:
                 raise RecipeError(
                     f"{path}: key 'contrasts.{i}.{key}': {getattr(c, key)!r} is no variant/arm the "
-                    "grid "
-                    f"runs ({', '.join(sorted(ran))})"
+                    f"grid runs ({', '.join(sorted(ran))})"
                 )
         if names.count(c.name) > 1:
             raise RecipeError(f"{path}: key 'contrasts.{i}.name': {c.name!r} is used twice")
@@ -280,8 +279,7 @@ def run_grid(
     todo = [r for r in expand(grid, only) if not is_finished(r)]
     print(
         f"grid {grid.name}: {len(runs)} runs, {sum(map(is_finished, runs))} finished, {len(todo)} "
-        "to run"
-        f"{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time"
+        f"to run{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time"
     )
     if dry_run:
         for r in todo:

@@ -172,8 +172,7 @@ def group_specs(
             if end > recipe.train.steps:
                 log.warning(
                     "qk: the slowdown ends at step %d, after this run's last (train.steps=%d): it "
-                    "is never "
-                    "released in this run",
+                    "is never released in this run",
                     end,
                     recipe.train.steps,
                 )

@@ -381,9 +381,8 @@ def format_markdown(summary: dict) -> str:
         sig = "n/a" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
         lines.append(
             f"| {p['variant']} | {p['arm']} | {len(p['seeds'])} | {p['mean']:+.4f} [{_fmt(lo)}, "
-            f"{_fmt(hi)}] | "
-            f"{p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, {_fmt(p['ppl_ci95'][1], 3)}] | "
-            f"{sig} |"
+            f"{_fmt(hi)}] | {p['ppl_mean']:+.3f} [{_fmt(p['ppl_ci95'][0], 3)}, "
+            f"{_fmt(p['ppl_ci95'][1], 3)}] | {sig} |"
         )
     if summary.get("contrasts"):
         lines += _contrast_lines(summary["contrasts"], summary.get("correction", "holm"))
@@ -392,8 +391,7 @@ def format_markdown(summary: dict) -> str:
         lines += [
             "",
             "Final attention entropy of the upper half of the layers (normalized; diagnostics' "
-            "last probe), "
-            "paired difference arm - control with 95% CI:",
+            "last probe), paired difference arm - control with 95% CI:",
             "",
             "| variant | arm | control | arm | Δ [95% CI] | CI excludes 0 |",
             "|---|---|---|---|---|---|",
@@ -431,10 +429,8 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
     lines = [
         "",
         f"Pre-registered contrasts (final val loss, arm - minus, paired by seed; {correction} "
-        "within each "
-        f"family ({', '.join(f'{f}: {m}' for f, m in sizes.items())}), family-wise alpha {ALPHA}; "
-        "the second "
-        "interval is Bonferroni's, level 1 - alpha/m):",
+        f"within each family ({', '.join(f'{f}: {m}' for f, m in sizes.items())}), family-wise "
+        f"alpha {ALPHA}; the second interval is Bonferroni's, level 1 - alpha/m):",
         "",
         "| family | contrast | arm - minus | pairs | Δ [95% CI] | Δ [adjusted CI] | p | p "
         "adjusted | survives |",
@@ -450,10 +446,8 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
         (lo, hi), (alo, ahi) = c["ci95"], c["ci_adjusted"]
         lines.append(
             f"| {c['family']} | {c['name']} | {c['arm']} - {c['minus']} | {len(c['seeds'])} | "
-            f"{c['mean']:+.4f} "
-            f"[{_fmt(lo)}, {_fmt(hi)}] | [{_fmt(alo)}, {_fmt(ahi)}] | {c['p']:.3g} | "
-            f"{c['p_adjusted']:.3g} | "
-            f"{'yes' if c['survives'] else 'no'} |"
+            f"{c['mean']:+.4f} [{_fmt(lo)}, {_fmt(hi)}] | [{_fmt(alo)}, {_fmt(ahi)}] | "
+            f"{c['p']:.3g} | {c['p_adjusted']:.3g} | {'yes' if c['survives'] else 'no'} |"
         )
     return lines
 

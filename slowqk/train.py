@@ -544,10 +544,9 @@ class Trainer:
                 self.metrics.log(self.step, rec)
                 raise NonFiniteError(
                     f"non-finite loss or gradients at step {self.step - 1} "
-                    f"({self.consecutive_skips} in a row, "
-                    f"train.on_nonfinite={t.on_nonfinite}, "
-                    f"max_consecutive_skips={t.max_consecutive_skips}); "
-                    "the last good checkpoint is kept"
+                    f"({self.consecutive_skips} in a row, train.on_nonfinite={t.on_nonfinite}, "
+                    f"max_consecutive_skips={t.max_consecutive_skips}); the last good checkpoint "
+                    "is kept"
                 )
             if self.step % t.eval_interval == 0 or self.step == t.steps:
                 rec["val_loss"] = self.evaluate()
@@ -635,9 +634,8 @@ def _peer_timeout(recipe: Recipe, where: str) -> PeerTimeout:
     rank = int(os.environ.get("RANK", "0"))
     return PeerTimeout(
         f"rank {rank}: a peer rank did not answer within "
-        f"train.dist_timeout={recipe.train.dist_timeout:g} s "
-        f"{where}; checkpoints already written are intact (a stopped or hung rank? see the other "
-        "ranks' logs)"
+        f"train.dist_timeout={recipe.train.dist_timeout:g} s {where}; checkpoints already written "
+        "are intact (a stopped or hung rank? see the other ranks' logs)"
     )
 
 

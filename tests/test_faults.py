@@ -185,8 +185,7 @@ def test_kill9_at_random_steps_resumes_bitwise(dataset, reference, tmp_path, fau
         f"adaptive Q/K release decided at step {RELEASE}",
         "losses after resume bitwise equal to an uninterrupted run; the release decided as in it",
         f"{len(got)}/{STEPS} steps bitwise equal (train and validation loss, multiplier, drift "
-        "signal); "
-        f"released at step {RELEASE} as uninterrupted",
+        f"signal); released at step {RELEASE} as uninterrupted",
     )
 
 

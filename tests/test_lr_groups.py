@@ -145,9 +145,8 @@ def test_qk_section_trains_bitwise_as_the_same_two_groups(small_dataset, tmp_pat
     qk = small_run_overrides(small_dataset, tmp_path / "qk", **fixed)
     groups = (
         "[{params: q, layers: {top_fraction: 0.5}, mult: 0.25, unit: steps, hold: 2, ramp: 2, "
-        "name: Q},"
-        " {params: k, layers: {top_fraction: 0.5}, mult: 0.5, unit: steps, hold: 2, ramp: 2, name: "
-        "K}]"
+        "name: Q}, {params: k, layers: {top_fraction: 0.5}, mult: 0.5, unit: steps, hold: 2, ramp: "
+        "2, name: K}]"
     )
     as_groups = small_run_overrides(
         small_dataset, tmp_path / "groups", **fixed, **{"qk.enabled": "false", "lr_groups": groups}

@@ -79,9 +79,8 @@ def compare_pairs(
             inside.append(100.0 * own / (secs["on"] - own))
             print(
                 f"  pair {i + 1}: off {secs['off']:.2f} s, on {secs['on']:.2f} s, overhead "
-                f"{overheads[-1]:+.2f}% "
-                f"(run-to-run); {what} time inside the run {own:.3f} s = {inside[-1]:.3f}% of the "
-                "rest"
+                f"{overheads[-1]:+.2f}% (run-to-run); {what} time inside the run {own:.3f} s = "
+                f"{inside[-1]:.3f}% of the rest"
             )
     overheads.sort()
     inside.sort()

@@ -95,8 +95,7 @@ def main() -> None:
         probe = (
             "import resource, sys, time; import slowqk.hf.export as e, transformers, safetensors; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.perf_counter(); "
-            "e.export_checkpoint(sys.argv[1], sys.argv[2]); "
-            "print(time.perf_counter() - t, base, "
+            "e.export_checkpoint(sys.argv[1], sys.argv[2]); print(time.perf_counter() - t, base, "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
         )
         out = subprocess.run(
@@ -122,8 +121,7 @@ def main() -> None:
         print(
             f"export wall time {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB "
             f"({peak / ckpt_bytes:.2f}x one model copy; {base / 2**30:.2f} GiB of it is the "
-            "Python/torch "
-            f"footprint before the export starts)"
+            "Python/torch footprint before the export starts)"
         )
 
 

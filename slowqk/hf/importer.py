@@ -31,8 +31,7 @@ def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         if act not in GELU_FROM_HF:
             raise UnsupportedArchitecture(
                 f"config.json activation_function={act!r}: SlowQK's GPT-2 blocks have exact GELU "
-                "('gelu') or its "
-                "tanh approximation "
+                "('gelu') or its tanh approximation "
                 f"({', '.join(k for k, v in GELU_FROM_HF.items() if v == 'tanh')})"
             )
         # fields that change the computation and that megatron-core's attention does not have
@@ -262,9 +261,8 @@ def check_import(hf_dir: str | Path, recipe: Recipe, out: str | Path, overwrite:
     if padded != vocab:
         raise ValueError(
             f"{hf_dir}: vocab_size {vocab} does not split over tensor parallel size "
-            f"{recipe.parallel.tensor}; "
-            "padding rows would change the model's probabilities (import at a TP size that divides "
-            "it)"
+            f"{recipe.parallel.tensor}; padding rows would change the model's probabilities "
+            "(import at a TP size that divides it)"
         )
     return tok_path, tokenizer, weights, vocab
 

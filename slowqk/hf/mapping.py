@@ -74,10 +74,8 @@ def family(model: ModelConfig) -> str:
         if parts != {"ffn": "swiglu", "norm": "rmsnorm", "position": "rope"}:
             raise UnsupportedArchitecture(
                 "model.qk_norm=true: the only stock Hugging Face architecture with per-head "
-                "QK-norm is "
-                "Qwen3ForCausalLM, a LLaMA block (needs ffn=swiglu, norm=rmsnorm, position=rope; "
-                "got "
-                f"ffn={model.ffn}, norm={model.norm}, position={model.position})"
+                "QK-norm is Qwen3ForCausalLM, a LLaMA block (needs ffn=swiglu, norm=rmsnorm, "
+                f"position=rope; got ffn={model.ffn}, norm={model.norm}, position={model.position})"
             )
         if model.bias:
             raise UnsupportedArchitecture(
