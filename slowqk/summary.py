@@ -482,9 +482,6 @@ def _group(results: list[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
     return out
 
 
-_stamp = ""  # what made the runs, printed on every figure (set by write_summary)
-
-
 def _commits(summary: dict) -> str:
     """``runs of commit abc1234`` (more than one when the runs mix code versions)."""
     recs = summary.get("provenance", {}).get("records", [])
@@ -498,12 +495,13 @@ def _commits(summary: dict) -> str:
     return f"runs of commit {', '.join(names)}" if names else "runs without a code record"
 
 
-def _save(fig, path: Path) -> None:
-    fig.text(0.995, 0.003, _stamp, ha="right", va="bottom", fontsize=6, color="0.4")
+def _save(fig, path: Path, stamp: str) -> None:
+    """Save with ``stamp`` (what made the runs: :func:`_commits`) in the bottom corner."""
+    fig.text(0.995, 0.003, stamp, ha="right", va="bottom", fontsize=6, color="0.4")
     fig.savefig(path, dpi=110)
 
 
-def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
+def plot_loss_curves(results: list[RunResult], path: Path, stamp: str = "") -> Path:
     plt = _plt()
     groups = _group(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
@@ -520,12 +518,12 @@ def plot_loss_curves(results: list[RunResult], path: Path) -> Path:
                 ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
         _style(ax, f"{variant}: validation loss (mean ± sd)", "loss (nats/token)")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, stamp)
     plt.close(fig)
     return path
 
 
-def plot_paired_differences(summary: dict, path: Path) -> Path:
+def plot_paired_differences(summary: dict, path: Path, stamp: str = "") -> Path:
     plt = _plt()
     pairs = summary["pairs"]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) + 2), 4))
@@ -550,12 +548,12 @@ def plot_paired_differences(summary: dict, path: Path) -> Path:
     ax.set_title("paired differences per seed (grey), mean and 95% CI (red)")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, stamp)
     plt.close(fig)
     return path
 
 
-def plot_contrasts(summary: dict, path: Path) -> Path:
+def plot_contrasts(summary: dict, path: Path, stamp: str = "") -> Path:
     """Forest plot of the pre-registered contrasts: per-seed differences, mean, 95% and
     family-wise (Bonferroni) intervals; the survivors of the correction in red."""
     plt = _plt()
@@ -579,7 +577,7 @@ def plot_contrasts(summary: dict, path: Path) -> Path:
     )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, stamp)
     plt.close(fig)
     return path
 
@@ -602,7 +600,7 @@ def _diagnostic_series(runs: list[RunResult], key: str) -> tuple[list[int], np.n
     return steps, np.asarray(series, dtype=np.float64)
 
 
-def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path) -> list[Path]:
+def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path, stamp: str = "") -> list[Path]:
     plt = _plt()
     paths = []
     for variant, arms in sorted(_group(results).items()):
@@ -639,13 +637,15 @@ def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path) -> list[Path]
             img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)"
         )
         path = out_dir / f"entropy_{variant}.png"
-        _save(fig, path)
+        _save(fig, path, stamp)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -> Path | None:
+def plot_lambda(
+    results: list[RunResult], path: Path, upper_from: float = 0.5, stamp: str = ""
+) -> Path | None:
     """lambda_Q, lambda_K and R_P/||X||^2 over time, averaged over the upper layers and seeds."""
     plt = _plt()
     groups = _group(results)
@@ -665,7 +665,7 @@ def plot_lambda(results: list[RunResult], path: Path, upper_from: float = 0.5) -
             _style(ax, f"{variant}: {key} (upper layers)", log=True)
     fig.tight_layout()
     if drew:
-        _save(fig, path)
+        _save(fig, path, stamp)
     plt.close(fig)
     return path if drew else None
 
@@ -684,20 +684,19 @@ def write_summary(
     if missing:
         table += f"\n{len(missing)} runs unfinished and left out: {', '.join(missing)}\n"
     (out / "summary.md").write_text(table)
-    global _stamp
-    _stamp = _commits(summary)
+    stamp = _commits(summary)
     (out / "summary.json").write_text(json.dumps({**summary, "missing": missing}, indent=2))
     files = [
         out / "summary.md",
         out / "summary.json",
-        plot_loss_curves(results, out / "loss_curves.png"),
-        plot_paired_differences(summary, out / "paired_differences.png")
+        plot_loss_curves(results, out / "loss_curves.png", stamp),
+        plot_paired_differences(summary, out / "paired_differences.png", stamp)
         if summary["pairs"]
         else None,
-        plot_contrasts(summary, out / "contrasts.png")
+        plot_contrasts(summary, out / "contrasts.png", stamp)
         if any("p" in c for c in summary["contrasts"])
         else None,
-        *plot_entropy_heatmaps(results, out),
-        plot_lambda(results, out / "lambda.png"),
+        *plot_entropy_heatmaps(results, out, stamp),
+        plot_lambda(results, out / "lambda.png", stamp=stamp),
     ]
     return table, [f for f in files if f is not None]
