@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class CheckpointSpaceError(CheckpointError):
 
 LATEST = "latest"
 RECORD = "slowqk_checkpoint.json"
+DEEPSPEED_COMMON = "slowqk_common.pt"  # run information and scheduler of a DeepSpeed checkpoint
 # Optimizer state in a canonical per-parameter layout: loadable at another TP/PP/DP layout.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -151,7 +153,7 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
     return record
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
         # as tensors and Python scalars so torch.load(weights_only=True) can read it back
@@ -167,7 +169,7 @@ def _numpy_state_to_torch(state: tuple) -> tuple:
     return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -216,9 +218,9 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _check_space(ckpt_root: Path, step: int, state: dict, files: dict[str, Path]) -> None:
+def _check_space(ckpt_root: Path, step: int, state_bytes: int, files: dict[str, Path]) -> None:
     """Refuse a save that cannot fit, on every rank alike, before anything is written."""
-    here = _saved_bytes(state) + (
+    here = state_bytes + (
         sum(Path(f).stat().st_size for f in files.values()) if dist.get_rank() == 0 else 0
     )
     needed = torch.tensor([float(here)], dtype=torch.float64)
@@ -257,10 +259,38 @@ def save_checkpoint(
     extra: dict[str, Any],
     files: dict[str, Path] | None = None,
 ) -> Path:
+    """Save a megatron-core checkpoint for ``step`` (number of optimizer steps done); with
+    ``optimizer=None`` a weights-only one (``train.init_from`` loads it, e.g. an HF import)."""
+    if optimizer is None:
+        state = _sharded_model_state(model_chunks)
+    else:
+        state = _sharded_state(model_chunks, optimizer, is_loading=False)
+        state["scheduler"] = scheduler.state_dict()
+    state["extra"] = {**extra, "step": step}
+
+    def write(tmp: Path) -> None:
+        with stop_signals_deferred():
+            dist_checkpointing.save(state, str(tmp))
+
+    return save_atomically(ckpt_root, step, write, _saved_bytes(state), files or {})
+
+
+def save_atomically(
+    ckpt_root: Path,
+    step: int,
+    write: Callable[[Path], None],
+    state_bytes: int,
+    files: dict[str, Path],
+) -> Path:
+    """The engine-independent part of a save: space check, ``write(tmp)`` (every rank; the engine
+    puts its state there), RNG states, ``files`` copied in, the integrity record, rename, latest.
+
+    ``state_bytes``: what this rank's ``write`` adds (for the space check). ``files`` (name inside
+    the checkpoint -> source path) are covered by the record's checksums, e.g. the tokenizer, so a
+    checkpoint is self-contained for export.
+    """
     try:
-        return _save_checkpoint(
-            ckpt_root, step, model_chunks, optimizer, scheduler, extra, files or {}
-        )
+        return _save_atomically(ckpt_root, step, write, state_bytes, files)
     except CheckpointSpaceError:
         raise
     # torch.distributed.checkpoint's CheckpointException is a BaseException
@@ -276,42 +306,27 @@ def save_checkpoint(
         ) from None
 
 
-def _save_checkpoint(
+def _save_atomically(
     ckpt_root: Path,
     step: int,
-    model_chunks,
-    optimizer,
-    scheduler,
-    extra: dict[str, Any],
+    write: Callable[[Path], None],
+    state_bytes: int,
     files: dict[str, Path],
 ) -> Path:
-    """Save a complete checkpoint for ``step`` (number of optimizer steps done); with
-    ``optimizer=None`` a weights-only one (``train.init_from`` loads it, e.g. an HF import).
-
-    ``files`` (name inside the checkpoint -> source path) are copied in and covered by the
-    record's checksums, e.g. the tokenizer, so a checkpoint is self-contained for export.
-    """
     rank = dist.get_rank()
     final = ckpt_root / _iter_name(step)
     tmp = ckpt_root / (_iter_name(step) + ".tmp")
-    if optimizer is None:
-        state = _sharded_model_state(model_chunks)
-    else:
-        state = _sharded_state(model_chunks, optimizer, is_loading=False)
-        state["scheduler"] = scheduler.state_dict()
-    state["extra"] = {**extra, "step": step}
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    _check_space(ckpt_root, step, state, files)
+    _check_space(ckpt_root, step, state_bytes, files)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    with _stop_signals_deferred():
-        dist_checkpointing.save(state, str(tmp))
+    write(tmp)
     # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
-    torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         for name, src in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +393,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def _stop_signals_deferred():
+def stop_signals_deferred():
     """Block SIGTERM/SIGUSR1 while megatron-core saves or loads: the helper processes it starts
     (a spawned multiprocessing manager, forked writers) inherit the mask, so a stop signal sent to
     every process of a job (Slurm's --signal, scancel) cannot kill them mid-write. The main process
@@ -392,7 +407,7 @@ def _stop_signals_deferred():
 
 
 @contextlib.contextmanager
-def _weights_only_loads():
+def weights_only_loads():
     """Every torch.load inside (megatron-core's included) refuses arbitrary pickled objects."""
     key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
     old = os.environ.get(key)
@@ -406,11 +421,25 @@ def _weights_only_loads():
             os.environ[key] = old
 
 
-def _common_state(path: Path) -> dict[str, Any]:
+def checkpoint_engine(path: Path) -> str:
+    """Which engine wrote a checkpoint: ``deepspeed`` (its own format) or ``megatron``."""
+    return "deepspeed" if (path / DEEPSPEED_COMMON).is_file() else "megatron"
+
+
+def write_common_state(tmp: Path, state: dict[str, Any]) -> None:
+    """The run information and LR scheduler of a checkpoint whose engine has no common state of
+    its own (DeepSpeed): plain values, read back with weights_only=True."""
+    if dist.get_rank() == 0:
+        torch.save(state, tmp / DEEPSPEED_COMMON)
+
+
+def read_common_state(path: Path) -> dict[str, Any]:
     """The non-tensor part of a checkpoint (run information, LR scheduler), weights-only."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-    with _weights_only_loads():
+    if checkpoint_engine(path) == "deepspeed":
+        return torch.load(path / DEEPSPEED_COMMON, weights_only=True)
+    with weights_only_loads():
         try:
             return load_common_state_dict(str(path))
         except pickle.UnpicklingError as exc:
@@ -421,7 +450,7 @@ def _common_state(path: Path) -> dict[str, Any]:
 
 def read_extra(path: Path) -> dict[str, Any]:
     """The checkpoint's run information (recipe, step, tokenizer hash) without loading tensors."""
-    return _common_state(path)["extra"]
+    return read_common_state(path)["extra"]
 
 
 def _init_empty_optimizer_states(optimizer) -> None:
@@ -438,26 +467,35 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str,
     """Load model, optimizer, scheduler and RNG state; return the checkpoint's ``extra``."""
     _init_empty_optimizer_states(optimizer)
     template = _sharded_state(model_chunks, optimizer, is_loading=True)
-    with _weights_only_loads(), _stop_signals_deferred():
+    with weights_only_loads(), stop_signals_deferred():
         state = dist_checkpointing.load(template, str(path))
     # scheduler and run information from the common state: megatron-core >= 0.19 returns only what
     # the template asks for, and a template cannot ask for plain values
-    common = _common_state(path)
+    common = read_common_state(path)
     _apply_model_state(model_chunks, state)
     optimizer.load_state_dict(state["optimizer"])
-    # load_state_dict *adds* the saved step count to the current one
-    scheduler.num_steps = 0
-    scheduler.load_state_dict(common["scheduler"])
+    restore_scheduler(scheduler, common["scheduler"])
+    load_rng_state(path)
+    return common["extra"]
+
+
+def restore_scheduler(scheduler, state: dict) -> None:
+    """The LR schedule as saved (megatron-core's scheduler; it sets the optimizer's lr)."""
+    scheduler.num_steps = 0  # load_state_dict *adds* the saved step count to the current one
+    scheduler.load_state_dict(state)
+
+
+def load_rng_state(path: Path) -> None:
+    """This rank's RNG states as the checkpoint saved them (none in a weights-only one)."""
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return common["extra"]
+        set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run / checkpoints directory (its ``latest``)."""
     path = Path(path)
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").is_file() or (path / DEEPSPEED_COMMON).is_file():
         return path
     for root in (path / "checkpoints", path):
         if (root / "latest").is_file():
@@ -474,7 +512,7 @@ def load_model_weights(path: Path, model_chunks) -> dict[str, Any]:
     """Only the model weights of a checkpoint (any TP/PP layout; resharded on load); returns its
     ``extra``. For ``train.init_from`` and for reading a model back outside training."""
     verify_checkpoint(path)
-    with _weights_only_loads(), _stop_signals_deferred():
+    with weights_only_loads(), stop_signals_deferred():
         state = dist_checkpointing.load(_sharded_model_state(model_chunks), str(path))
     _apply_model_state(model_chunks, state)
     return read_extra(path)

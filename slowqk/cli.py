@@ -79,13 +79,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if recipe.parallel.engine == "deepspeed":
-        from slowqk.ds_engine import train_deepspeed
-
-        summary = train_deepspeed(recipe, recipe.parallel.zero_stage, quiet=args.quiet)
-        if rank0:
-            print(json.dumps(summary))
-        return 0
     try:
         summary = train(
             recipe,

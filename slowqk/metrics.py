@@ -21,6 +21,11 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
+    @property
+    def tensorboard(self):
+        """The TensorBoard SummaryWriter (None when off or on a non-writing rank)."""
+        return self._tb
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -34,6 +39,15 @@ class MetricsWriter:
                         if isinstance(x, int | float) and not isinstance(x, bool):
                             self._tb.add_scalar(f"{k}/{sub}", x, step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resume repeats them); keeps logging after."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        path = Path(self._jsonl.name)
+        truncate_after(path, step)
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
@@ -43,3 +57,17 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop a JSONL log's records of steps after ``step`` (a resume repeats them), atomically."""
+    if not path.is_file():
+        return
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    tmp.replace(path)

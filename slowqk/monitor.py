@@ -71,31 +71,38 @@ def _qkv_input(linear_qkv, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _probe_loss(output: torch.Tensor):
-    return output.float().sum() * 0.0, {}
-
-
 class Monitor:
-    def __init__(self, trainer) -> None:
-        from slowqk.data.loader import collate
+    """The measurements; :class:`slowqk.callbacks.diagnostics.Diagnostics` calls it around the
+    optimizer step and feeds the early warning from its records."""
+
+    def __init__(
+        self,
+        interval: int,
+        num_layers: int,
+        model: torch.nn.Module,
+        optimizer,
+        probe_batch: dict[str, torch.Tensor],
+        forward,
+        device: torch.device,
+        path: Path,
+        write: bool,
+        tensorboard=None,
+    ) -> None:
+        """``model``: the unwrapped model chunk this rank holds; ``forward(batch)`` runs the
+        engine's forward-only pass of the probe batch; ``write``: this rank writes ``path`` and
+        ``tensorboard`` (a SummaryWriter or None)."""
         from slowqk.patches.lr_groups import find_qkv_params
 
-        self.trainer = trainer
-        self.interval = trainer.recipe.diagnostics.interval
-        self.num_layers = trainer.recipe.model.num_layers
-        self.model = trainer.chunks[0].module
-        n = trainer.recipe.diagnostics.probe_samples
-        self.batch = {
-            k: v.to(trainer.device) for k, v in collate(trainer.valid_ds, list(range(n))).items()
-        }
+        self.interval, self.num_layers = interval, num_layers
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.batch, self.forward = probe_batch, forward
         qkv = find_qkv_params([self.model], set(range(self.num_layers)))
         self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}
         self.qkv_biases = {t.layer: t for t in qkv if t.row_len == 1}
         self.layer_of_param = layer_of_params([self.model])
         self._before: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._grad_sq: torch.Tensor | None = None
-        self.path = trainer.run_dir / "diagnostics.jsonl"
-        self.enabled_io = trainer.rank == 0
+        self.path, self.enabled_io, self.tb = path, write, tensorboard
         self._entropy_history: list[list[float]] = []
         self.seconds = 0.0  # time spent in the monitor (part of the training time)
 
@@ -139,9 +146,9 @@ class Monitor:
 
         from slowqk.patches.lr_groups import iter_main_params
 
-        sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.trainer.device)
-        sharded = optimizer_is_sharded(self.trainer.optimizer)
-        for _, model_param, _, lo, hi in iter_main_params(self.trainer.optimizer):
+        sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        sharded = optimizer_is_sharded(self.optimizer)
+        for _, model_param, _, lo, hi in iter_main_params(self.optimizer):
             layer = self.layer_of_param.get(id(model_param))
             if layer is None or not param_is_not_tensor_parallel_duplicate(model_param):
                 continue
@@ -155,7 +162,7 @@ class Monitor:
 
     def _qk_updates(self) -> torch.Tensor:
         """Per layer ``[||dQ||^2, ||Q||^2, ||dK||^2, ||K||^2]`` over all TP/PP ranks."""
-        sums = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=self.trainer.device)
+        sums = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=self.device)
         for layer, t in self.qkv_weights.items():
             new, old = t.param.detach().float().reshape(-1), self._before[layer][0].reshape(-1)
             for j, kind in enumerate(("q", "k")):
@@ -168,7 +175,7 @@ class Monitor:
 
     def _logit_changes(self, qkv_inputs: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per layer ``[||dQ K^T||^2, ||Q dK^T||^2, ||S||^2]`` over all TP/PP ranks."""
-        sums = torch.zeros(self.num_layers, 3, dtype=torch.float64, device=self.trainer.device)
+        sums = torch.zeros(self.num_layers, 3, dtype=torch.float64, device=self.device)
         for layer, t in self.qkv_weights.items():
             w0, b0 = self._before[layer]
             b1 = self.qkv_biases[layer].param.detach() if layer in self.qkv_biases else None
@@ -186,24 +193,6 @@ class Monitor:
             )
         return self._reduce_model_parallel(sums)
 
-    def _forward(self) -> None:
-        """The probe batch through the pipeline schedule (one micro-batch, forward only)."""
-        batch = self.batch
-
-        def step(data_iterator, model):
-            next(data_iterator)
-            return model(batch["tokens"], batch["position_ids"], None), _probe_loss
-
-        self.trainer.forward_backward(
-            forward_step_func=step,
-            data_iterator=iter([batch]),
-            model=self.trainer.chunks,
-            num_microbatches=1,
-            seq_length=batch["tokens"].shape[1],
-            micro_batch_size=batch["tokens"].shape[0],
-            forward_only=True,
-        )
-
     def after_update(self, step_done: int) -> dict | None:
         """Run after the optimizer step of step ``step_done - 1``; returns the record if due."""
         from megatron.core import parallel_state as ps
@@ -216,7 +205,7 @@ class Monitor:
             self.model,
             self.batch["tokens"],
             self.batch["position_ids"],
-            forward=self._forward,
+            forward=lambda: self.forward(self.batch),
             qkv_inputs=qkv_inputs,
         )
         logits = self._logit_changes(qkv_inputs)
@@ -240,30 +229,17 @@ class Monitor:
             layers[layer]["pathway_energy"] = e
         self._before = self._grad_sq = None
         record = {"step": step_done, "layers": {str(k): v for k, v in sorted(layers.items())}}
-        self._early_warning(step_done, layers, record)
-        if self.enabled_io:
-            self._write(record, layers, step_done)
         return record
 
-    def _early_warning(self, step: int, layers: dict[int, dict], record: dict) -> None:
-        """Every rank holds all layers' statistics here, so every rank keeps the same state."""
-        warning = self.trainer.warning
-        if warning is None:
-            return
-        event = warning.check(
-            step,
-            {k: v["entropy"] for k, v in layers.items()},
-            lower_drifting=not self.trainer.tracker.settled,
-        )
-        if event is not None:
-            record["warning"] = event
-            if event["new_episode"] and self.enabled_io:
-                log.warning(warning.message(event))
+    def write(self, record: dict) -> None:
+        """Append the record to diagnostics.jsonl and TensorBoard (the writing rank only)."""
+        if self.enabled_io:
+            self._write(record, {int(k): v for k, v in record["layers"].items()}, record["step"])
 
     def _write(self, record: dict, layers: dict[int, dict], step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        tb = self.trainer.metrics._tb
+        tb = self.tb
         if tb is None:
             return
         for layer, v in layers.items():

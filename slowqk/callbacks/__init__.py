@@ -1,0 +1,59 @@
+"""What the training loop does besides training, as callbacks: each concern is one file and one
+entry in :data:`CALLBACKS`.
+
+The loop calls every callback's hooks in list order, at these points of each step:
+
+1. ``on_step_start(trainer, rec)``: before the step's forward/backward (``trainer.step`` updates
+   done so far). ``rec`` is the step's record; what a hook adds to it is logged.
+2. ``before_update(trainer, rec)``: gradients reduced, before the optimizer step.
+3. ``after_update(trainer, rec, updated)``: after the optimizer step (``updated`` False when the
+   step was skipped); ``trainer.step`` now counts it.
+4. ``on_step_end(trainer, rec)``: after the step's evaluation, logging and checkpoint.
+
+Checkpoints: ``state_dict()`` returns top-level keys of the checkpoint's run information;
+``load_state_dict(extra)`` gets all of it back on resume (a key may be missing in older
+checkpoints); ``on_resume(trainer)`` follows the load. ``summary()`` adds keys to ``summary.json``.
+
+A callback's ``build(trainer)`` returns it, or None where the recipe does not ask for it; it may
+look up the callbacks built before it with ``trainer.callback(cls)``. The decision objects the
+callbacks drive (:class:`~slowqk.qk.release.AdaptiveRelease`, ``DriftTracker``,
+:class:`~slowqk.early_warning.SpecializationWarning`) know nothing of the loop or the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callback:
+    @classmethod
+    def build(cls, trainer) -> Callback | None:
+        return cls()
+
+    def on_step_start(self, trainer, rec: dict) -> None: ...
+
+    def before_update(self, trainer, rec: dict) -> None: ...
+
+    def after_update(self, trainer, rec: dict, updated: bool) -> None: ...
+
+    def on_step_end(self, trainer, rec: dict) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, extra: dict[str, Any]) -> None: ...
+
+    def on_resume(self, trainer) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def callback_classes() -> list[type[Callback]]:
+    """The callbacks every run considers, in hook order (later ones may read earlier ones)."""
+    from slowqk.callbacks.diagnostics import Diagnostics
+    from slowqk.callbacks.faults import FaultInjection
+    from slowqk.callbacks.lower_drift import LowerDriftWatch
+    from slowqk.callbacks.qk_scaling import QKScaling
+
+    return [QKScaling, LowerDriftWatch, Diagnostics, FaultInjection]

@@ -1,0 +1,96 @@
+"""In-training diagnostics (:mod:`slowqk.monitor`) every ``diagnostics.interval`` steps, and the
+early warning of premature upper-layer specialization that reads them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slowqk.callbacks import Callback
+from slowqk.callbacks.lower_drift import LowerDriftWatch, warning_enabled
+from slowqk.data.loader import collate
+from slowqk.early_warning import SpecializationWarning
+from slowqk.metrics import truncate_after
+from slowqk.monitor import Monitor
+from slowqk.optim import lower_layers, selected_layers
+
+log = logging.getLogger("slowqk.monitor")
+
+
+class Diagnostics(Callback):
+    """Checkpoint key: ``specialization_warning``. Records go to ``diagnostics.jsonl``."""
+
+    def __init__(self, monitor: Monitor, warning: SpecializationWarning | None, tracker) -> None:
+        self.monitor, self.warning, self.tracker = monitor, warning, tracker
+
+    @classmethod
+    def build(cls, trainer) -> Diagnostics | None:
+        r = trainer.recipe
+        if r.diagnostics.interval <= 0:
+            return None
+        engine = trainer.engine
+        n = r.diagnostics.probe_samples
+        batch = {
+            k: v.to(trainer.device) for k, v in collate(trainer.valid_ds, list(range(n))).items()
+        }
+        monitor = Monitor(
+            r.diagnostics.interval,
+            r.model.num_layers,
+            getattr(engine.chunks[0], "module", engine.chunks[0]),
+            engine.optimizer,
+            batch,
+            engine.probe_forward,
+            trainer.device,
+            trainer.run_dir / "diagnostics.jsonl",
+            write=trainer.rank == 0,
+            tensorboard=trainer.metrics.tensorboard,
+        )
+        warning = tracker = None
+        if warning_enabled(r):
+            warning = SpecializationWarning(
+                selected_layers(r), lower_layers(r), r.diagnostics.warn_entropy_gap
+            )
+            tracker = trainer.callback(LowerDriftWatch).tracker
+        return cls(monitor, warning, tracker)
+
+    def before_update(self, trainer, rec: dict) -> None:
+        with self.monitor.timed():
+            self.monitor.before_update(trainer.step)
+
+    def after_update(self, trainer, rec: dict, updated: bool) -> None:
+        with self.monitor.timed():
+            record = self.monitor.after_update(trainer.step)
+            if record is None:
+                return
+            if self.warning is not None:
+                self._early_warning(trainer, record)
+            self.monitor.write(record)
+
+    def _early_warning(self, trainer, record: dict) -> None:
+        """Every rank holds all layers' statistics here, so every rank keeps the same state."""
+        event = self.warning.check(
+            record["step"],
+            {int(k): v["entropy"] for k, v in record["layers"].items()},
+            lower_drifting=not self.tracker.settled,
+        )
+        if event is not None:
+            record["warning"] = event
+            if event["new_episode"] and trainer.rank == 0:
+                log.warning(self.warning.message(event))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"specialization_warning": self.warning.state_dict()} if self.warning else {}
+
+    def load_state_dict(self, extra: dict[str, Any]) -> None:
+        if self.warning is not None and "specialization_warning" in extra:
+            self.warning.load_state_dict(extra["specialization_warning"])
+
+    def on_resume(self, trainer) -> None:
+        if trainer.rank == 0:
+            truncate_after(self.monitor.path, trainer.step)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "specialization_warning": self.warning.record() if self.warning else None,
+            "diagnostics_seconds": self.monitor.seconds,
+        }

@@ -1,0 +1,85 @@
+"""The lower layers' drift: the adaptive release's signal, and the early warning's "still
+moving"."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slowqk.callbacks import Callback
+from slowqk.callbacks.qk_scaling import QKScaling
+from slowqk.lower_drift import LowerLayerDrift
+from slowqk.optim import drift_tracker, lower_layers
+
+log = logging.getLogger("slowqk.train")
+
+
+def warning_enabled(recipe) -> bool:
+    d = recipe.diagnostics
+    return d.interval > 0 and d.warn and bool(lower_layers(recipe))
+
+
+class LowerDriftWatch(Callback):
+    """Measures the drift around each optimizer step until the lower layers settle, and only
+    while the release or the early warning needs it; feeds it to the release (or to a tracker of
+    its own for the warning). Checkpoint keys: ``qk_release`` (the release with its tracker) or
+    ``drift_tracker``."""
+
+    def __init__(self, meter: LowerLayerDrift, tracker, release, for_warning: bool) -> None:
+        self.meter, self.tracker, self.release = meter, tracker, release
+        self.for_warning = for_warning
+        self._measuring = False
+
+    @classmethod
+    def build(cls, trainer) -> LowerDriftWatch | None:
+        release = trainer.callback(QKScaling).release
+        for_warning = warning_enabled(trainer.recipe)
+        if release is None and not for_warning:
+            return None
+        tracker = release.tracker if release is not None else drift_tracker(trainer.recipe)
+        engine = trainer.engine
+        meter = LowerLayerDrift(engine.optimizer, engine.chunks, lower_layers(trainer.recipe))
+        return cls(meter, tracker, release, for_warning)
+
+    def _needed(self) -> bool:
+        if self.tracker.settled:
+            return False
+        return self.for_warning or not self.release.decided
+
+    def on_step_start(self, trainer, rec: dict) -> None:
+        self._measuring = self._needed()
+        if self._measuring:
+            self.meter.arm()
+
+    def after_update(self, trainer, rec: dict, updated: bool) -> None:
+        drift = self.meter.collect(rec["lr"]) if self._measuring else None  # None if skipped
+        if self.release is not None:
+            released = self.release.observe(trainer.step, drift)
+        else:
+            released = False
+            if drift is not None:
+                self.tracker.update(trainer.step, drift)
+        if self._measuring:
+            rec["lower_drift"], rec["lower_drift_ratio"] = drift, self.tracker.ratio
+        if released:
+            rec["qk_release"] = self.release.record()
+            if trainer.rank == 0:
+                log.info(
+                    "qk: release at step %d: %s", self.release.release_step, self.release.describe()
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.release is not None:
+            return {"qk_release": self.release.state_dict()}
+        return {"drift_tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, extra: dict[str, Any]) -> None:
+        if self.release is not None and "qk_release" in extra:
+            self.release.load_state_dict(extra["qk_release"])
+        elif self.release is None and "drift_tracker" in extra:
+            self.tracker.load_state_dict(extra["drift_tracker"])
+        elif self.release is None and "qk_release" in extra:  # the tracker of an adaptive run
+            self.tracker.load_state_dict(extra["qk_release"]["tracker"])
+
+    def summary(self) -> dict[str, Any]:
+        return {"drift_seconds": self.meter.seconds}

@@ -1,0 +1,41 @@
+"""The learning-rate groups (the Q/K slowdown among them) and the adaptive release they follow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slowqk.callbacks import Callback
+from slowqk.optim import (
+    build_lr_groups,
+    build_release,
+    lr_groups_record,
+    release_record,
+    step_multipliers,
+)
+
+
+class QKScaling(Callback):
+    """Sets each group's multiplier for the step (``mult_q``, ``mult_k``, ``lr_mult`` in the
+    record). The adaptive release decides from the lower layers' drift, which
+    :class:`~slowqk.callbacks.lower_drift.LowerDriftWatch` measures and feeds it; its state is
+    saved there, with the drift."""
+
+    def __init__(self, recipe, groups, release) -> None:
+        self.recipe, self.groups, self.release = recipe, groups, release
+
+    @classmethod
+    def build(cls, trainer) -> QKScaling:
+        release = build_release(trainer.recipe)
+        engine = trainer.engine
+        groups = build_lr_groups(trainer.recipe, engine.optimizer, engine.chunks, release)
+        return cls(trainer.recipe, groups, release)
+
+    def on_step_start(self, trainer, rec: dict) -> None:
+        rec.update(step_multipliers(self.groups, trainer.step))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "qk_release": release_record(self.recipe, self.release),
+            "lr_groups": lr_groups_record(self.recipe),
+            "lr_groups_seconds": self.groups.seconds if self.groups is not None else 0.0,
+        }

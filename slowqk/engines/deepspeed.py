@@ -1,0 +1,187 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3) as the engine for the same megatron-core models.
+
+The model, data, LR schedule, learning-rate groups and everything the loop's callbacks do are
+SlowQK's; DeepSpeed replaces megatron-core's DDP and optimizer, and checkpoints in its own format
+(``<iter>/deepspeed/``, beside SlowQK's run information, RNG states and integrity record).
+Supported: TP = PP = 1 (megatron-core's tensor/pipeline parallelism needs its own DDP and
+schedules); fp32, or bf16 where DeepSpeed supports it. The learning-rate groups hook the torch
+optimizer inside ZeRO and know which elements of each flat fp32 partition they cover (see
+``patches/lr_groups.iter_main_params``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from slowqk.checkpoint import (
+    load_model_weights,
+    load_rng_state,
+    read_common_state,
+    restore_scheduler,
+    save_atomically,
+    stop_signals_deferred,
+    weights_only_loads,
+    write_common_state,
+)
+from slowqk.config import Recipe
+from slowqk.engines.megatron import device_batches, masked_mean_loss
+from slowqk.models import build_gpt_model, build_transformer_config
+from slowqk.optim import build_scheduler
+from slowqk.patches.lr_groups import iter_main_params
+
+TAG = "deepspeed"  # DeepSpeed's own files, inside the checkpoint directory
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """megatron-core's default grouping: no weight decay on biases and 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    # wd_mult: megatron-core's scheduler sets weight_decay = schedule x wd_mult on every group
+    return [
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+    ]
+
+
+def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
+    t, o = recipe.train, recipe.optimizer
+    cfg = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1 << 30,
+    }
+    if o.clip_grad:
+        cfg["gradient_clipping"] = o.clip_grad
+    if t.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoints hold besides tensors and plain values: allowed for
+    the weights-only load of files the integrity record has already verified."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self,
+        recipe: Recipe,
+        layout,
+        device: torch.device,
+        vocab_size: int,
+        init_weights: Path | None = None,
+    ) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed  # here: importing it picks its accelerator from the variable above
+
+        stage = recipe.parallel.zero_stage
+        self.name = f"deepspeed-zero{stage}"
+        self.recipe, self.layout, self.device = recipe, layout, device
+        self.config = build_transformer_config(recipe.model, precision=recipe.train.precision)
+        model = build_gpt_model(
+            recipe.model, self.config, vocab_size, probe=recipe.diagnostics.interval > 0
+        ).to(device)
+        if init_weights is not None:  # before ZeRO partitions the parameters
+            load_model_weights(init_weights, [model])
+        o = recipe.optimizer
+        inner = torch.optim.AdamW(
+            param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        )
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=inner, config=deepspeed_config(recipe, layout.data, stage)
+        )
+        self.chunks = [model]
+        self.scheduler = build_scheduler(recipe, self.optimizer)
+        self.poison_loss = False
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        out = self.ds(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss = masked_mean_loss(batch["loss_mask"], out)
+        return loss * float("nan") if self.poison_loss else loss
+
+    def forward_backward(self, dataset, step: int, forward_only: bool) -> float:
+        """The last micro-batch's ``engine.step()`` (the accumulation boundary, where ZeRO
+        updates) is left to :meth:`optimizer_step`."""
+        batches = list(
+            device_batches(
+                self.recipe, dataset, step, dist.get_rank(), self.layout.data, self.device
+            )
+        )
+        losses = []
+        for i, batch in enumerate(batches):
+            loss = self._loss(batch)
+            if not forward_only:
+                self.ds.backward(loss)
+                if i < len(batches) - 1:
+                    self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+            losses.append(loss.item())
+        value = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(value)
+        return value.item() / self.layout.data
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients itself after each boundary step."""
+
+    def optimizer_step(self, loss: float) -> tuple[bool, float | None]:
+        """ZeRO checks the reduced gradients and skips a non-finite step itself (``overflow``);
+        the loss (the same on every rank) is checked too."""
+        self.ds.step()
+        if not math.isfinite(loss) or bool(getattr(self.optimizer, "overflow", False)):
+            return False, None
+        self.scheduler.step(1)
+        norm = self.ds.get_global_grad_norm()
+        return True, float(norm) if norm is not None else None
+
+    def probe_forward(self, batch: dict) -> None:
+        self.ds(batch["tokens"], batch["position_ids"], None)
+
+    def train_mode(self, training: bool) -> None:
+        self.ds.train(training)
+
+    def _state_bytes(self) -> int:
+        """This rank's share of a save: fp32 weights, Adam's two moments (its partition), and on
+        rank 0 the module's weights."""
+        part = sum(main.numel() for _, _, main, _, _ in iter_main_params(self.optimizer))
+        model = sum(getattr(p, "ds_numel", p.numel()) for p in self.chunks[0].parameters())
+        return 4 * (3 * part + (model if dist.get_rank() == 0 else 0))
+
+    def save(self, ckpt_root: Path, step: int, extra: dict, files: dict[str, Path]) -> Path:
+        def write(tmp: Path) -> None:
+            with stop_signals_deferred():
+                self.ds.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
+            write_common_state(
+                tmp, {"extra": {**extra, "step": step}, "scheduler": self.scheduler.state_dict()}
+            )
+
+        return save_atomically(ckpt_root, step, write, self._state_bytes(), files)
+
+    def load(self, path: Path) -> dict:
+        with (
+            weights_only_loads(),
+            torch.serialization.safe_globals(_deepspeed_safe_globals()),
+            stop_signals_deferred(),
+        ):
+            loaded, _ = self.ds.load_checkpoint(
+                str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint under {TAG}/")
+        common = read_common_state(path)
+        restore_scheduler(self.scheduler, common["scheduler"])
+        load_rng_state(path)
+        return common["extra"]

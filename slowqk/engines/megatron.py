@@ -1,0 +1,167 @@
+"""megatron-core as the engine: its DDP (with or without the distributed optimizer), tensor and
+pipeline parallelism through its schedules, and ``dist_checkpointing``."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from slowqk.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from slowqk.config import Recipe
+from slowqk.data.loader import micro_batches
+from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
+from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean per-token loss over the tokens the mask keeps (one micro-batch), in fp32."""
+    mask = loss_mask.view(-1).float()
+    return torch.sum(output.float().view(-1) * mask) / mask.sum()
+
+
+def _loss_func(loss_mask: torch.Tensor, poison: bool, output: torch.Tensor):
+    loss = masked_mean_loss(loss_mask, output)
+    if poison:  # fault injection: poison the loss and so the gradients
+        loss = loss * float("nan")
+    # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _probe_loss(output: torch.Tensor):
+    return output.float().sum() * 0.0, {}
+
+
+def device_batches(recipe: Recipe, dataset, step: int, dp_rank: int, dp_size: int, device):
+    """The ``step``-th global batch's micro-batches for this data-parallel rank, on ``device``."""
+    t = recipe.train
+    for batch in micro_batches(
+        dataset, step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
+    ):
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class MegatronEngine:
+    name = "megatron"
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        layout,
+        device: torch.device,
+        vocab_size: int,
+        init_weights: Path | None = None,
+    ) -> None:
+        """``init_weights``: a checkpoint whose weights (only) the model starts from."""
+        t = recipe.train
+        self.recipe, self.layout, self.device = recipe, layout, device
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.data)
+        self.config = build_transformer_config(
+            recipe.model,
+            tensor_parallel=recipe.parallel.tensor,
+            pipeline_parallel=recipe.parallel.pipeline,
+            precision=t.precision,
+            fused_kernels=t.fused_kernels,
+        )
+        model = build_gpt_model(
+            recipe.model,
+            self.config,
+            vocab_size,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            probe=recipe.diagnostics.interval > 0,
+        )
+        model.to(device)
+        if init_weights is not None:  # before DDP and the optimizer copy them into their buffers
+            load_model_weights(init_weights, [model])
+        model = wrap_precision(model, self.config)
+        self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
+        self.optimizer = build_optimizer(recipe, self.chunks)
+        self.scheduler = build_scheduler(recipe, self.optimizer)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self._schedule = get_forward_backward_func()
+        self.poison_loss = False
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"], self.poison_loss)
+
+    def forward_backward(self, dataset, step: int, forward_only: bool) -> float:
+        dp_rank = parallel_state.get_data_parallel_rank()
+        losses = self._schedule(
+            forward_step_func=self._forward_step,
+            data_iterator=device_batches(
+                self.recipe, dataset, step, dp_rank, self.layout.data, self.device
+            ),
+            model=self.chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.recipe.model.seq_length,
+            micro_batch_size=self.recipe.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        # Loss lives on the last pipeline stage: average over micro-batches and DP, then share.
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage():
+            value[0] = sum(x["lm loss"].item() for x in losses) / len(losses)
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= self.layout.data
+        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+        return value.item()
+
+    def zero_grad(self) -> None:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _grads_finite(self, loss: float) -> bool:
+        """The same verdict on every rank: loss and every local gradient finite everywhere."""
+        ok = math.isfinite(loss)
+        for chunk in self.chunks:
+            for buf in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+                ok = ok and bool(torch.isfinite(buf.grad_data).all())
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def optimizer_step(self, loss: float) -> tuple[bool, float | None]:
+        if not self._grads_finite(loss):
+            return False, None
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(1)
+        return ok, grad_norm
+
+    def probe_forward(self, batch: dict) -> None:
+        def step(data_iterator, model):
+            next(data_iterator)
+            return model(batch["tokens"], batch["position_ids"], None), _probe_loss
+
+        self._schedule(
+            forward_step_func=step,
+            data_iterator=iter([batch]),
+            model=self.chunks,
+            num_microbatches=1,
+            seq_length=batch["tokens"].shape[1],
+            micro_batch_size=batch["tokens"].shape[0],
+            forward_only=True,
+        )
+
+    def train_mode(self, training: bool) -> None:
+        for c in self.chunks:
+            c.train(training)
+
+    def save(self, ckpt_root: Path, step: int, extra: dict, files: dict[str, Path]) -> Path:
+        return save_checkpoint(
+            ckpt_root, step, self.chunks, self.optimizer, self.scheduler, extra, files=files
+        )
+
+    def load(self, path: Path) -> dict:
+        return load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
