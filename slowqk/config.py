@@ -602,14 +602,6 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                     "use the megatron engine for TP/PP",
                 )
             )
-        if recipe.diagnostics.interval:
-            out.append(
-                (
-                    "diagnostics.interval",
-                    "not available with parallel.engine=deepspeed yet (the probe reads "
-                    "megatron-core's gradient buffers)",
-                )
-            )
         if recipe.optimizer.name != "adamw":
             out.append(
                 (

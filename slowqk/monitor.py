@@ -31,7 +31,7 @@ from slowqk.diagnostics import (
     pathway_energy_ratio,
     qk_logit_change_sums,
 )
-from slowqk.lower_drift import layer_of_params, optimizer_is_sharded
+from slowqk.lower_drift import layer_of_params
 
 log = logging.getLogger("slowqk.monitor")
 
@@ -79,27 +79,27 @@ class Monitor:
         self,
         interval: int,
         num_layers: int,
-        model: torch.nn.Module,
-        optimizer,
+        engine,
         probe_batch: dict[str, torch.Tensor],
-        forward,
         device: torch.device,
         path: Path,
         write: bool,
         tensorboard=None,
     ) -> None:
-        """``model``: the unwrapped model chunk this rank holds; ``forward(batch)`` runs the
-        engine's forward-only pass of the probe batch; ``write``: this rank writes ``path`` and
-        ``tensorboard`` (a SummaryWriter or None)."""
+        """``engine`` (:mod:`slowqk.engines`): the model chunk this rank holds, its forward-only
+        pass of the probe batch, the reduced gradients and (ZeRO-3) the gathered weights;
+        ``write``: this rank writes ``path`` and ``tensorboard`` (a SummaryWriter or None)."""
         from slowqk.patches.lr_groups import find_qkv_params
 
         self.interval, self.num_layers = interval, num_layers
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.batch, self.forward = probe_batch, forward
+        self.engine, self.device = engine, device
+        self.model = getattr(engine.chunks[0], "module", engine.chunks[0])
+        self.batch = probe_batch
         qkv = find_qkv_params([self.model], set(range(self.num_layers)))
         self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}
         self.qkv_biases = {t.layer: t for t in qkv if t.row_len == 1}
         self.layer_of_param = layer_of_params([self.model])
+        self._qkv_params = [t.param for t in qkv]
         self._before: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._grad_sq: torch.Tensor | None = None
         self.path, self.enabled_io, self.tb = path, write, tensorboard
@@ -132,33 +132,14 @@ class Monitor:
         if not self.due(step):
             self._before = None
             return
-        bias = {layer: t.param.detach().float().clone() for layer, t in self.qkv_biases.items()}
-        self._before = {
-            layer: (t.param.detach().float().clone(), bias.get(layer))
-            for layer, t in self.qkv_weights.items()
-        }
-        self._grad_sq = self._layer_grad_sq()
-
-    def _layer_grad_sq(self) -> torch.Tensor:
-        """Squared gradient norm per layer, over all ranks (each element counted once)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        from slowqk.patches.lr_groups import iter_main_params
-
-        sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
-        sharded = optimizer_is_sharded(self.optimizer)
-        for _, model_param, _, lo, hi in iter_main_params(self.optimizer):
-            layer = self.layer_of_param.get(id(model_param))
-            if layer is None or not param_is_not_tensor_parallel_duplicate(model_param):
-                continue
-            # after the grad sync main_grad holds the reduced gradient over [lo, hi) (the shard
-            # this rank's optimizer owns under the distributed optimizer, else all of it)
-            g = model_param.main_grad.detach().reshape(-1)[lo:hi]
-            sq[layer] += g.double().pow(2).sum()
-        if sharded and ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(sq, group=ps.get_data_parallel_group())
-        return self._reduce_model_parallel(sq)
+        with self.engine.full_weights(self._qkv_params):
+            bias = {i: t.param.detach().float().clone() for i, t in self.qkv_biases.items()}
+            self._before = {
+                layer: (t.param.detach().float().clone(), bias.get(layer))
+                for layer, t in self.qkv_weights.items()
+            }
+        grad_sq = self.engine.layer_grad_sq(self.layer_of_param, self.num_layers)
+        self._grad_sq = self._reduce_model_parallel(grad_sq)
 
     def _qk_updates(self) -> torch.Tensor:
         """Per layer ``[||dQ||^2, ||Q||^2, ||dK||^2, ||K||^2]`` over all TP/PP ranks."""
@@ -199,16 +180,18 @@ class Monitor:
 
         if self._before is None:
             return None
-        updates = self._qk_updates()
+        with self.engine.full_weights(self._qkv_params):
+            updates = self._qk_updates()
         qkv_inputs: dict[int, torch.Tensor] = {}
         layers = probe_stats(
             self.model,
             self.batch["tokens"],
             self.batch["position_ids"],
-            forward=lambda: self.forward(self.batch),
+            forward=lambda: self.engine.probe_forward(self.batch),
             qkv_inputs=qkv_inputs,
         )
-        logits = self._logit_changes(qkv_inputs)
+        with self.engine.full_weights(self._qkv_params):
+            logits = self._logit_changes(qkv_inputs)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parts: list[dict] = [{}] * ps.get_pipeline_model_parallel_world_size()
             dist.all_gather_object(parts, layers, group=ps.get_pipeline_model_parallel_group())

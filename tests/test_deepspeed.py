@@ -26,6 +26,9 @@ def _overrides(dataset: str, out: Path, **extra) -> list[str]:
             "optimizer.eps": 1e-3,
             "qk.adaptive.max_hold": 5,
             "qk.adaptive.threshold": 0.76,
+            # diagnostics with the early warning: the same records on both engines
+            "diagnostics.interval": 2,
+            "diagnostics.probe_samples": 2,
             **extra,
         },
     )  # settles at step 4
@@ -59,6 +62,12 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
 
 
+def _diagnostics(run: Path) -> list[dict]:
+    from slowqk.monitor import read_diagnostics
+
+    return read_diagnostics(run / "diagnostics.jsonl")
+
+
 def _drift(run: Path) -> list[float]:
     from slowqk.metrics import read_metrics
 
@@ -76,6 +85,8 @@ def megatron_run(small_dataset, tmp_path_factory) -> Path:
 def test_zero_stage_matches_the_megatron_path(small_dataset, megatron_run, tmp_path, stage) -> None:
     import json
 
+    from slowqk import monitor
+
     summaries = run_ranks(_deepspeed, 2, _overrides(small_dataset, tmp_path / "ds"), stage)
     ref, got = _losses(megatron_run), _losses(tmp_path / "ds")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
@@ -85,6 +96,21 @@ def test_zero_stage_matches_the_megatron_path(small_dataset, megatron_run, tmp_p
     assert (release["reason"], release["step"]) == ("settled", 4), release
     assert summaries[0]["qk_release"]["step"] == release["step"]
     assert _drift(tmp_path / "ds") == pytest.approx(_drift(megatron_run), rel=1e-4)
+    ref_diag, got_diag = _diagnostics(megatron_run), _diagnostics(tmp_path / "ds")
+    assert [d["step"] for d in got_diag] == [d["step"] for d in ref_diag] == [1, 3, 5]
+    for r, g in zip(ref_diag, got_diag, strict=True):
+        assert g.keys() == r.keys() and g["layers"].keys() == r["layers"].keys()
+        for layer, want in r["layers"].items():
+            have = g["layers"][layer]
+            assert have.keys() == want.keys(), (layer, have.keys() ^ want.keys())
+            for key in monitor.SCALARS:  # the same measurement through another engine
+                if key in want:
+                    assert have[key] == pytest.approx(want[key], rel=2e-3, abs=1e-7), (
+                        key,
+                        g["step"],
+                    )
+    warning = json.loads((megatron_run / "summary.json").read_text())["specialization_warning"]
+    assert summaries[0]["specialization_warning"] == warning
 
 
 def _rows_worker(rank: int, world: int, stage: int, mult_q: float, mult_k: float) -> dict:
@@ -180,3 +206,19 @@ def test_unsupported_combinations_are_refused_when_the_recipe_loads(overrides, m
 
     with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_recipe("tiny/gpt", ["parallel.engine=deepspeed", *overrides])
+
+
+def test_init_from_starts_zero3_from_a_megatron_checkpoint(
+    small_dataset, megatron_run, tmp_path
+) -> None:
+    """``train.init_from`` on the DeepSpeed engine: the weights of a megatron-core checkpoint,
+    loaded before ZeRO-3 partitions them; the first loss equals the megatron engine's from the
+    same checkpoint."""
+    source = tmp_path / "source"
+    run_ranks(_megatron, 2, _overrides(small_dataset, source, **{"train.save_interval": 3}))
+    init = {"train.init_from": str(source), "train.steps": 1, "train.eval_interval": 1}
+    run_ranks(_megatron, 2, _overrides(small_dataset, tmp_path / "mc", **init))
+    run_ranks(_deepspeed, 2, _overrides(small_dataset, tmp_path / "ds", **init), 3)
+    fresh, mc, ds = (_losses(r)[1] for r in (megatron_run, tmp_path / "mc", tmp_path / "ds"))
+    assert ds == pytest.approx(mc, rel=2e-5)
+    assert abs(ds - fresh) > 0.1  # trained weights, not a fresh initialization

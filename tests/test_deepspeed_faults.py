@@ -121,3 +121,33 @@ def test_zero3_stop_signal_exits_75_and_nan_steps_move_nothing(
         "checkpoint, exit 75, resume exact; the NaN step skipped, nothing moved",
         f"exit codes 75/75; {steps}/{steps} steps bitwise equal; 1 skip, LR held, losses finite",
     )
+
+
+def test_what_a_deepspeed_checkpoint_cannot_do_is_refused_in_one_line(
+    dataset,  # noqa: F811 - the fixture imported above
+    tmp_path,
+) -> None:
+    from multiproc import run_cli
+
+    run = tmp_path / "ds"
+    assert launch(_zero_args(dataset, run, 2, **{"train.steps": 2}), nproc=1) == [0]
+    for args, message in (
+        (
+            _args(dataset, run, **{"train.steps": 4}),
+            "written by the deepspeed engine, this run uses parallel.engine=megatron",
+        ),
+        (
+            _zero_args(dataset, run, 3, **{"train.steps": 4}),
+            "a ZeRO-2 checkpoint at data-parallel size 1; this run is ZeRO-3 at 1",
+        ),
+        (
+            _args(dataset, tmp_path / "other", **{"train.init_from": str(run)}),
+            "a DeepSpeed checkpoint; init_from reads megatron-core checkpoints",
+        ),
+    ):
+        assert launch(args, nproc=1) == [2], message
+        err = launch.last[0].stderr_text
+        assert message in err and "Traceback" not in err, err[-2000:]
+    proc = run_cli(["export-hf", str(run), str(tmp_path / "hf")])
+    assert proc.returncode == 2 and "a DeepSpeed checkpoint; export reads" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

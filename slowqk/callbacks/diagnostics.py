@@ -36,10 +36,8 @@ class Diagnostics(Callback):
         monitor = Monitor(
             r.diagnostics.interval,
             r.model.num_layers,
-            getattr(engine.chunks[0], "module", engine.chunks[0]),
-            engine.optimizer,
+            engine,
             batch,
-            engine.probe_forward,
             trainer.device,
             trainer.run_dir / "diagnostics.jsonl",
             write=trainer.rank == 0,

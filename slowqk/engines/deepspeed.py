@@ -89,7 +89,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         import deepspeed  # here: importing it picks its accelerator from the variable above
 
-        stage = recipe.parallel.zero_stage
+        self.stage = stage = recipe.parallel.zero_stage
         self.name = f"deepspeed-zero{stage}"
         self.recipe, self.layout, self.device = recipe, layout, device
         self.config = build_transformer_config(recipe.model, precision=recipe.train.precision)
@@ -149,6 +149,26 @@ class DeepSpeedEngine:
 
     def probe_forward(self, batch: dict) -> None:
         self.ds(batch["tokens"], batch["position_ids"], None)
+
+    def layer_grad_sq(self, layer_of_param: dict[int, int], num_layers: int) -> torch.Tensor:
+        """Squared norm per layer of the reduced gradient (before clipping), from DeepSpeed's
+        full-gradient accessor: every rank gets the whole gradient, so nothing is reduced after
+        (a collective under ZeRO-3: every rank walks every parameter)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        sq = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+        for p in self.chunks[0].parameters():
+            grad = safe_get_full_grad(p)
+            layer = layer_of_param.get(id(p))
+            if layer is not None and grad is not None:
+                sq[layer] += grad.detach().double().pow(2).sum()
+        return sq
+
+    def full_weights(self, params: list[torch.nn.Parameter]):
+        """ZeRO-3 holds a piece of each parameter: gather them whole while read (read-only)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, enabled=self.stage == 3)
 
     def train_mode(self, training: bool) -> None:
         self.ds.train(training)

@@ -3,6 +3,7 @@ pipeline parallelism through its schedules, and ``dist_checkpointing``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from pathlib import Path
@@ -12,12 +13,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from slowqk.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from slowqk.config import Recipe
 from slowqk.data.loader import micro_batches
+from slowqk.lower_drift import optimizer_is_sharded
 from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
+from slowqk.patches.lr_groups import iter_main_params
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -153,6 +157,27 @@ class MegatronEngine:
             micro_batch_size=batch["tokens"].shape[0],
             forward_only=True,
         )
+
+    def layer_grad_sq(self, layer_of_param: dict[int, int], num_layers: int) -> torch.Tensor:
+        """Squared norm per layer of the reduced gradient the optimizer sees (before clipping),
+        summed over the data-parallel ranks, each element once; over this rank's tensor and
+        pipeline share (the caller reduces over those)."""
+        sq = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+        for _, model_param, _, lo, hi in iter_main_params(self.optimizer):
+            layer = layer_of_param.get(id(model_param))
+            if layer is None or not param_is_not_tensor_parallel_duplicate(model_param):
+                continue
+            # after the grad sync main_grad holds the reduced gradient over [lo, hi) (the shard
+            # this rank's optimizer owns under the distributed optimizer, else all of it)
+            g = model_param.main_grad.detach().reshape(-1)[lo:hi]
+            sq[layer] += g.double().pow(2).sum()
+        if optimizer_is_sharded(self.optimizer) and self.layout.data > 1:
+            dist.all_reduce(sq, group=parallel_state.get_data_parallel_group())
+        return sq
+
+    def full_weights(self, params: list[torch.nn.Parameter]):
+        """Each rank holds its parameters whole (its TP piece): nothing to gather."""
+        return contextlib.nullcontext()
 
     def train_mode(self, training: bool) -> None:
         for c in self.chunks:
