@@ -106,6 +106,7 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
+    # deferred: patches load before megatron-core is imported
     from megatron.core.tensor_parallel import random as mrandom
 
     def set_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -120,6 +121,7 @@ def _patch_megatron() -> None:
 
 
 def megatron_version() -> str:
+    # deferred: patches load before megatron-core is imported
     from megatron.core import package_info
 
     return package_info.__version__

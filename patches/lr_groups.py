@@ -60,6 +60,7 @@ def _shape(p: torch.nn.Parameter) -> torch.Size:
 def _layers(model_chunks: Iterable[torch.nn.Module]):
     """``(0-based global layer index, TransformerLayer)``: ``layer_number`` is global (1-based)
     under pipeline parallelism, so selections are made on global indices on every stage."""
+    # deferred: patches load before megatron-core is imported
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     for chunk in model_chunks:
@@ -135,6 +136,7 @@ def _layer_part_params(
 
 def find_part_params(model_chunks: Iterable[torch.nn.Module]) -> list[PartParam]:
     """Every parameter a group can name (the final norm is in no part), with its parts' rows."""
+    # deferred: patches load before megatron-core is imported
     from megatron.core.models.gpt import GPTModel
 
     chunks = list(model_chunks)
@@ -166,6 +168,7 @@ def find_part_params(model_chunks: Iterable[torch.nn.Module]) -> list[PartParam]
 
 
 def _tp_size_rank() -> tuple[int, int]:
+    # deferred: patches load before megatron-core is imported
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -184,6 +187,7 @@ def iter_main_params(
     ``main_param`` is what the inner torch optimizer updates; it holds the flat element range
     ``[lo, hi)`` of ``model_param``.
     """
+    # deferred: patches load before megatron-core is imported
     from megatron.core.optimizer import (
         ChainedOptimizer,
         DistributedOptimizer,
@@ -244,6 +248,7 @@ def _iter_deepspeed_partitions(
     partition concatenates those pieces. Yields views of the flat partition, one per parameter
     piece.
     """
+    # deferred: patches load before megatron-core is imported
     import torch.distributed as dist
 
     inner = opt.optimizer

@@ -32,6 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
 
 from slowqk import faults
 from slowqk.hashing import sha256_files
@@ -204,8 +208,6 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
 
 def _saved_bytes(state: dict) -> int:
     """Bytes this rank's share of ``state`` writes: the main replica of each sharded tensor."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
     total = 0
     for v in nested_values(state):
@@ -435,7 +437,6 @@ def write_common_state(tmp: Path, state: dict[str, Any]) -> None:
 
 def read_common_state(path: Path) -> dict[str, Any]:
     """The non-tensor part of a checkpoint (run information, LR scheduler), weights-only."""
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     if checkpoint_engine(path) == "deepspeed":
         return torch.load(path / DEEPSPEED_COMMON, weights_only=True)
@@ -455,7 +456,6 @@ def read_extra(path: Path) -> dict[str, Any]:
 
 def _init_empty_optimizer_states(optimizer) -> None:
     """A fresh distributed optimizer has no Adam state to load into; give it placeholder state."""
-    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
 
     opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for opt in opts:

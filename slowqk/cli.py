@@ -4,17 +4,20 @@ one's options."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 import warnings
+from itertools import islice
+from pathlib import Path
 
 from slowqk.config import RecipeError, load_recipe, recipe_to_yaml
 
 
 def _default_shared(rel: str) -> str:
     """A path under the shared data directory beside the repository, if it is there."""
-    from pathlib import Path
 
     root = Path(
         os.environ.get(
@@ -41,6 +44,7 @@ def _cmd_print_recipe(args: argparse.Namespace) -> int:
 
 def _group_elements_comment(recipe) -> str:
     """The elements each learning-rate group covers in each layer, as YAML comments."""
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.config import padded_vocab_size
     from slowqk.qk.parts import element_counts
 
@@ -64,8 +68,8 @@ def _group_elements_comment(recipe) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
 
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.checkpoint import CheckpointError
     from slowqk.distributed import PeerTimeout
     from slowqk.train import (
@@ -105,6 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.distributed import LayoutError
     from slowqk.launch import run
 
@@ -127,6 +132,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.quickstart import run_quickstart
 
     return run_quickstart(args.recipe, args.overrides, out=args.out, steps=args.steps)
@@ -147,6 +153,7 @@ def _print_manifest(root: str, manifest: dict) -> None:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.corpus import prepare_corpus
 
     prepared = prepare_corpus(
@@ -162,8 +169,8 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from itertools import islice
 
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.sources import iter_documents
     from slowqk.data.tokenizer import train_sentencepiece
     from slowqk.hashing import file_sha256
@@ -188,6 +195,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.shard import ShardOptions, build_shards, parse_split
 
     options = ShardOptions(
@@ -214,6 +222,7 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_verify(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.verify import verify_dataset
 
     totals = verify_dataset(args.dataset)
@@ -224,6 +233,7 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.verify import inspect_dataset
 
     print(inspect_dataset(args.dataset, args.split, args.docs))
@@ -231,6 +241,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.experiments import load_grid, run_grid
 
     only = [v for v in (args.only or "").split(",") if v] or None
@@ -240,6 +251,7 @@ def _cmd_experiment_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.summary import write_summary
 
     table, files = write_summary(args.grid_dir, args.out)
@@ -249,6 +261,7 @@ def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_reproduce(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.experiments import reproduce
 
     bitwise, report = reproduce(args.grid_dir, args.run, args.out)
@@ -257,6 +270,7 @@ def _cmd_experiment_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.hf.export import export_checkpoint
 
     out = export_checkpoint(
@@ -268,6 +282,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     )
     print(f"exported {args.checkpoint} -> {out}")
     if args.check_val:
+        # deferred: subcommands import what they use, so the CLI starts fast
         from slowqk.hf.validate import compare_validation
 
         r = compare_validation(args.checkpoint, out)
@@ -283,9 +298,8 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
-    import subprocess
-    from pathlib import Path
 
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.hf.importer import check_import, import_rank, recipe_for
 
     recipe = recipe_for(
@@ -327,9 +341,8 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.evaluate import evaluate, format_results
 
     if args.compare:
@@ -358,6 +371,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.distributed import LayoutError
     from slowqk.slurm import SlurmJob, submit
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slowqk.qk.schedule import to_steps
+
 # A wheel ships the recipes inside the package (slowqk/recipes); a checkout has them at the top
 # level.
 _PACKAGE = Path(__file__).resolve().parent
@@ -622,7 +624,6 @@ def _lengths_in_steps(
 ) -> dict[str, int]:
     """Each length ``section.<key>`` (in the unit at ``unit_key``) in steps; what is wrong goes to
     ``problems``."""
-    from slowqk.qk.schedule import to_steps
 
     unit = recipe.qk.unit if unit_key == "qk.unit" else section.unit
     out = {}
@@ -661,6 +662,7 @@ def group_label(group: LRGroupConfig, num_layers: int) -> str:
 
 def resolve_layers(sel: LayerSelection | None, num_layers: int) -> list[int]:
     """0-based indices a layer selection names; ``None`` is every layer."""
+    # deferred: it imports torch, which loading a recipe (and the CLI's start) does not need
     from slowqk.qk.selection import select_layers
 
     if sel is None:
@@ -674,6 +676,7 @@ def resolve_layers(sel: LayerSelection | None, num_layers: int) -> list[int]:
 def group_coverage(recipe: Recipe) -> list[tuple[str, str, dict[int | None, set[str]]]]:
     """``(key, label, {layer or None: atoms})`` for ``qk`` (when enabled) and every ``lr_groups``
     entry whose layers are valid; ``None`` is the model (embedding, output)."""
+    # deferred: a circular import at module level
     from slowqk.qk.parts import MODEL_PARTS, atoms
 
     m = recipe.model
@@ -729,6 +732,7 @@ def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
                         "the embedding (name 'embedding', or set tie_embeddings=false)",
                     )
                 )
+        # deferred: a circular import at module level
         from slowqk.qk.parts import atoms
 
         pieces = [atoms(p, m.ffn == "swiglu") for p in g.params]

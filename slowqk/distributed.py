@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from slowqk.config import ParallelConfig
+from slowqk.patches import cpu_compat, megatron_fixes
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,6 @@ def init_distributed(
 ) -> Layout:
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state;
     ``timeout_s`` bounds how long any rank waits for the others, in every process group."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from slowqk.patches import cpu_compat, megatron_fixes
 
     megatron_fixes.apply()
     cuda = torch.cuda.is_available()
@@ -110,7 +110,6 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -120,7 +119,6 @@ def shutdown() -> None:
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

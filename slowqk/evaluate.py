@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from slowqk.data.corpus import split_corpus
+
 STOCK = {  # task -> (lm-eval task yaml relative to lm_eval/tasks, split the local file holds)
     "lambada_openai": ("lambada/lambada_openai.yaml", "test"),
     "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
@@ -39,6 +41,7 @@ PRIMARY = ("acc_norm", "acc", "word_perplexity", "perplexity")
 
 
 def _lm_eval_tasks_dir() -> Path:
+    # deferred: an optional extra, imported only where used
     import lm_eval.tasks
 
     return Path(lm_eval.tasks.__file__).parent
@@ -48,7 +51,6 @@ def shakespeare_documents(
     corpus: Path, valid_fraction: float = 0.1, min_words: int = 8
 ) -> list[str]:
     """Held-out passages: the validation documents of :func:`slowqk.data.corpus.split_corpus`."""
-    from slowqk.data.corpus import split_corpus
 
     _, valid = split_corpus(corpus.read_text(encoding="utf-8"), valid_fraction)
     return [d for d in valid if len(d.split()) >= min_words]
@@ -73,6 +75,7 @@ def write_registry_task(task_dir: Path, eval_data: Path | None, task: str, regis
     """Any task of lm-eval's registry (a ``TaskManager``) over ``<eval_data>/<task>_<split>.jsonl``
     (the split it evaluates: its test split, else its validation split). Returns
     ``<task>_local``."""
+    # deferred: an optional extra, imported only where used
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = registry.task_index.get(task)
@@ -182,6 +185,7 @@ def _missing_field(exc: BaseException) -> str | None:
 
 def _template_fields(config) -> set[str]:
     """The fields the task's Jinja templates name (only meaningful without ``process_docs``)."""
+    # deferred: an optional extra, imported only where used
     import jinja2
     from jinja2 import meta
 
@@ -195,6 +199,7 @@ def _template_fields(config) -> set[str]:
 
 def _data_files(task_manager, name: str) -> str:
     """The local file(s) a task's YAML points at, for messages."""
+    # deferred: an optional extra, imported only where used
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = task_manager.task_index.get(name)
@@ -246,6 +251,7 @@ def check_task_data(task_manager, chosen: list[str], limit: int | None = None) -
     """Build each chosen task and render the rows lm-eval will read (the first ``limit``) the
     way it will, before it runs: a file without the task's fields is one
     :class:`TaskDataError` naming the file, the task and the fields."""
+    # deferred: an optional extra, imported only where used
     from lm_eval.tasks import get_task_dict
 
     for name in chosen:
@@ -295,6 +301,7 @@ def evaluate(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deferred: an optional extra, imported only where used
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,10 @@ import yaml
 from pydantic import Field, ValidationError
 
 from slowqk.config import RecipeError, _Strict, load_recipe, parse_override, resolve_recipe_path
+from slowqk.data.corpus import prepare_corpus
+from slowqk.distributed import single_process_env
+from slowqk.metrics import read_metrics
+from slowqk.provenance import differences, provenance
 
 
 class Variant(_Strict):
@@ -221,7 +226,6 @@ def is_finished(run: Run) -> bool:
 def _shared_corpora(grid_dir: Path, runs: list[Run]) -> list[Run]:
     """Prepare each distinct bundled-corpus dataset once and point the runs at it (the tokenizer
     and shards would otherwise be rebuilt in every run directory)."""
-    from slowqk.data.corpus import prepare_corpus
 
     prepared: dict[str, Path] = {}
     out = []
@@ -260,7 +264,6 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
         "train.progress_bar=false",
         "--quiet",
     ]
-    from slowqk.distributed import single_process_env
 
     env = single_process_env(OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
@@ -357,9 +360,6 @@ def reproduce(
 ) -> tuple[bool, str]:
     """Re-run one listed run from scratch with its recorded thread count and compare its logged
     losses, gradient norms and final validation loss bit for bit. ``(bitwise, report)``."""
-    import shutil
-
-    from slowqk.provenance import differences, provenance
 
     run = find_run(grid_dir, which)
     summary_path = Path(run.run_dir) / "summary.json"
@@ -385,7 +385,6 @@ def reproduce(
     if code != 0:
         return False, f"{which}: the re-run failed (exit {code}; log: {target / 'train.log'})"
     new = json.loads((target / "summary.json").read_text())
-    from slowqk.metrics import read_metrics
 
     diff = _first_difference(
         read_metrics(Path(run.run_dir) / "metrics.jsonl"), read_metrics(target / "metrics.jsonl")

@@ -19,6 +19,12 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from slowqk.patches.lr_groups import iter_main_params
 
 
 def _is_matrix(param: torch.nn.Parameter) -> bool:
@@ -27,7 +33,6 @@ def _is_matrix(param: torch.nn.Parameter) -> bool:
 
 def layer_of_params(modules: Iterable[torch.nn.Module]) -> dict[int, int]:
     """``id(parameter) -> 0-based global layer index`` for every transformer layer's parameters."""
-    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     return {
         id(p): m.layer_number - 1
@@ -42,15 +47,12 @@ def optimizer_is_sharded(optimizer) -> bool:
     """True if each data-parallel rank updates its own share (no replicas to skip)."""
     if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer"):
         return True
-    from megatron.core.optimizer import DistributedOptimizer
 
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return any(isinstance(o, DistributedOptimizer) for o in chained)
 
 
 def _counts_here(param: torch.nn.Parameter, sharded: bool) -> bool:
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     if not param_is_not_tensor_parallel_duplicate(param):
         return False
@@ -71,7 +73,6 @@ class LowerLayerDrift:
     def __init__(
         self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]
     ) -> None:
-        from slowqk.patches.lr_groups import iter_main_params
 
         layers = set(layers)
         layer_of = layer_of_params(model_chunks)

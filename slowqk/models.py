@@ -16,16 +16,26 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.activations import fast_gelu  # the tanh approximation (GPT-2's "gelu_new")
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from slowqk.attention import SDPAttention
 
 # padded_vocab_size is re-exported
 from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401
+from slowqk.probe import probed_layer_spec
 
 
 def transformer_engine_available() -> bool:
@@ -48,8 +58,6 @@ def wrap_precision(model: torch.nn.Module, config: TransformerConfig) -> torch.n
     """bf16 models run as Megatron-LM runs them: every parameter and buffer in bf16 (position
     embeddings and norms included), fp32 logits out of the last stage."""
     if config.bf16 or config.fp16:
-        from megatron.core.transformer.module import Float16Module
-
         return Float16Module(config, model)
     return model
 
@@ -124,14 +132,10 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
             normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
         )
         if backend == "sdpa":
-            from slowqk.attention import SDPAttention
-
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
         elif backend != "local":
             raise ValueError(f"attention backend {backend!r}: expected te, sdpa or local")
     if probe:
-        from slowqk.probe import probed_layer_spec
-
         spec = probed_layer_spec(spec)
     return spec
 
@@ -147,12 +151,6 @@ def replay_earlier_stages(
     then freed) leaves the generators where PP=1 would have them: the same seed gives the same
     initial weights at any pipeline layout (TP already scatters weights drawn in full). Returns
     the number of layers replayed."""
-    from megatron.core import parallel_state
-    from megatron.core.models.common.embeddings.language_model_embedding import (
-        LanguageModelEmbedding,
-    )
-    from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     if (
         not parallel_state.model_parallel_is_initialized()

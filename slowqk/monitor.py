@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from slowqk.diagnostics import (
     attention_entropy,
@@ -32,6 +34,8 @@ from slowqk.diagnostics import (
     qk_logit_change_sums,
 )
 from slowqk.lower_drift import layer_of_params
+from slowqk.patches.lr_groups import find_qkv_params
+from slowqk.probe import attention_probs
 
 log = logging.getLogger("slowqk.monitor")
 
@@ -89,7 +93,6 @@ class Monitor:
         """``engine`` (:mod:`slowqk.engines`): the model chunk this rank holds, its forward-only
         pass of the probe batch, the reduced gradients and (ZeRO-3) the gathered weights;
         ``write``: this rank writes ``path`` and ``tensorboard`` (a SummaryWriter or None)."""
-        from slowqk.patches.lr_groups import find_qkv_params
 
         self.interval, self.num_layers = interval, num_layers
         self.engine, self.device = engine, device
@@ -119,7 +122,6 @@ class Monitor:
 
     # -- reductions over the model-parallel ranks that split a layer or hold other layers
     def _reduce_model_parallel(self, t: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
 
         if ps.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
@@ -176,7 +178,6 @@ class Monitor:
 
     def after_update(self, step_done: int) -> dict | None:
         """Run after the optimizer step of step ``step_done - 1``; returns the record if due."""
-        from megatron.core import parallel_state as ps
 
         if self._before is None:
             return None
@@ -246,9 +247,6 @@ def probe_stats(
     """Per-layer attention and residual statistics from one eval-mode forward, for the layers this
     rank holds (all TP ranks agree). ``forward``: see :func:`slowqk.probe.attention_probs`. When
     ``qkv_inputs`` is given it receives each layer's ``linear_qkv`` input."""
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from slowqk.probe import attention_probs
 
     stats: dict[int, dict] = {}
     hooks = []

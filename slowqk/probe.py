@@ -10,10 +10,14 @@ backend unchanged. The module tree and state dict are unchanged, so checkpoints 
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from slowqk.attention import effective_softmax_scale, explicit_attention, is_causal
@@ -50,7 +54,6 @@ def probed(core_attention: type) -> type:
 
 def probed_layer_spec(spec):
     """A copy of a GPT layer spec whose core attention can record its probabilities."""
-    import copy
 
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
@@ -72,9 +75,6 @@ def attention_probs(
     pipeline parallelism pass one that drives the pipeline schedule. Leaves the training RNG
     untouched (no dropout in eval mode) and restores the train/eval mode.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     recorders: dict[int, ProbeMixin] = {}
     for module in model.modules():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from slowqk.config import load_recipe
+from slowqk.distributed import single_process_env
 from slowqk.metrics import read_metrics
 
 ARMS = {"control": ["qk.enabled=false"], "intervention": ["qk.enabled=true"]}
@@ -19,7 +20,6 @@ def run_arm(recipe: str, overrides: list[str], out: Path, arm: str) -> dict:
     args = [*overrides, *ARMS[arm], f"out_dir={out / arm}", f"name={arm}"]
     load_recipe(recipe, args)  # fail fast, with the recipe error, before starting a process
     cmd = [sys.executable, "-m", "slowqk.cli", "train", recipe, *args, "--no-resume"]
-    from slowqk.distributed import single_process_env
 
     env = single_process_env(
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -49,9 +49,11 @@ def format_table(summaries: dict[str, dict]) -> str:
 
 
 def plot_curves(out: Path, arms: list[str]) -> Path:
+    # deferred: slow to import, and only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: slow to import, and only this path needs it
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))

@@ -7,6 +7,7 @@ before anything is submitted.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -81,7 +82,6 @@ def submit(
     dry_run: bool = False,
     workdir: Path | None = None,
 ) -> int:
-    import os
 
     workdir = (workdir or Path.cwd()).resolve()
     cmd, env, layout = sbatch_command(recipe, overrides, job, workdir)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from slowqk.metrics import read_metrics
+from slowqk.monitor import read_diagnostics
+from slowqk.provenance import DETERMINING
 
 
 @dataclass
@@ -68,6 +70,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> Interval:
     """Student-t confidence interval of the mean paired difference."""
+    # deferred: slow to import, and only this path needs it
     from scipy.stats import t
 
     n = len(differences)
@@ -85,6 +88,7 @@ ALPHA = 0.05
 
 def paired_p_value(differences: list[float]) -> float:
     """Two-sided paired t-test of mean difference 0 (nan below two pairs; 0 or 1 when sd is 0)."""
+    # deferred: slow to import, and only this path needs it
     from scipy.stats import t
 
     n = len(differences)
@@ -162,7 +166,6 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
     """``(grid, results, missing)``: the grid record, every finished run, and unfinished run
     dirs."""
-    from slowqk.monitor import read_diagnostics
 
     grid_dir = Path(grid_dir)
     record_path = grid_dir / "grid.json"
@@ -314,7 +317,6 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
 
 def provenance_summary(results: list[RunResult]) -> dict:
     """The distinct code and environment records of the runs (a mix is worth knowing about)."""
-    from slowqk.provenance import DETERMINING
 
     seen: dict[str, dict] = {}
     unrecorded = 0
@@ -456,9 +458,11 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
 
 
 def _plt():
+    # deferred: slow to import, and only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: slow to import, and only this path needs it
     import matplotlib.pyplot as plt
 
     return plt

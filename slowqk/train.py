@@ -9,6 +9,7 @@ data order, evaluation, logging, checkpoints and resume, stop signals, the non-f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -94,7 +95,6 @@ def _summary_defaults() -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    import json
 
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -260,8 +260,6 @@ class Trainer:
         if changes:
             log.warning("resuming %s with recipe changes: %s", path, "; ".join(changes))
             if self.rank == 0:
-                import json
-
                 with open(self.run_dir / "recipe_changes.jsonl", "a") as f:
                     f.write(json.dumps({"checkpoint": path.name, "changes": changes}) + "\n")
         check_resume_fits(path, saved, self.tokenizer.sha256, self.vocab_size, self.recipe)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import random
 import signal
 import socket
 import subprocess
@@ -38,10 +39,28 @@ _PRELOAD = [
 multiprocessing.set_forkserver_preload(_PRELOAD)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for rank 0's store: below the kernel's ephemeral range (where every other
+    connection, other tests' ranks included, takes its port) and in a block of its own per xdist
+    worker, so nothing can take it between this check and rank 0's bind."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    block = 2000
+    lo = max(1024, _ephemeral_low() - block * (worker % 8 + 1))
+    for port in random.sample(range(lo, lo + block), block):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{lo + block - 1}")
 
 
 def _adopt_environment(env: dict[str, str]) -> None:

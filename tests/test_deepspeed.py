@@ -192,10 +192,6 @@ def test_zero_stage_scales_exactly_the_groups_elements(stage) -> None:
             "key 'parallel.engine': deepspeed runs at parallel.tensor=1, parallel.pipeline=1",
         ),
         (
-            ["diagnostics.interval=5"],
-            "key 'diagnostics.interval': not available with parallel.engine=deepspeed yet",
-        ),
-        (
             ["optimizer.name=sgd"],
             "key 'optimizer.name': got 'sgd'; the DeepSpeed engine is wired for adamw",
         ),

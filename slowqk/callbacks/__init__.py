@@ -51,6 +51,7 @@ class Callback:
 
 def callback_classes() -> list[type[Callback]]:
     """The callbacks every run considers, in hook order (later ones may read earlier ones)."""
+    # deferred: a circular import at module level
     from slowqk.callbacks.diagnostics import Diagnostics
     from slowqk.callbacks.faults import FaultInjection
     from slowqk.callbacks.lower_drift import LowerDriftWatch

@@ -11,6 +11,12 @@ from typing import Any
 import torch.distributed as dist
 
 from slowqk.config import Recipe
+from slowqk.data.corpus import prepare_corpus
+from slowqk.data.loader import build_datasets
+from slowqk.data.shard import blend, check_tokenizer, load_manifest
+from slowqk.data.tokenizer import load_tokenizer
+from slowqk.data.verify import check_dataset_on_open
+from slowqk.models import padded_vocab_size
 
 
 @dataclass
@@ -26,9 +32,6 @@ def resolve_sources(
 ) -> tuple[Path, list[str], list[str], list[float] | None]:
     """Tokenizer, train prefixes, validation prefixes and train blend weights (rank 0 prepares a
     bundled corpus; the others wait and read it)."""
-    from slowqk.data.corpus import prepare_corpus
-    from slowqk.data.shard import blend, check_tokenizer, load_manifest
-    from slowqk.data.verify import check_dataset_on_open
 
     d = recipe.data
     if d.train_prefixes:
@@ -79,9 +82,6 @@ def check_out_dir(run_dir: Path) -> None:
 
 
 def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
-    from slowqk.data.loader import build_datasets
-    from slowqk.data.tokenizer import load_tokenizer
-    from slowqk.models import padded_vocab_size
 
     check_out_dir(run_dir)
     t = recipe.train

@@ -19,6 +19,7 @@ shards without a ``.done`` record. ``manifest.json`` exists only for a complete 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -29,7 +30,14 @@ from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from tqdm import tqdm
+
+from slowqk import faults
 from slowqk.data.sources import InputError, ReadStats, iter_documents
+from slowqk.data.tokenizer import load_tokenizer
+from slowqk.hashing import file_sha256
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
@@ -119,7 +127,6 @@ _TOKENIZER = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOKENIZER
-    from slowqk.data.tokenizer import load_tokenizer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _TOKENIZER = load_tokenizer(tokenizer_path)
@@ -127,10 +134,6 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _write_shard(job: tuple[str, str, list[str]]) -> dict:
     """Tokenize one shard's documents (EOD appended) and write it; returns its manifest entry."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from slowqk.hashing import file_sha256
 
     prefix, rel, texts = job
     tok = _TOKENIZER
@@ -228,7 +231,6 @@ def _jobs(
 
 def _fault_point(shards_done: int) -> None:
     """Fault injection for tests: SLOWQK_FAULT_KILL_AFTER_SHARDS=N kills the build (SIGKILL)."""
-    from slowqk import faults
 
     limit = faults._env_int("SLOWQK_FAULT_KILL_AFTER_SHARDS")
     if limit is not None and shards_done >= limit:
@@ -246,11 +248,6 @@ def build_shards(
     progress: bool = True,
 ) -> dict:
     """Build (or finish, or reuse) a sharded dataset; returns the manifest."""
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
-    from slowqk.data.tokenizer import load_tokenizer
 
     if not inputs:
         raise InputError("no input files given")
@@ -414,7 +411,6 @@ def _manifest_problem(manifest) -> str | None:
 
 def check_tokenizer(tokenizer_path: str | Path, dataset_dir: str | Path, manifest: dict) -> None:
     """Refuse a tokenizer other than the one the dataset was made with."""
-    from slowqk.hashing import file_sha256
 
     got, want = file_sha256(tokenizer_path), manifest["tokenizer"]["sha256"]
     if got != want:

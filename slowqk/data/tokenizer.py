@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer
 
 from slowqk.hashing import file_sha256
 
@@ -124,7 +125,6 @@ class HFTokenizer(_TokenizerBase):
     """A Hugging Face ``tokenizer.json`` (``tokenizers`` library) behind the same interface."""
 
     def __init__(self, path: str | Path, eod_token: str | None = None) -> None:
-        from tokenizers import Tokenizer
 
         path = Path(path)
         if not path.is_file():

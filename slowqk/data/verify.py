@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from slowqk.data.shard import MANIFEST
 from slowqk.data.tokenizer import load_tokenizer
-from slowqk.hashing import file_sha256
+from slowqk.hashing import file_sha256, sha256_files
 
 
 class VerifyError(ValueError):
@@ -32,7 +33,6 @@ def shard_problems(prefix: Path, entry: dict) -> tuple[list[str], object | None]
     both files present, the index readable, documents and tokens as listed, the .bin exactly as
     long as the index says, record pointers consistent. Returns the problems and the open
     dataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     missing = [f"{prefix}{e}" for e in (".bin", ".idx") if not Path(f"{prefix}{e}").is_file()]
     if missing:
@@ -72,7 +72,6 @@ def check_dataset_on_open(dataset_dir: str | Path, manifest: dict, hashes: bool 
     structure (:func:`shard_problems`) and, with ``hashes``, every shard file's sha256 against the
     manifest (split over torch.distributed ranks; every rank must call this). Raises VerifyError
     naming the first bad file."""
-    from slowqk.hashing import sha256_files
 
     root = Path(dataset_dir)
     for prefix, entry in _shards(root, manifest):
@@ -145,7 +144,6 @@ def inspect_dataset(
     dataset_dir: str | Path, split: str = "train", n_docs: int = 3, max_chars: int = 400
 ) -> str:
     """A few decoded documents and the split's statistics, as text."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     root, manifest = _load_manifest(dataset_dir)
     if split not in manifest["splits"]:

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 
 from slowqk.config import Recipe
+from slowqk.engines.deepspeed import DeepSpeedEngine
+from slowqk.engines.megatron import MegatronEngine
 
 
 class Engine(Protocol):
@@ -46,9 +48,6 @@ class Engine(Protocol):
 def build_engine(recipe: Recipe, layout, device: torch.device, vocab_size: int, **kw) -> Engine:
     """The engine ``parallel.engine`` names, built for this rank (``kw``: see the engines)."""
     if recipe.parallel.engine == "deepspeed":
-        from slowqk.engines.deepspeed import DeepSpeedEngine
-
         return DeepSpeedEngine(recipe, layout, device, vocab_size, **kw)
-    from slowqk.engines.megatron import MegatronEngine
 
     return MegatronEngine(recipe, layout, device, vocab_size, **kw)

@@ -70,6 +70,7 @@ def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
 def _deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its checkpoints hold besides tensors and plain values: allowed for
     the weights-only load of files the integrity record has already verified."""
+    # deferred: an optional extra, imported only where used
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -87,7 +88,7 @@ class DeepSpeedEngine:
         init_weights: Path | None = None,
     ) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        import deepspeed  # here: importing it picks its accelerator from the variable above
+        import deepspeed  # deferred: an optional extra; it picks its accelerator on import
 
         self.stage = stage = recipe.parallel.zero_stage
         self.name = f"deepspeed-zero{stage}"
@@ -154,6 +155,7 @@ class DeepSpeedEngine:
         """Squared norm per layer of the reduced gradient (before clipping), from DeepSpeed's
         full-gradient accessor: every rank gets the whole gradient, so nothing is reduced after
         (a collective under ZeRO-3: every rank walks every parameter)."""
+        # deferred: an optional extra, imported only where used
         from deepspeed.utils import safe_get_full_grad
 
         sq = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
@@ -166,6 +168,7 @@ class DeepSpeedEngine:
 
     def full_weights(self, params: list[torch.nn.Parameter]):
         """ZeRO-3 holds a piece of each parameter: gather them whole while read (read-only)."""
+        # deferred: an optional extra, imported only where used
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, enabled=self.stage == 3)

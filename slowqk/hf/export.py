@@ -17,6 +17,7 @@ import torch
 
 from slowqk.checkpoint import checkpoint_engine, resolve_checkpoint
 from slowqk.config import ModelConfig, Recipe
+from slowqk.data.tokenizer import load_tokenizer
 from slowqk.hf.mapping import expected_shape, hf_config, iter_hf_tensors, rules
 from slowqk.hf.reader import CheckpointReader, CheckpointReadError
 
@@ -53,6 +54,7 @@ class _ShardWriter:
         self.total_bytes += size
 
     def flush(self) -> None:
+        # deferred: an optional extra, imported only where used
         from safetensors.torch import save_file
 
         if not self.pending:
@@ -101,6 +103,7 @@ def write_tokenizer(src: Path, out: Path) -> None:
     added (SlowQK trains without them); ids equal SentencePiece's for text that does not start
     with whitespace (a leading run of spaces may split differently).
     """
+    # deferred: an optional extra, imported only where used
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if src.suffix == ".json":
@@ -168,7 +171,6 @@ def export_checkpoint(
     tok_file = reader.path / extra.get("tokenizer_file", "")
     if not extra.get("tokenizer_file") or not tok_file.is_file():
         raise CheckpointReadError(f"{reader.path}: no tokenizer file in the checkpoint")
-    from slowqk.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_file)
     if tokenizer.sha256 != extra.get("tokenizer_sha256"):
@@ -225,6 +227,7 @@ def export_checkpoint(
         config = hf_config(model, padded, bos, eos)  # padded rows kept: see slowqk.hf.mapping
         config.dtype = dtype
         config.save_pretrained(str(tmp))
+        # deferred: an optional extra, imported only where used
         from transformers import GenerationConfig
 
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(

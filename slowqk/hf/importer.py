@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from slowqk.checkpoint import save_checkpoint
 from slowqk.config import Recipe, build_recipe
+from slowqk.data.tokenizer import load_tokenizer
+from slowqk.distributed import init_distributed
 from slowqk.hf.mapping import GELU_FROM_HF, Rule, UnsupportedArchitecture, family, rules
+from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
 
 
 def model_overrides_from_hf(config: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +140,7 @@ class _HFWeights:
     """Lazy access to the tensors of an HF directory (single file or sharded with an index)."""
 
     def __init__(self, hf_dir: Path) -> None:
+        # deferred: an optional extra, imported only where used
         from safetensors import safe_open
 
         index = hf_dir / "model.safetensors.index.json"
@@ -188,7 +197,6 @@ def checkpoint_tensor(
 
 
 def _sharded_tensors(obj) -> Iterator:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     if isinstance(obj, dict):
         for v in obj.values():
@@ -240,8 +248,6 @@ def check_import(hf_dir: str | Path, recipe: Recipe, out: str | Path, overwrite:
     """Everything an import can check before any rank starts: the destination, the architecture,
     the tokenizer, the weight files' headers and index, the vocabulary against the TP size.
     Returns ``(tokenizer file, tokenizer, weights, vocab_size)``."""
-    from slowqk.data.tokenizer import load_tokenizer
-    from slowqk.models import padded_vocab_size
 
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -273,14 +279,6 @@ def import_rank(
     """Run on every rank (world = TP x PP): build, fill and save. Returns the checkpoint directory.
     The checkpoint root is written beside ``out`` and put in its place at the end (``overwrite``
     replaces an existing one only then)."""
-    import shutil
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from slowqk.checkpoint import save_checkpoint
-    from slowqk.distributed import init_distributed
-    from slowqk.models import build_gpt_model, build_transformer_config
 
     hf_dir, out = Path(hf_dir), Path(out)
     tok_path, tokenizer, weights, vocab = check_import(hf_dir, recipe, out, overwrite)

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from slowqk.checkpoint import CheckpointError, read_extra, verify_checkpoint
 
 
 class CheckpointReadError(ValueError):
@@ -20,9 +24,6 @@ class CheckpointReadError(ValueError):
 
 class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        from slowqk.checkpoint import CheckpointError, read_extra, verify_checkpoint
 
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
@@ -48,7 +49,6 @@ class CheckpointReader:
 
     def load(self, key: str) -> torch.Tensor:
         """The global tensor under ``key`` (all TP/PP shards merged)."""
-        import torch.distributed.checkpoint as dcp
 
         if key not in self._meta:
             raise CheckpointReadError(f"{self.path}: no tensor {key!r} in the checkpoint")

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import torch
 
+from slowqk.checkpoint import load_model_weights, read_extra, resolve_checkpoint
+from slowqk.config import Recipe
+from slowqk.data.loader import micro_batches
+from slowqk.train import Trainer
+
 
 def hf_loss_on_batches(hf_dir: str | Path, batches: list[list[dict]]) -> float:
     """Mean over global batches of the mean over micro-batches of the masked token loss: the
     reduction the training loop's ``evaluate`` uses."""
+    # deferred: an optional extra, imported only where used
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -40,10 +46,6 @@ def compare_validation(
     Builds the run's data and model on one process (any saved TP/PP layout is resharded to 1x1).
     ``run_dir`` is where the run's prepared data lives (default: the checkpoint's run directory).
     """
-    from slowqk.checkpoint import load_model_weights, read_extra, resolve_checkpoint
-    from slowqk.config import Recipe
-    from slowqk.data.loader import micro_batches
-    from slowqk.train import Trainer
 
     path = resolve_checkpoint(checkpoint)
     data = read_extra(path)["recipe"]

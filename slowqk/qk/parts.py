@@ -56,6 +56,7 @@ def model_elements(part: str, m: ModelConfig, vocab_rows: int) -> int:
 def element_counts(recipe, vocab_rows: int) -> dict[str, dict[int | None, int]]:
     """``{group label: {layer (None = the model): elements}}`` for ``qk`` and every ``lr_groups``
     entry (over all TP ranks; a tied last stage's copy of the embedding not counted again)."""
+    # deferred: a circular import at module level
     from slowqk.config import group_coverage
 
     m = recipe.model
