@@ -292,7 +292,38 @@ def save_atomically(
     checkpoint is self-contained for export.
     """
     try:
-        return _save_atomically(ckpt_root, step, write, state_bytes, files)
+        rank = dist.get_rank()
+        final = ckpt_root / _iter_name(step)
+        tmp = ckpt_root / (_iter_name(step) + ".tmp")
+        if rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        _check_space(ckpt_root, step, state_bytes, files)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        write(tmp)
+        # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            for name, src in files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / name)
+        dist.barrier()
+        faults.kill_in_save(step, rank)
+        hashes = _hash_files(tmp, _file_list(tmp))  # every rank hashes its share of the files
+        if rank == 0:
+            write_record(tmp, step, hashes)
+            _fsync_tree(tmp)
+            old = final.with_name(final.name + ".old.tmp")
+            if final.exists():  # re-saving a step: move the old copy aside, never delete it first
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            _write_atomic(ckpt_root / LATEST, final.name + "\n")
+        dist.barrier()
+        return final
     except CheckpointSpaceError:
         raise
     # torch.distributed.checkpoint's CheckpointException is a BaseException
@@ -306,47 +337,6 @@ def save_atomically(
             f"on device); the partial copy was removed and {_latest_text(ckpt_root)} stays the "
             "latest; free space and resume"
         ) from None
-
-
-def _save_atomically(
-    ckpt_root: Path,
-    step: int,
-    write: Callable[[Path], None],
-    state_bytes: int,
-    files: dict[str, Path],
-) -> Path:
-    rank = dist.get_rank()
-    final = ckpt_root / _iter_name(step)
-    tmp = ckpt_root / (_iter_name(step) + ".tmp")
-    if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    _check_space(ckpt_root, step, state_bytes, files)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    write(tmp)
-    # Per-rank RNG states: plain tensors and Python values, read back with weights_only=True.
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    if rank == 0:
-        for name, src in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / name)
-    dist.barrier()
-    faults.kill_in_save(step, rank)
-    hashes = _hash_files(tmp, _file_list(tmp))  # every rank hashes its share of the files
-    if rank == 0:
-        write_record(tmp, step, hashes)
-        _fsync_tree(tmp)
-        old = final.with_name(final.name + ".old.tmp")
-        if final.exists():  # re-saving a step: move the old copy aside, never delete it first
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _write_atomic(ckpt_root / LATEST, final.name + "\n")
-    dist.barrier()
-    return final
 
 
 def _candidates(ckpt_root: Path) -> list[Path]:
@@ -421,6 +411,18 @@ def weights_only_loads():
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+def megatron_checkpoint(source: str | Path, what: str) -> Path:
+    """The checkpoint ``source`` names (see :func:`resolve_checkpoint`), refused in one line when
+    DeepSpeed wrote it: ``what`` (e.g. ``train.init_from``) reads megatron-core checkpoints."""
+    path = resolve_checkpoint(source)
+    if checkpoint_engine(path) != "megatron":
+        raise ValueError(
+            f"{what}: {path} is a DeepSpeed checkpoint; {what} reads megatron-core checkpoints (a "
+            "megatron-engine run or an HF import)"
+        )
+    return path
 
 
 def checkpoint_engine(path: Path) -> str:

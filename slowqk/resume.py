@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slowqk.checkpoint import checkpoint_engine, latest_checkpoint, read_extra, resolve_checkpoint
+from slowqk.checkpoint import (
+    checkpoint_engine,
+    latest_checkpoint,
+    megatron_checkpoint,
+    read_extra,
+)
 from slowqk.config import ModelConfig, Recipe, architecture, run_altering_changes
 
 
@@ -73,12 +78,7 @@ def init_source(recipe: Recipe, tokenizer_sha256: str, vocab_size: int) -> Path:
     """The checkpoint ``train.init_from`` names, checked against this run: tokenizer, vocabulary
     rows and architecture."""
     source = recipe.train.init_from
-    path = resolve_checkpoint(source)
-    if checkpoint_engine(path) != "megatron":
-        raise ValueError(
-            f"train.init_from={source}: a DeepSpeed checkpoint; init_from reads megatron-core "
-            "checkpoints (a megatron-engine run or an HF import), at any engine and layout"
-        )
+    path = megatron_checkpoint(source, "train.init_from")
     saved = read_extra(path)
     if saved.get("tokenizer_sha256") != tokenizer_sha256:
         raise ValueError(

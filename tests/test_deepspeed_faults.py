@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import math
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from test_faults import _args, _losses, dataset, launch  # noqa: F401 - dataset is a fixture
+from test_faults import _args, _losses, dataset, launch, terminate_after  # noqa: F401 - dataset is a fixture
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
 pytestmark = pytest.mark.slow
@@ -87,18 +86,7 @@ def test_zero3_stop_signal_exits_75_and_nan_steps_move_nothing(
     args = {"train.steps": steps, "train.save_interval": 20}
     assert launch(_zero_args(dataset, ref, 3, **args)) == [0, 0], launch.last[0].stderr_text[-3000:]
     run = tmp_path / "run"
-
-    def terminate_midway(procs):
-        metrics = run / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.02)
-        for p in procs:  # as SLURM or torchrun forward it: to every rank
-            p.send_signal(signal.SIGTERM)
-
-    codes = launch(_zero_args(dataset, run, 3, **args), on_start=terminate_midway)
+    codes = launch(_zero_args(dataset, run, 3, **args), on_start=terminate_after(run, 5))
     assert codes == [75, 75], (codes, launch.last[0].stderr_text[-2000:])
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 5 <= stopped_at < steps
@@ -142,12 +130,12 @@ def test_what_a_deepspeed_checkpoint_cannot_do_is_refused_in_one_line(
         ),
         (
             _args(dataset, tmp_path / "other", **{"train.init_from": str(run)}),
-            "a DeepSpeed checkpoint; init_from reads megatron-core checkpoints",
+            "is a DeepSpeed checkpoint; train.init_from reads megatron-core checkpoints",
         ),
     ):
         assert launch(args, nproc=1) == [2], message
         err = launch.last[0].stderr_text
         assert message in err and "Traceback" not in err, err[-2000:]
     proc = run_cli(["export-hf", str(run), str(tmp_path / "hf")])
-    assert proc.returncode == 2 and "a DeepSpeed checkpoint; export reads" in proc.stderr
+    assert proc.returncode == 2 and "is a DeepSpeed checkpoint; export-hf reads" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -127,6 +127,23 @@ def launch(
     return [p.returncode for p in procs]
 
 
+def terminate_after(run: Path, lines: int):
+    """An ``on_start`` for :func:`launch`: SIGTERM to every rank (as SLURM or torchrun forward
+    it) once the run has logged ``lines`` steps."""
+
+    def on_start(procs) -> None:
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+
+    return on_start
+
+
 def _losses(run_dir: Path) -> dict[int, tuple]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -361,20 +378,9 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(
         0,
     ]
     run = tmp_path / "run"
-
-    def terminate_midway(procs):
-        metrics = run / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.02)
-        for p in procs:  # as SLURM or torchrun forward it: to every rank
-            p.send_signal(signal.SIGTERM)
-
     codes = launch(
         _args(dataset, run, **{"train.steps": steps, "train.save_interval": 20}),
-        on_start=terminate_midway,
+        on_start=terminate_after(run, 5),
     )
     assert codes == [75, 75], (codes, launch.last[0].stderr_text[-2000:])
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])

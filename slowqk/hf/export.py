@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slowqk.checkpoint import checkpoint_engine, resolve_checkpoint
+from slowqk.checkpoint import megatron_checkpoint
 from slowqk.config import ModelConfig, Recipe
 from slowqk.data.tokenizer import load_tokenizer
 from slowqk.hf.mapping import expected_shape, hf_config, iter_hf_tensors, rules
@@ -152,13 +152,7 @@ def export_checkpoint(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    path = resolve_checkpoint(checkpoint)
-    if checkpoint_engine(path) != "megatron":
-        raise CheckpointReadError(
-            f"{path}: a DeepSpeed checkpoint; export reads megatron-core checkpoints (train the "
-            "run with parallel.engine=megatron to export it)"
-        )
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(megatron_checkpoint(checkpoint, "export-hf"))
     extra = reader.extra
     recipe = Recipe.model_validate(extra["recipe"])
     model: ModelConfig = recipe.model
