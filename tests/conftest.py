@@ -65,6 +65,7 @@ def small_run_overrides(dataset: str, out: Path, **extra) -> list[str]:
 LONGEST_FIRST = [
     "test_hf.py",
     "test_faults.py",
+    "test_slurm_multinode.py",
     "test_slurm.py",
     "test_diagnostics.py",
     "test_deepspeed.py",

@@ -32,19 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = [d for d in DAEMONS if _find(d) is None]
-    if missing:
-        pytest.skip(
-            f"Slurm/munge not installed ({', '.join(missing)} missing; apt-get install slurm-wlm "
-            "munge)"
-        )
-    if os.geteuid() != 0:
-        pytest.skip("the throwaway Slurm cluster runs its daemons as root")
-    root = tmp_path_factory.mktemp("slurm")
-    for d in ("state", "spool", "log", "munge"):
-        (root / d).mkdir()
+def start_munge(root: Path) -> Path:
+    """munged with a fresh key under ``root/munge``; its socket (every daemon and client uses it:
+    a Unix socket is reachable from any network namespace)."""
     (root / "munge").chmod(0o700)
     key, sock = root / "munge" / "munge.key", root / "munge" / "munge.socket"
     subprocess.run([_find("mungekey"), "--create", "--keyfile", str(key), "--force"], check=True)
@@ -66,6 +56,48 @@ def cluster(tmp_path_factory):
         ],
         check=True,
     )
+    return sock
+
+
+def require_slurm() -> None:
+    """Skip, saying why, where the throwaway clusters cannot run."""
+    missing = [d for d in DAEMONS if _find(d) is None]
+    if missing:
+        pytest.skip(
+            f"Slurm/munge not installed ({', '.join(missing)} missing; apt-get install slurm-wlm "
+            "munge)"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("the throwaway Slurm cluster runs its daemons as root")
+
+
+def stop_daemons(pidfiles) -> None:
+    for pidfile in pidfiles:
+        if pidfile.is_file():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().split()[0]), 15)
+
+
+def wait_idle(env: dict, nodes: int, log: Path, timeout: float = 60) -> None:
+    """Until ``nodes`` nodes are idle; skip with the controller's log if they never are."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True
+        ).stdout
+        if out.split().count("idle") >= nodes:
+            return
+        time.sleep(1)
+    pytest.skip(f"Slurm did not come up in {timeout:g} s: {log.read_text()[-800:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_slurm()
+    root = tmp_path_factory.mktemp("slurm")
+    for d in ("state", "spool", "log", "munge"):
+        (root / d).mkdir()
+    sock = start_munge(root)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     # cred_expire also sets how long a requeued job waits before it may start again (120 s by
@@ -99,43 +131,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     try:
         subprocess.run([_find("slurmctld"), "-f", str(conf)], check=True, env=env)
         subprocess.run([_find("slurmd"), "-f", str(conf)], check=True, env=env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            out = subprocess.run(
-                ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
-            ).stdout
-            if "idle" in out:
-                break
-            time.sleep(1)
-        else:
-            pytest.skip(
-                "Slurm did not come up in 60 s: "
-                f"{(root / 'log' / 'slurmctld.log').read_text()[-800:]}"
-            )
+        wait_idle(env, 1, root / "log" / "slurmctld.log")
         yield {"env": env, "root": root}
     finally:
-        for pidfile in (root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"):
-            if pidfile.is_file():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pidfile.read_text().split()[0]), 15)
+        stop_daemons((root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"))
 
 
-def _submit(cluster, workdir: Path, job_name: str, steps: int, dataset: str) -> int:
-    env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "slowqk.cli",
-        "submit",
-        "tiny/gpt",
-        "--tasks-per-node",
-        "2",
-        "--cpus-per-task",
-        "1",
-        "--job-name",
-        job_name,
-        "--time",
-        "15",
+def slurm_overrides(steps: int, dataset: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The recipe overrides of the submitted runs."""
+    return [
         f"train.steps={steps}",
         "data.corpus=null",
         f"data.dataset={dataset}",
@@ -146,6 +150,38 @@ def _submit(cluster, workdir: Path, job_name: str, steps: int, dataset: str) -> 
         "train.eval_interval=50",
         "train.eval_iters=1",
         "train.tensorboard=false",
+        *extra,
+    ]
+
+
+def _submit(
+    cluster,
+    workdir: Path,
+    job_name: str,
+    steps: int,
+    dataset: str,
+    nodes: int = 1,
+    tasks_per_node: int = 2,
+    extra: tuple[str, ...] = (),
+) -> int:
+    env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "slowqk.cli",
+        "submit",
+        "tiny/gpt",
+        "--nodes",
+        str(nodes),
+        "--tasks-per-node",
+        str(tasks_per_node),
+        "--cpus-per-task",
+        "1",
+        "--job-name",
+        job_name,
+        "--time",
+        "15",
+        *slurm_overrides(steps, dataset, extra),
     ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

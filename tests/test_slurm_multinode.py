@@ -1,0 +1,287 @@
+"""SLURM across two nodes: each node a network and UTS namespace of its own (own hostname and
+address on a bridge), one slurmd per node, slurmctld on the bridge's address, one munged. The tiny
+recipe is submitted with ``slowqk submit --nodes 2`` (one task per node, tensor parallel across
+the nodes: the rendezvous goes to the first node's hostname over the bridge), and its losses equal
+a one-machine run of the same layout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_faults import launch
+from test_slurm import (
+    _find,
+    _submit,
+    _wait,
+    require_slurm,
+    slurm_overrides,
+    start_munge,
+    stop_daemons,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.slow
+NODES = ("sqnode1", "sqnode2")
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise OSError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def _network(tag: str, subnet: str):
+    """A bridge on the host (``subnet.1``) and one namespace per node (``subnet.2``, ``.3``),
+    removed whatever happens."""
+    bridge, made = f"sqbr{tag}", []
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        made.append(("link", bridge))
+        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for i, _ in enumerate(NODES, start=1):
+            ns, host_end, node_end = f"sq{tag}n{i}", f"sqh{tag}{i}", f"sqn{tag}{i}"
+            _ip("netns", "add", ns)
+            made.append(("netns", ns))
+            _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            made.append(("link", host_end))
+            _ip("link", "set", node_end, "netns", ns)
+            _ip("link", "set", host_end, "master", bridge)
+            _ip("link", "set", host_end, "up")
+            _ip("addr", "add", f"{subnet}.{i + 1}/24", "dev", node_end, ns=ns)
+            _ip("link", "set", node_end, "up", ns=ns)
+            _ip("link", "set", "lo", "up", ns=ns)
+        yield [f"sq{tag}n{i}" for i in range(1, len(NODES) + 1)]
+    finally:
+        for kind, name in reversed(made):
+            with contextlib.suppress(OSError):
+                _ip(kind, "del", name) if kind == "netns" else _ip("link", "del", name)
+
+
+def _free_subnet() -> str:
+    """A 10.x.y.0/24 no interface of this machine uses."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    for y in range(200, 250):
+        if f" 10.231.{y}." not in used:
+            return f"10.231.{y}"
+    raise OSError("no free 10.231.y.0/24 subnet")
+
+
+def _conf(root: Path, sock: Path, subnet: str, port: int) -> Path:
+    nodes = "\n".join(
+        f"NodeName={n} NodeAddr={subnet}.{i + 2} CPUs=2 RealMemory=4000 State=UNKNOWN"
+        for i, n in enumerate(NODES)
+    )
+    conf = root / "slurm.conf"
+    conf.write_text(f"""ClusterName=slowqkmulti
+SlurmctldHost=sqctl({subnet}.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock},cred_expire=20
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+SlurmctldPort={port}
+SlurmdPort={port + 1}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmdTimeout=5
+JobRequeue=1
+MpiDefault=none
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    return conf
+
+
+def _slurmd(node: str, conf: Path) -> list[str]:
+    return [_find("slurmd"), "-N", node, "-f", str(conf)]
+
+
+def _in_node(ns: str, hostname: str, hosts: Path, cmd: list[str], env: dict) -> None:
+    """Run ``cmd`` (a daemon that forks) on a node: its network namespace, a UTS namespace with
+    its hostname, a mount namespace whose /etc/hosts names every node."""
+    script = f'mount --bind "{hosts}" /etc/hosts && hostname "{hostname}" && exec "$@"'
+    subprocess.run(
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup fs slurmd reads
+        ["nsenter", f"--net=/var/run/netns/{ns}", "unshare", "--uts", "--mount"]
+        + ["--propagation", "private"]
+        + ["sh", "-c", script, "sh", *cmd],
+        check=True,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    require_slurm()
+    if not all(shutil.which(t) for t in ("ip", "unshare", "nsenter")):
+        pytest.skip("needs ip (iproute2), unshare and nsenter (util-linux) for the namespaces")
+    probe = f"sqprobe{os.getpid() % 10000}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode:
+        pytest.skip("network namespaces cannot be made here (ip netns add refused)")
+    _ip("netns", "del", probe)
+    root = tmp_path_factory.mktemp("slurm2")
+    for d in ("state", "spool", "log", "munge"):
+        (root / d).mkdir()
+    tag, subnet = str(os.getpid() % 10000), _free_subnet()
+    hosts = root / "hosts"
+    hosts.write_text(
+        "127.0.0.1 localhost\n"
+        + f"{subnet}.1 sqctl\n"
+        + "".join(f"{subnet}.{i + 2} {n}\n" for i, n in enumerate(NODES))
+    )
+    daemons = [root / "munge" / "munged.pid", root / "slurmctld.pid"]
+    daemons += [root / f"slurmd-{n}.pid" for n in NODES]
+    with _network(tag, subnet) as namespaces:
+        try:
+            sock = start_munge(root)
+            with socket.socket() as s:  # a port pair free on the bridge's address
+                s.bind((f"{subnet}.1", 0))
+                port = s.getsockname()[1]
+            conf = _conf(root, sock, subnet, port)
+            # one thread per rank in both runs: a sum over threads rounds differently
+            env = {**os.environ, "SLURM_CONF": str(conf), "OMP_NUM_THREADS": "1"}
+            # the controller in the host's network, under the name SlurmctldHost gives it
+            subprocess.run(
+                ["unshare", "--uts", "sh", "-c", 'hostname sqctl && exec "$@"', "sh"]
+                + [_find("slurmctld"), "-f", str(conf)],
+                check=True,
+                env=env,
+            )
+            for ns, node in zip(namespaces, NODES, strict=True):
+                _in_node(ns, node, hosts, _slurmd(node, conf), env)
+            wait_idle(env, len(NODES), root / "log" / "slurmctld.log")
+            yield {
+                "env": env,
+                "root": root,
+                "namespaces": namespaces,
+                "start_node": lambda i: _in_node(
+                    namespaces[i],
+                    NODES[i],
+                    hosts,
+                    [_find("slurmd"), "-N", NODES[i], "-f", str(conf)],
+                    env,
+                ),
+            }
+        finally:
+            stop_daemons(daemons)
+            deadline = time.time() + 30  # the namespaces go once nothing runs in them
+            while time.time() < deadline and any(_pids_in(ns) for ns in namespaces):
+                time.sleep(0.2)
+
+
+def _pids_in(ns: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_two_nodes_train_tensor_parallel_across_them(two_nodes, small_dataset, tmp_path) -> None:
+    from slowqk.metrics import read_metrics
+
+    steps, extra = 8, ("parallel.tensor=2", "train.log_interval=1")
+    job = _submit(two_nodes, tmp_path, "mn", steps, small_dataset, 2, 1, extra)
+    info = _wait(two_nodes, job)
+    log = (tmp_path / "logs" / f"mn-{job}.out").read_text()
+    run = tmp_path / "runs" / f"mn-{job}"
+    assert info["JobState"] == "COMPLETED", (info, log, _logs(run))
+    assert f"job {job} (restart 0): 2 ranks on sqnode[1-2], master sqnode1:" in log, log
+    assert info["NodeList"] == "sqnode[1-2]" and info["NumNodes"] == "2", info
+    # the same layout on one machine: two local processes, TP=2
+    local = tmp_path / "local"
+    args = [*slurm_overrides(steps, small_dataset, extra), f"out_dir={local}"]
+    assert launch(args, nproc=2) == [0, 0], launch.last[0].stderr_text[-2000:]
+    got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+    want = {r["step"]: r["loss"] for r in read_metrics(local / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == want  # the network between the ranks changes nothing
+
+
+def _node_state(env: dict, node: str) -> str:
+    out = subprocess.run(
+        ["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True, text=True
+    ).stdout
+    return out.strip()
+
+
+def _until(what: str, check, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(0.5)
+
+
+def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
+    two_nodes, small_dataset, tmp_path
+) -> None:
+    """Everything on the second node is killed (-9: its slurmd, the step daemon, the rank) while
+    the job trains; the job ends and is requeued; once the node is back it resumes from the newest
+    good checkpoint and its losses equal an uninterrupted run's, every step."""
+    from slowqk.metrics import read_metrics
+
+    steps = 300
+    extra = ("parallel.tensor=2", "train.log_interval=1", "train.save_interval=20")
+    extra += ("train.dist_timeout=60",)
+    env = two_nodes["env"]
+    job = _submit(two_nodes, tmp_path, "lost", steps, small_dataset, 2, 1, extra)
+    run = tmp_path / "runs" / f"lost-{job}"
+    latest = run / "checkpoints" / "latest"
+    _until(
+        "a checkpoint", lambda: latest.is_file() and latest.read_text().strip() >= "iter_0000040"
+    )
+    second = two_nodes["namespaces"][1]
+    killed = _pids_in(second)
+    for pid in killed:  # the node is gone: daemon, step daemon, task, rank
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), 9)
+    assert killed
+    _until("the job requeued", lambda: int(_job(env, job).get("Restarts", "0")) >= 1)
+    _until("sqnode2 marked down", lambda: "down" in _node_state(env, NODES[1]))
+    assert _job(env, job)["JobState"] in ("PENDING", "REQUEUED", "CONFIGURING"), _job(env, job)
+    two_nodes["start_node"](1)  # the node is back
+    info = _wait(two_nodes, job)
+    log = (tmp_path / "logs" / f"lost-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", (info, log, _logs(run))
+    assert f"job {job} (restart 1)" in log, log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["resumed"] is True
+    local = tmp_path / "local"
+    args = [*slurm_overrides(steps, small_dataset, extra), f"out_dir={local}"]
+    assert launch(args, nproc=2) == [0, 0], launch.last[0].stderr_text[-2000:]
+    got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+    want = {r["step"]: r["loss"] for r in read_metrics(local / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == want
+    assert (
+        summary["final_val_loss"]
+        == json.loads((local / "summary.json").read_text())["final_val_loss"]
+    )
+
+
+def _job(env: dict, job: int) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", str(job)], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(p.read_text()[-1500:] for p in sorted((run / "logs").glob("*.log")))
