@@ -110,6 +110,8 @@ def test_bench_writes_json_records(tmp_path) -> None:
             "1",
             "--warmup",
             "1",
+            "--repeats",
+            "2",
             "--vocab",
             "400",
             "--corpus",
@@ -127,11 +129,15 @@ def test_bench_writes_json_records(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert [r["case"] for r in records] == ["off", "hold", "plain"]
+    # interleaved: every case once, then every case again
+    assert [(r["repeat"], r["case"]) for r in records] == [
+        (rep, case) for rep in (0, 1) for case in ("off", "hold", "plain")
+    ]
     for r in records:
+        assert len(r["step_seconds"]) == 1 and r["step_seconds"][0] > 0
         assert r.keys() >= RECORD_KEYS
         assert r["device"] == "cpu" and r["attention_backend"] == "sdpa" and r["te"] is False
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
-    assert [r["mult_q"] for r in records] == [[1.0], [0.25], [1.0]]
+    assert [r["mult_q"] for r in records] == [[1.0], [0.25], [1.0]] * 2
     assert "vs plain" in proc.stdout

@@ -1,9 +1,10 @@
 """Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same
-shapes.
+shapes, on the GPU or the CPU (whatever device is there).
 
     python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain
     plain-compiled]
-                              [--steps 20] [--warmup 5] [--json PATH] [-- overrides ...]
+                              [--steps 20] [--warmup 5] [--repeats 1] [--json PATH]
+                              [-- overrides ...]
 
 Cases, each in a fresh process (one GPU):
   off             megatron-core, the Q/K intervention disabled (no patch)
@@ -14,7 +15,11 @@ Cases, each in a fresh process (one GPU):
   plain-compiled  the same under torch.compile
 The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the
 same
-vocabulary. Timings exclude the warmup steps (and compilation). Overrides apply to the megatron
+vocabulary. Timings exclude the warmup steps (and compilation); each record keeps every timed
+step's seconds. ``--repeats R`` runs the whole list of cases R times, interleaved (case 1, 2, ...,
+then again), so slow drifts of a shared machine fall on every case alike; the table gives each
+case's median tokens/s with the spread (min-max) over the repeats, and the ratio to plain as the
+median of the per-repeat ratios. Overrides apply to the megatron
 cases
 (e.g. ``model.attention_backend=local``, ``train.micro_batch_size=4``) and shape the plain one too.
 
@@ -92,9 +97,9 @@ def synthetic_recipe(
     )
 
 
-def _timed(step, steps: int, warmup: int) -> tuple[float, float, list]:
+def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[float]]:
     """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step
-    results."""
+    results; each timed step's seconds."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -105,19 +110,24 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float, list]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    results = [step() for _ in range(steps)]
-    sync()
+    results, per_step = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        results.append(step())
+        sync()  # per-step times need it; a sync per step is what a training loop's logging costs
+        per_step.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return (time.perf_counter() - start) / steps, peak, results
+    return (time.perf_counter() - start) / steps, peak, results, per_step
 
 
 def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
     from slowqk.train import Trainer
 
     trainer = Trainer(recipe, quiet=True)
-    seconds, peak, results = _timed(trainer.train_step, steps, warmup)
+    seconds, peak, results, per_step = _timed(trainer.train_step, steps, warmup)
     return {
         "step_s": seconds,
+        "step_seconds": per_step,
         "peak_mem_gib": peak,
         "vocab": trainer.vocab_size,
         "te": trainer.use_te,
@@ -126,7 +136,8 @@ def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
     }
 
 
-def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
+def plain_case_step(recipe, case: str, vocab: int):
+    """The plain twin's training step on random tokens, and its padded vocabulary."""
     import torch
     from plain_decoder import PlainDecoder, plain_train_step
 
@@ -153,9 +164,15 @@ def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> di
         device=device,
     )
     batches = [(x[:, :-1], x[:, 1:]) for x in ids]
-    seconds, peak, _ = _timed(lambda: plain_train_step(model, opt, batches), steps, warmup)
+    return (lambda: plain_train_step(model, opt, batches)), padded
+
+
+def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
+    step, padded = plain_case_step(recipe, case, vocab)
+    seconds, peak, _, per_step = _timed(step, steps, warmup)
     return {
         "step_s": seconds,
+        "step_seconds": per_step,
         "peak_mem_gib": peak,
         "vocab": padded,
         "te": False,
@@ -226,6 +243,7 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every case")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     ap.add_argument("--corpus", default=str(CORPUS), help="text the megatron cases read")
     ap.add_argument("--vocab", type=int, default=32000)
@@ -249,43 +267,48 @@ def main() -> None:
     rows, failed, peak = [], [], args.peak_tflops
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
-        for recipe in args.recipes:
-            for case in args.cases:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    recipe,
-                    case,
-                    str(data),
-                    str(Path(tmp) / f"{recipe}-{case}"),
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--vocab",
-                    str(args.vocab),
-                    "--",
-                    *args.overrides,
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{recipe}/{case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                    failed.append(f"{recipe}/{case}")
-                    continue
-                record = json.loads(line[7:])
-                peak = args.peak_tflops or next(
-                    (v for k, v in PEAKS.items() if k in record["device"]), None
-                )
-                rows.append(_with_mfu(record, peak))
-                print(
-                    f"  {recipe}/{case}: {record['step_s'] * 1e3:.1f} ms/step",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if args.json:  # after every case, so a run cut short keeps what it measured
-                    _write_json(args.json, rows)
+        plan = [
+            (rep, recipe, case)
+            for rep in range(args.repeats)
+            for recipe in args.recipes
+            for case in args.cases
+        ]
+        for rep, recipe, case in plan:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                recipe,
+                case,
+                str(data),
+                str(Path(tmp) / f"{recipe}-{case}-{rep}"),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--vocab",
+                str(args.vocab),
+                "--",
+                *args.overrides,
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{recipe}/{case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                failed.append(f"{recipe}/{case}")
+                continue
+            record = {**json.loads(line[7:]), "repeat": rep}
+            peak = args.peak_tflops or next(
+                (v for k, v in PEAKS.items() if k in record["device"]), None
+            )
+            rows.append(_with_mfu(record, peak))
+            print(
+                f"  {recipe}/{case} (repeat {rep + 1}): {record['step_s'] * 1e3:.1f} ms/step",
+                file=sys.stderr,
+                flush=True,
+            )
+            if args.json:  # after every case, so a run cut short keeps what it measured
+                _write_json(args.json, rows)
     if not rows:
         sys.exit(1)
     print_table(rows, peak)
@@ -294,31 +317,51 @@ def main() -> None:
         sys.exit(1)
 
 
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+
+
 def print_table(rows: list[dict], peak: float | None) -> None:
-    off = {r["recipe"]: r for r in rows if r["case"] == "off"}
-    plain = {r["recipe"]: r for r in rows if r["case"] == "plain"}
+    """One line per recipe and case: medians over the repeats, the spread in brackets."""
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_case.setdefault((r["recipe"], r["case"]), []).append(r)
     r0 = rows[0]
+    repeats = len(by_case[r0["recipe"], r0["case"]])
     print(
         f"\ndevice: {r0['device']}; megatron-core {r0['megatron_core']}; torch {r0['torch']}; "
-        f"dense bf16 peak: {peak or 'unknown'} TFLOP/s"
+        f"dense bf16 peak: {peak or 'unknown'} TFLOP/s; repeats: {repeats}"
     )
     print(
-        f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'vs off':>9}"
-        f"{'vs plain':>10}{'peak GiB':>10}{'MFU':>8}  mult_q"
+        f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'(min-max)':>18}"
+        f"{'vs off':>9}{'vs plain':>10}{'(min-max)':>16}{'peak GiB':>10}{'MFU':>8}  mult_q"
     )
 
-    def ratio(r: dict, base: dict, key: str) -> str:
-        b = base.get(r["recipe"])
-        return f"{r[key] / b[key]:.3f}x" if b and b[key] else "-"
+    def ratios(recipe: str, case: str, base: str) -> list[float]:
+        """Per repeat: this case's tokens/s over the base case's of the same repeat."""
+        base_of = {r["repeat"]: r for r in by_case.get((recipe, base), [])}
+        return [
+            r["tokens_per_s"] / base_of[r["repeat"]]["tokens_per_s"]
+            for r in by_case[recipe, case]
+            if r["repeat"] in base_of
+        ]
 
-    for r in rows:
-        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
-        mfu = "-" if r["mfu"] is None or math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"
+    for (recipe, case), rs in by_case.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        vs_off, vs_plain = ratios(recipe, case, "off"), ratios(recipe, case, "plain")
+        off = f"{_median(vs_off):.3f}x" if vs_off else "-"
+        plain = f"{_median(vs_plain):.3f}x" if vs_plain else "-"
+        spread = f"({min(vs_plain):.3f}-{max(vs_plain):.3f})" if vs_plain else ""
+        mem = [r["peak_mem_gib"] for r in rs if r["peak_mem_gib"] is not None]
+        mfu = [r["mfu"] for r in rs if r["mfu"] is not None and not math.isnan(r["mfu"])]
         print(
-            f"{r['recipe']:<12}{r['case']:<16}{r['attention_backend']:<8}{r['step_s'] * 1e3:>9.1f}"
-            f"{r['tokens_per_s']:>11.0f}{ratio(r, off, 'step_s'):>9}"
-            f"{ratio(r, plain, 'tokens_per_s'):>10}{mem:>10}{mfu:>8}"
-            f"  {r['mult_q']}"
+            f"{recipe:<12}{case:<16}{rs[0]['attention_backend']:<8}"
+            f"{_median([r['step_s'] for r in rs]) * 1e3:>9.1f}{_median(tps):>11.0f}"
+            f"{f'({min(tps):.0f}-{max(tps):.0f})':>18}{off:>9}{plain:>10}{spread:>16}"
+            f"{(f'{max(mem):.2f}' if mem else '-'):>10}"
+            f"{(f'{_median(mfu):.1%}' if mfu else '-'):>8}  {rs[0]['mult_q']}"
         )
 
 

@@ -1,7 +1,10 @@
 """Profile training steps of a recipe (torch.profiler) and print the top kernels by time.
 
-    python tools/profile_step.py [--steps 2] [--warmup 3] [--top 25] [--out DIR] [--] llama-1b
-    [overrides ...]
+    python tools/profile_step.py [--steps 2] [--warmup 3] [--top 25] [--out DIR] [--plain]
+    [--] llama-1b [overrides ...]
+
+``--plain`` profiles ``tools/plain_decoder.py``'s step of the same shapes instead (bench_gpu.py's
+"plain" case), so the two tables show where the gap between them goes.
 
 Reads the same synthetic data as ``tools/bench_gpu.py`` (the bundled corpus, tokenized once).
 Writes ``DIR/top_kernels.txt`` (self device time on CUDA, self CPU time on CPU) and a Chrome trace
@@ -14,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench_gpu import CORPUS, synthetic_recipe
+from bench_gpu import CORPUS, plain_case_step, synthetic_recipe
 
 
 def main() -> None:
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--out", type=Path, default=Path("profile"))
+    ap.add_argument("--plain", action="store_true", help="profile the plain-PyTorch twin")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -49,20 +53,25 @@ def main() -> None:
             str(Path(tmp) / "run"),
             args.overrides,
         )
-        trainer = Trainer(recipe, quiet=True)
+        step = (
+            plain_case_step(recipe, "plain", args.vocab)[0]
+            if args.plain
+            else Trainer(recipe, quiet=True).train_step
+        )
         for _ in range(args.warmup):
-            trainer.train_step()
+            step()
         activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
         with profile(activities=activities, record_shapes=False) as prof:
             for _ in range(args.steps):
-                trainer.train_step()
+                step()
             if cuda:
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=args.top)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "top_kernels.txt").write_text(
-        f"{args.recipe} {' '.join(args.overrides)}, {args.steps} steps\n{table}\n"
+        f"{args.recipe}{' (plain)' if args.plain else ''} {' '.join(args.overrides)}, "
+        f"{args.steps} steps\n{table}\n"
     )
     prof.export_chrome_trace(str(args.out / "trace.json"))
     print(table)
