@@ -59,6 +59,48 @@ def start_munge(root: Path) -> Path:
     return sock
 
 
+def write_slurm_conf(
+    root: Path,
+    sock: Path,
+    controller: str,
+    nodes: str,
+    ctl_port: int,
+    node_port: int,
+    extra: str = "",
+) -> Path:
+    """``root/slurm.conf`` for a throwaway cluster: every daemon's files under ``root`` (per node
+    name, so several slurmd can share it), ``nodes`` the NodeName lines."""
+    conf = root / "slurm.conf"
+    # cred_expire also sets how long a requeued job waits before it may start again (120 s by
+    # default); 20 s is still far longer than a step launch takes on one machine
+    conf.write_text(f"""ClusterName=slowqktest
+SlurmctldHost={controller}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock},cred_expire=20
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+SlurmctldPort={ctl_port}
+SlurmdPort={node_port}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+MpiDefault=none
+{extra}{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    return conf
+
+
 def require_slurm() -> None:
     """Skip, saying why, where the throwaway clusters cannot run."""
     missing = [d for d in DAEMONS if _find(d) is None]
@@ -99,34 +141,8 @@ def cluster(tmp_path_factory):
         (root / d).mkdir()
     sock = start_munge(root)
     host = socket.gethostname().split(".")[0]
-    conf = root / "slurm.conf"
-    # cred_expire also sets how long a requeued job waits before it may start again (120 s by
-    # default); 20 s is still far longer than a step launch takes on one machine
-    conf.write_text(f"""ClusterName=slowqktest
-SlurmctldHost={host}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock},cred_expire=20
-CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-JobRequeue=1
-MpiDefault=none
-NodeName={host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
+    nodes = f"NodeName={host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN"
+    conf = write_slurm_conf(root, sock, host, nodes, _free_port(), _free_port())
     env = {**os.environ, "SLURM_CONF": str(conf)}
     try:
         subprocess.run([_find("slurmctld"), "-f", str(conf)], check=True, env=env)
@@ -134,7 +150,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         wait_idle(env, 1, root / "log" / "slurmctld.log")
         yield {"env": env, "root": root}
     finally:
-        stop_daemons((root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"))
+        stop_daemons(
+            (root / f"slurmd-{host}.pid", root / "slurmctld.pid", root / "munge" / "munged.pid")
+        )
 
 
 def slurm_overrides(steps: int, dataset: str, extra: tuple[str, ...] = ()) -> list[str]:

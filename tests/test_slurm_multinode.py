@@ -26,6 +26,7 @@ from test_slurm import (
     start_munge,
     stop_daemons,
     wait_idle,
+    write_slurm_conf,
 )
 
 pytestmark = pytest.mark.slow
@@ -82,34 +83,9 @@ def _conf(root: Path, sock: Path, subnet: str, port: int) -> Path:
         f"NodeName={n} NodeAddr={subnet}.{i + 2} CPUs=2 RealMemory=4000 State=UNKNOWN"
         for i, n in enumerate(NODES)
     )
-    conf = root / "slurm.conf"
-    conf.write_text(f"""ClusterName=slowqkmulti
-SlurmctldHost=sqctl({subnet}.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock},cred_expire=20
-CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool/%n
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd-%n.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd-%n.log
-SlurmctldPort={port}
-SlurmdPort={port + 1}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SlurmdTimeout=5
-JobRequeue=1
-MpiDefault=none
-{nodes}
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
-    return conf
+    return write_slurm_conf(
+        root, sock, f"sqctl({subnet}.1)", nodes, port, port + 1, extra="SlurmdTimeout=5\n"
+    )
 
 
 def _slurmd(node: str, conf: Path) -> list[str]:
@@ -195,7 +171,6 @@ def _pids_in(ns: str) -> list[str]:
 
 
 def test_two_nodes_train_tensor_parallel_across_them(two_nodes, small_dataset, tmp_path) -> None:
-    from slowqk.metrics import read_metrics
 
     steps, extra = 8, ("parallel.tensor=2", "train.log_interval=1")
     job = _submit(two_nodes, tmp_path, "mn", steps, small_dataset, 2, 1, extra)
@@ -205,14 +180,19 @@ def test_two_nodes_train_tensor_parallel_across_them(two_nodes, small_dataset, t
     assert info["JobState"] == "COMPLETED", (info, log, _logs(run))
     assert f"job {job} (restart 0): 2 ranks on sqnode[1-2], master sqnode1:" in log, log
     assert info["NodeList"] == "sqnode[1-2]" and info["NumNodes"] == "2", info
-    # the same layout on one machine: two local processes, TP=2
-    local = tmp_path / "local"
-    args = [*slurm_overrides(steps, small_dataset, extra), f"out_dir={local}"]
+    _same_as_one_machine(run, tmp_path / "local", steps, small_dataset, extra)
+
+
+def _same_as_one_machine(run: Path, local: Path, steps: int, dataset: str, extra) -> None:
+    """The same layout on one machine (two local processes): every step's loss bitwise equal."""
+    from slowqk.metrics import read_metrics
+
+    args = [*slurm_overrides(steps, dataset, extra), f"out_dir={local}"]
     assert launch(args, nproc=2) == [0, 0], launch.last[0].stderr_text[-2000:]
     got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
     want = {r["step"]: r["loss"] for r in read_metrics(local / "metrics.jsonl")}
     assert sorted(got) == list(range(1, steps + 1))
-    assert got == want  # the network between the ranks changes nothing
+    assert got == want  # the network between the ranks, or a lost node, changes nothing
 
 
 def _node_state(env: dict, node: str) -> str:
@@ -235,7 +215,6 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
     """Everything on the second node is killed (-9: its slurmd, the step daemon, the rank) while
     the job trains; the job ends and is requeued; once the node is back it resumes from the newest
     good checkpoint and its losses equal an uninterrupted run's, every step."""
-    from slowqk.metrics import read_metrics
 
     steps = 300
     extra = ("parallel.tensor=2", "train.log_interval=1", "train.save_interval=20")
@@ -264,12 +243,7 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == steps and summary["resumed"] is True
     local = tmp_path / "local"
-    args = [*slurm_overrides(steps, small_dataset, extra), f"out_dir={local}"]
-    assert launch(args, nproc=2) == [0, 0], launch.last[0].stderr_text[-2000:]
-    got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
-    want = {r["step"]: r["loss"] for r in read_metrics(local / "metrics.jsonl")}
-    assert sorted(got) == list(range(1, steps + 1))
-    assert got == want
+    _same_as_one_machine(run, local, steps, small_dataset, extra)
     assert (
         summary["final_val_loss"]
         == json.loads((local / "summary.json").read_text())["final_val_loss"]
