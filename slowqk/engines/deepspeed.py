@@ -29,6 +29,7 @@ from slowqk.checkpoint import (
     write_common_state,
 )
 from slowqk.config import Recipe
+from slowqk.engines.base import EngineBase
 from slowqk.engines.megatron import device_batches, masked_mean_loss
 from slowqk.models import build_gpt_model, build_transformer_config
 from slowqk.optim import build_scheduler
@@ -78,21 +79,14 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class DeepSpeedEngine:
-    def __init__(
-        self,
-        recipe: Recipe,
-        layout,
-        device: torch.device,
-        vocab_size: int,
-        init_weights: Path | None = None,
-    ) -> None:
+class DeepSpeedEngine(EngineBase):
+    def _build(self, vocab_size: int, init_weights: Path | None) -> None:
+        recipe, layout, device = self.recipe, self.layout, self.device
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         import deepspeed  # deferred: an optional extra; it picks its accelerator on import
 
         self.stage = stage = recipe.parallel.zero_stage
         self.name = f"deepspeed-zero{stage}"
-        self.recipe, self.layout, self.device = recipe, layout, device
         self.config = build_transformer_config(recipe.model, precision=recipe.train.precision)
         model = build_gpt_model(
             recipe.model, self.config, vocab_size, probe=recipe.diagnostics.interval > 0
@@ -108,7 +102,6 @@ class DeepSpeedEngine:
         )
         self.chunks = [model]
         self.scheduler = build_scheduler(recipe, self.optimizer)
-        self.poison_loss = False
 
     def _loss(self, batch: dict) -> torch.Tensor:
         out = self.ds(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])

@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from slowqk.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from slowqk.config import Recipe
 from slowqk.data.loader import micro_batches
+from slowqk.engines.base import EngineBase
 from slowqk.lower_drift import optimizer_is_sharded
 from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -51,20 +52,12 @@ def device_batches(recipe: Recipe, dataset, step: int, dp_rank: int, dp_size: in
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-class MegatronEngine:
+class MegatronEngine(EngineBase):
     name = "megatron"
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        layout,
-        device: torch.device,
-        vocab_size: int,
-        init_weights: Path | None = None,
-    ) -> None:
-        """``init_weights``: a checkpoint whose weights (only) the model starts from."""
+    def _build(self, vocab_size: int, init_weights: Path | None) -> None:
+        recipe, layout, device = self.recipe, self.layout, self.device
         t = recipe.train
-        self.recipe, self.layout, self.device = recipe, layout, device
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.data)
         self.config = build_transformer_config(
             recipe.model,
@@ -91,7 +84,6 @@ class MegatronEngine:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self._schedule = get_forward_backward_func()
-        self.poison_loss = False
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
