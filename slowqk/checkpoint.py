@@ -208,7 +208,6 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
 
 def _saved_bytes(state: dict) -> int:
     """Bytes this rank's share of ``state`` writes: the main replica of each sharded tensor."""
-
     total = 0
     for v in nested_values(state):
         if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:
@@ -439,7 +438,6 @@ def write_common_state(tmp: Path, state: dict[str, Any]) -> None:
 
 def read_common_state(path: Path) -> dict[str, Any]:
     """The non-tensor part of a checkpoint (run information, LR scheduler), weights-only."""
-
     if checkpoint_engine(path) == "deepspeed":
         return torch.load(path / DEEPSPEED_COMMON, weights_only=True)
     with weights_only_loads():
@@ -458,7 +456,6 @@ def read_extra(path: Path) -> dict[str, Any]:
 
 def _init_empty_optimizer_states(optimizer) -> None:
     """A fresh distributed optimizer has no Adam state to load into; give it placeholder state."""
-
     opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for opt in opts:
         if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:

@@ -18,7 +18,6 @@ from slowqk.config import RecipeError, load_recipe, recipe_to_yaml
 
 def _default_shared(rel: str) -> str:
     """A path under the shared data directory beside the repository, if it is there."""
-
     root = Path(
         os.environ.get(
             "SLOWQK_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"

@@ -624,7 +624,6 @@ def _lengths_in_steps(
 ) -> dict[str, int]:
     """Each length ``section.<key>`` (in the unit at ``unit_key``) in steps; what is wrong goes to
     ``problems``."""
-
     unit = recipe.qk.unit if unit_key == "qk.unit" else section.unit
     out = {}
     for key in keys:

@@ -45,7 +45,6 @@ def init_distributed(
 ) -> Layout:
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state;
     ``timeout_s`` bounds how long any rank waits for the others, in every process group."""
-
     megatron_fixes.apply()
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -110,7 +109,6 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -119,7 +117,6 @@ def shutdown() -> None:
 
 
 def _free_port() -> int:
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -51,7 +51,6 @@ def shakespeare_documents(
     corpus: Path, valid_fraction: float = 0.1, min_words: int = 8
 ) -> list[str]:
     """Held-out passages: the validation documents of :func:`slowqk.data.corpus.split_corpus`."""
-
     _, valid = split_corpus(corpus.read_text(encoding="utf-8"), valid_fraction)
     return [d for d in valid if len(d.split()) >= min_words]
 

@@ -226,7 +226,6 @@ def is_finished(run: Run) -> bool:
 def _shared_corpora(grid_dir: Path, runs: list[Run]) -> list[Run]:
     """Prepare each distinct bundled-corpus dataset once and point the runs at it (the tokenizer
     and shards would otherwise be rebuilt in every run directory)."""
-
     prepared: dict[str, Path] = {}
     out = []
     for run in runs:
@@ -360,7 +359,6 @@ def reproduce(
 ) -> tuple[bool, str]:
     """Re-run one listed run from scratch with its recorded thread count and compare its logged
     losses, gradient norms and final validation loss bit for bit. ``(bitwise, report)``."""
-
     run = find_run(grid_dir, which)
     summary_path = Path(run.run_dir) / "summary.json"
     if not summary_path.is_file():

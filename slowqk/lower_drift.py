@@ -33,7 +33,6 @@ def _is_matrix(param: torch.nn.Parameter) -> bool:
 
 def layer_of_params(modules: Iterable[torch.nn.Module]) -> dict[int, int]:
     """``id(parameter) -> 0-based global layer index`` for every transformer layer's parameters."""
-
     return {
         id(p): m.layer_number - 1
         for module in modules
@@ -53,7 +52,6 @@ def optimizer_is_sharded(optimizer) -> bool:
 
 
 def _counts_here(param: torch.nn.Parameter, sharded: bool) -> bool:
-
     if not param_is_not_tensor_parallel_duplicate(param):
         return False
     if sharded or not ps.model_parallel_is_initialized():
@@ -73,7 +71,6 @@ class LowerLayerDrift:
     def __init__(
         self, optimizer, model_chunks: Iterable[torch.nn.Module], layers: Iterable[int]
     ) -> None:
-
         layers = set(layers)
         layer_of = layer_of_params(model_chunks)
         sharded = optimizer_is_sharded(optimizer)

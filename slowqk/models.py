@@ -151,7 +151,6 @@ def replay_earlier_stages(
     then freed) leaves the generators where PP=1 would have them: the same seed gives the same
     initial weights at any pipeline layout (TP already scatters weights drawn in full). Returns
     the number of layers replayed."""
-
     if (
         not parallel_state.model_parallel_is_initialized()
         or parallel_state.is_pipeline_first_stage()

@@ -93,7 +93,6 @@ class Monitor:
         """``engine`` (:mod:`slowqk.engines`): the model chunk this rank holds, its forward-only
         pass of the probe batch, the reduced gradients and (ZeRO-3) the gathered weights;
         ``write``: this rank writes ``path`` and ``tensorboard`` (a SummaryWriter or None)."""
-
         self.interval, self.num_layers = interval, num_layers
         self.engine, self.device = engine, device
         self.model = getattr(engine.chunks[0], "module", engine.chunks[0])
@@ -122,7 +121,6 @@ class Monitor:
 
     # -- reductions over the model-parallel ranks that split a layer or hold other layers
     def _reduce_model_parallel(self, t: torch.Tensor) -> torch.Tensor:
-
         if ps.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -178,7 +176,6 @@ class Monitor:
 
     def after_update(self, step_done: int) -> dict | None:
         """Run after the optimizer step of step ``step_done - 1``; returns the record if due."""
-
         if self._before is None:
             return None
         with self.engine.full_weights(self._qkv_params):
@@ -247,7 +244,6 @@ def probe_stats(
     """Per-layer attention and residual statistics from one eval-mode forward, for the layers this
     rank holds (all TP ranks agree). ``forward``: see :func:`slowqk.probe.attention_probs`. When
     ``qkv_inputs`` is given it receives each layer's ``linear_qkv`` input."""
-
     stats: dict[int, dict] = {}
     hooks = []
 

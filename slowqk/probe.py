@@ -54,7 +54,6 @@ def probed(core_attention: type) -> type:
 
 def probed_layer_spec(spec):
     """A copy of a GPT layer spec whose core attention can record its probabilities."""
-
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = probed(attention.core_attention)
@@ -75,7 +74,6 @@ def attention_probs(
     pipeline parallelism pass one that drives the pipeline schedule. Leaves the training RNG
     untouched (no dropout in eval mode) and restores the train/eval mode.
     """
-
     recorders: dict[int, ProbeMixin] = {}
     for module in model.modules():
         if isinstance(module, TransformerLayer):

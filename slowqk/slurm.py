@@ -82,7 +82,6 @@ def submit(
     dry_run: bool = False,
     workdir: Path | None = None,
 ) -> int:
-
     workdir = (workdir or Path.cwd()).resolve()
     cmd, env, layout = sbatch_command(recipe, overrides, job, workdir)
     print(f"# {layout}", file=sys.stderr)

@@ -166,7 +166,6 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
     """``(grid, results, missing)``: the grid record, every finished run, and unfinished run
     dirs."""
-
     grid_dir = Path(grid_dir)
     record_path = grid_dir / "grid.json"
     if not record_path.is_file():
@@ -317,7 +316,6 @@ def summarize(grid: dict, results: list[RunResult]) -> dict:
 
 def provenance_summary(results: list[RunResult]) -> dict:
     """The distinct code and environment records of the runs (a mix is worth knowing about)."""
-
     seen: dict[str, dict] = {}
     unrecorded = 0
     for r in results:

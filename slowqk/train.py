@@ -95,7 +95,6 @@ def _summary_defaults() -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

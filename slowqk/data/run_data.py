@@ -32,7 +32,6 @@ def resolve_sources(
 ) -> tuple[Path, list[str], list[str], list[float] | None]:
     """Tokenizer, train prefixes, validation prefixes and train blend weights (rank 0 prepares a
     bundled corpus; the others wait and read it)."""
-
     d = recipe.data
     if d.train_prefixes:
         if d.tokenizer is None:
@@ -82,7 +81,6 @@ def check_out_dir(run_dir: Path) -> None:
 
 
 def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
-
     check_out_dir(run_dir)
     t = recipe.train
     tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe, rank, run_dir)

@@ -134,7 +134,6 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _write_shard(job: tuple[str, str, list[str]]) -> dict:
     """Tokenize one shard's documents (EOD appended) and write it; returns its manifest entry."""
-
     prefix, rel, texts = job
     tok = _TOKENIZER
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
@@ -231,7 +230,6 @@ def _jobs(
 
 def _fault_point(shards_done: int) -> None:
     """Fault injection for tests: SLOWQK_FAULT_KILL_AFTER_SHARDS=N kills the build (SIGKILL)."""
-
     limit = faults._env_int("SLOWQK_FAULT_KILL_AFTER_SHARDS")
     if limit is not None and shards_done >= limit:
         faults.kill_self()
@@ -248,7 +246,6 @@ def build_shards(
     progress: bool = True,
 ) -> dict:
     """Build (or finish, or reuse) a sharded dataset; returns the manifest."""
-
     if not inputs:
         raise InputError("no input files given")
     inputs = [Path(p) for p in inputs]
@@ -411,7 +408,6 @@ def _manifest_problem(manifest) -> str | None:
 
 def check_tokenizer(tokenizer_path: str | Path, dataset_dir: str | Path, manifest: dict) -> None:
     """Refuse a tokenizer other than the one the dataset was made with."""
-
     got, want = file_sha256(tokenizer_path), manifest["tokenizer"]["sha256"]
     if got != want:
         raise InputError(

@@ -125,7 +125,6 @@ class HFTokenizer(_TokenizerBase):
     """A Hugging Face ``tokenizer.json`` (``tokenizers`` library) behind the same interface."""
 
     def __init__(self, path: str | Path, eod_token: str | None = None) -> None:
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")

@@ -33,7 +33,6 @@ def shard_problems(prefix: Path, entry: dict) -> tuple[list[str], object | None]
     both files present, the index readable, documents and tokens as listed, the .bin exactly as
     long as the index says, record pointers consistent. Returns the problems and the open
     dataset."""
-
     missing = [f"{prefix}{e}" for e in (".bin", ".idx") if not Path(f"{prefix}{e}").is_file()]
     if missing:
         return [f"missing shard files: {', '.join(missing)}"], None
@@ -72,7 +71,6 @@ def check_dataset_on_open(dataset_dir: str | Path, manifest: dict, hashes: bool 
     structure (:func:`shard_problems`) and, with ``hashes``, every shard file's sha256 against the
     manifest (split over torch.distributed ranks; every rank must call this). Raises VerifyError
     naming the first bad file."""
-
     root = Path(dataset_dir)
     for prefix, entry in _shards(root, manifest):
         problems, _ = shard_problems(prefix, entry)
@@ -144,7 +142,6 @@ def inspect_dataset(
     dataset_dir: str | Path, split: str = "train", n_docs: int = 3, max_chars: int = 400
 ) -> str:
     """A few decoded documents and the split's statistics, as text."""
-
     root, manifest = _load_manifest(dataset_dir)
     if split not in manifest["splits"]:
         raise VerifyError(f"{root}: no '{split}' split (has {', '.join(manifest['splits'])})")

@@ -197,7 +197,6 @@ def checkpoint_tensor(
 
 
 def _sharded_tensors(obj) -> Iterator:
-
     if isinstance(obj, dict):
         for v in obj.values():
             yield from _sharded_tensors(v)
@@ -248,7 +247,6 @@ def check_import(hf_dir: str | Path, recipe: Recipe, out: str | Path, overwrite:
     """Everything an import can check before any rank starts: the destination, the architecture,
     the tokenizer, the weight files' headers and index, the vocabulary against the TP size.
     Returns ``(tokenizer file, tokenizer, weights, vocab_size)``."""
-
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -279,7 +277,6 @@ def import_rank(
     """Run on every rank (world = TP x PP): build, fill and save. Returns the checkpoint directory.
     The checkpoint root is written beside ``out`` and put in its place at the end (``overwrite``
     replaces an existing one only then)."""
-
     hf_dir, out = Path(hf_dir), Path(out)
     tok_path, tokenizer, weights, vocab = check_import(hf_dir, recipe, out, overwrite)
     padded = vocab

@@ -24,7 +24,6 @@ class CheckpointReadError(ValueError):
 
 class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
-
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
             raise CheckpointReadError(
@@ -49,7 +48,6 @@ class CheckpointReader:
 
     def load(self, key: str) -> torch.Tensor:
         """The global tensor under ``key`` (all TP/PP shards merged)."""
-
         if key not in self._meta:
             raise CheckpointReadError(f"{self.path}: no tensor {key!r} in the checkpoint")
         meta = self._meta[key]

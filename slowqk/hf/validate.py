@@ -46,7 +46,6 @@ def compare_validation(
     Builds the run's data and model on one process (any saved TP/PP layout is resharded to 1x1).
     ``run_dir`` is where the run's prepared data lives (default: the checkpoint's run directory).
     """
-
     path = resolve_checkpoint(checkpoint)
     data = read_extra(path)["recipe"]
     data["parallel"].update(tensor=1, pipeline=1)
