@@ -70,7 +70,8 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a synced temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -320,7 +321,7 @@ def save_atomically(
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            _write_atomic(ckpt_root / LATEST, final.name + "\n")
+            write_atomic(ckpt_root / LATEST, final.name + "\n")
         dist.barrier()
         return final
     except CheckpointSpaceError:

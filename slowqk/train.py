@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from slowqk.callbacks import Callback, callback_classes
-from slowqk.checkpoint import prune_checkpoints, remove_leftovers
+from slowqk.checkpoint import prune_checkpoints, remove_leftovers, write_atomic
 from slowqk.config import Recipe, recipe_to_yaml
 from slowqk.data.run_data import build_run_data
 from slowqk.distributed import PeerTimeout, init_distributed, is_peer_timeout, shutdown
@@ -92,12 +92,6 @@ def _summary_defaults() -> dict:
         "diagnostics_seconds": 0.0,
         "drift_seconds": 0.0,
     }
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 class Trainer:
@@ -355,7 +349,7 @@ class Trainer:
         summary = self._summary(resumed, history, self.evaluate())
         if self.rank == 0:
             summary["provenance"] = provenance()
-            _write_json_atomic(self.run_dir / "summary.json", summary)
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
 

@@ -19,6 +19,7 @@ import pytest
 from test_faults import launch
 from test_slurm import (
     _find,
+    _job_state,
     _submit,
     _wait,
     require_slurm,
@@ -232,10 +233,12 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), 9)
     assert killed
-    _until("the job requeued", lambda: int(_job(env, job).get("Restarts", "0")) >= 1)
+    _until("the job requeued", lambda: int(_job_state(two_nodes, job).get("Restarts", "0")) >= 1)
     _until("sqnode2 marked down", lambda: "down" in _node_state(env, NODES[1]))
     # it waits for its nodes (after the killed run's clean-up, however long that takes)
-    _until("the job pending for its node", lambda: _job(env, job)["JobState"] == "PENDING")
+    _until(
+        "the job pending for its node", lambda: _job_state(two_nodes, job)["JobState"] == "PENDING"
+    )
     two_nodes["start_node"](1)  # the node is back
     info = _wait(two_nodes, job)
     log = (tmp_path / "logs" / f"lost-{job}.out").read_text()
@@ -249,13 +252,6 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
         summary["final_val_loss"]
         == json.loads((local / "summary.json").read_text())["final_val_loss"]
     )
-
-
-def _job(env: dict, job: int) -> dict[str, str]:
-    out = subprocess.run(
-        ["scontrol", "show", "job", str(job)], env=env, capture_output=True, text=True
-    ).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
 def _logs(run: Path) -> str:

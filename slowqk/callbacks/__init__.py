@@ -1,5 +1,5 @@
 """What the training loop does besides training, as callbacks: each concern is one file and one
-entry in :data:`CALLBACKS`.
+entry in :func:`callback_classes`.
 
 The loop calls every callback's hooks in list order, at these points of each step:
 

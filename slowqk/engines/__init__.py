@@ -9,6 +9,7 @@ under both engines.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +25,11 @@ class Engine(Protocol):
     chunks: list[torch.nn.Module]  # the model chunks this rank holds (megatron-core modules)
     optimizer: Any  # megatron-core's optimizer, or DeepSpeed's ZeRO optimizer
     scheduler: Any  # megatron-core's OptimizerParamScheduler, stepping ``optimizer``
+    config: Any  # megatron-core's TransformerConfig of the model
     poison_loss: bool  # fault injection: this step's loss (and gradients) become NaN
+
+    def zero_grad(self) -> None:
+        """Before a step's forward/backward: no gradient left from the previous one."""
 
     def forward_backward(self, dataset, step: int, forward_only: bool) -> float:
         """One global batch (the ``step``-th of ``dataset``); its mean loss, equal on every
@@ -36,6 +41,13 @@ class Engine(Protocol):
 
     def probe_forward(self, batch: dict) -> None:
         """Forward-only pass of one micro-batch (the diagnostics probe's hooks read it)."""
+
+    def layer_grad_sq(self, layer_of_param: dict[int, int], num_layers: int) -> torch.Tensor:
+        """Squared norm per layer of the reduced gradient the optimizer sees (before clipping),
+        over the data-parallel ranks; the caller reduces over tensor and pipeline ranks."""
+
+    def full_weights(self, params: list[torch.nn.Parameter]) -> AbstractContextManager:
+        """While inside, ``params`` hold their whole values on this rank (ZeRO-3 gathers)."""
 
     def train_mode(self, training: bool) -> None: ...
 
@@ -49,5 +61,4 @@ def build_engine(recipe: Recipe, layout, device: torch.device, vocab_size: int, 
     """The engine ``parallel.engine`` names, built for this rank (``kw``: see the engines)."""
     if recipe.parallel.engine == "deepspeed":
         return DeepSpeedEngine(recipe, layout, device, vocab_size, **kw)
-
     return MegatronEngine(recipe, layout, device, vocab_size, **kw)
