@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from slowqk.config import ParallelConfig
-from slowqk.patches import cpu_compat, megatron_fixes
+from slowqk.patches import cpu_compat, megatron_fixes, one_rank_collectives
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def init_distributed(
     if not cuda:
         cpu_compat.apply()
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "gloo":
+        one_rank_collectives.apply()  # gloo's threads for a one-rank group slow every operator
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

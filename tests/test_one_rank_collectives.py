@@ -1,0 +1,94 @@
+"""Collectives over one rank done in place: the same training bits, and larger groups untouched."""
+
+from __future__ import annotations
+
+import torch
+from multiproc import run_ranks
+
+
+def _train(rank: int, world: int, dataset: str, out_dir: str, patched: bool) -> dict:
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer
+    from slowqk.patches import one_rank_collectives
+
+    from slowqk.config import load_recipe
+    from slowqk.distributed import shutdown
+    from slowqk.train import Trainer
+
+    if not patched:
+        one_rank_collectives.apply = lambda: None  # init_distributed's call does nothing
+    recipe = load_recipe(
+        "tiny/gpt",
+        [
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.seq_length=32",
+            "data.corpus=null",
+            f"data.dataset={dataset}",
+            f"out_dir={out_dir}",
+            "train.steps=4",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=8",
+            "train.tensorboard=false",
+            "train.progress_bar=false",
+        ],
+    )
+    trainer = Trainer(recipe, quiet=True)
+    losses = [trainer.train_step()["loss"] for _ in range(4)]
+    grad_norm = trainer.train_step()["grad_norm"]
+    bound = param_and_grad_buffer.dist_reduce_scatter_func
+    trainer.metrics.close()
+    shutdown()
+    return {
+        "losses": losses,
+        "grad_norm": grad_norm,
+        "wrapped": dist.all_reduce.__module__ == one_rank_collectives.__name__,
+        "buffer_wrapped": bound.__module__ == one_rank_collectives.__name__,
+    }
+
+
+def test_one_rank_collectives_change_no_training_bit(small_dataset, tmp_path) -> None:
+    gloo = run_ranks(_train, 1, small_dataset, str(tmp_path / "gloo"), False)[0]
+    local = run_ranks(_train, 1, small_dataset, str(tmp_path / "local"), True)[0]
+    assert not gloo["wrapped"] and local["wrapped"] and local["buffer_wrapped"]
+    assert gloo["losses"] == local["losses"]  # bitwise: nothing was ever reduced with anything
+    assert gloo["grad_norm"] == local["grad_norm"]
+
+
+def _collectives(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from slowqk.config import ParallelConfig
+    from slowqk.distributed import init_distributed, shutdown
+
+    init_distributed(ParallelConfig(), seed=1)
+    own = dist.new_group([rank], use_local_synchronization=True)
+    x = torch.full((4,), float(rank + 1))
+    dist.all_reduce(x)
+    alone = torch.full((4,), float(rank + 1))
+    dist.all_reduce(alone, group=own)
+    scattered = torch.empty(2)
+    dist.reduce_scatter_tensor(scattered, torch.arange(4.0) * (rank + 1))
+    gathered = torch.empty(4)
+    handle = dist.all_gather_into_tensor(gathered, torch.full((2,), float(rank)), async_op=True)
+    handle.wait()
+    own_gathered = torch.empty(2)
+    dist.all_gather_into_tensor(own_gathered, torch.full((2,), float(rank)), group=own)
+    shutdown()
+    return {
+        "sum": x.tolist(),
+        "alone": alone.tolist(),
+        "scattered": scattered.tolist(),
+        "gathered": gathered.tolist(),
+        "own_gathered": own_gathered.tolist(),
+    }
+
+
+def test_groups_of_two_ranks_still_reduce() -> None:
+    results = run_ranks(_collectives, 2)
+    for rank, r in enumerate(results):
+        assert r["sum"] == [3.0] * 4
+        assert r["alone"] == [float(rank + 1)] * 4
+        assert r["scattered"] == [3.0 * v for v in (2 * rank, 2 * rank + 1)]
+        assert r["gathered"] == [0.0, 0.0, 1.0, 1.0]
+        assert r["own_gathered"] == [float(rank)] * 2
