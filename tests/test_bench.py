@@ -141,3 +141,29 @@ def test_bench_writes_json_records(tmp_path) -> None:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
     assert [r["mult_q"] for r in records] == [[1.0], [0.25], [1.0]] * 2
     assert "vs plain" in proc.stdout
+
+
+def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/bench_gpu.py"),
+            *("--recipes", "tiny/gpt", "--cases", "off", "plain", "--nproc", "2"),
+            *("--steps", "1", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus)),
+            *("--json", str(out), "train.micro_batch_size=4", "model.seq_length=32"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [(r["case"], r["nproc"]) for r in records] == [("off", 2), ("plain", 2)]
+    for r in records:  # the global batch (16 x 32 tokens) over both ranks
+        assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
+    assert "    2  plain" in proc.stdout

@@ -1,27 +1,26 @@
 """Throughput, memory and MFU of the training step, beside a plain-PyTorch baseline of the same
 shapes, on the GPU or the CPU (whatever device is there).
 
-    python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b] [--cases off hold after plain
-    plain-compiled]
-                              [--steps 20] [--warmup 5] [--repeats 1] [--json PATH]
-                              [-- overrides ...]
+    python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b]
+        [--cases off hold after plain plain-compiled] [--nproc 1 2] [--steps 20] [--warmup 5]
+        [--repeats 1] [--json PATH] [-- overrides ...]
 
-Cases, each in a fresh process (one GPU):
+Cases, each in a fresh process (or ``--nproc`` ranks under torchrun, data parallel):
   off             megatron-core, the Q/K intervention disabled (no patch)
   hold            the multipliers active: the patch's pre/post-step hooks work every step
   after           the intervention released before the timed steps: the hooks return at once
   plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
-                  autocast, fused AdamW), what a user would otherwise run
+                  autocast, fused AdamW; torch DDP over several ranks), what a user would
+                  otherwise run
   plain-compiled  the same under torch.compile
 The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the
-same
-vocabulary. Timings exclude the warmup steps (and compilation); each record keeps every timed
+same vocabulary. Timings exclude the warmup steps (and compilation); each record keeps every timed
 step's seconds. ``--repeats R`` runs the whole list of cases R times, interleaved (case 1, 2, ...,
 then again), so slow drifts of a shared machine fall on every case alike; the table gives each
-case's median tokens/s with the spread (min-max) over the repeats, and the ratio to plain as the
-median of the per-repeat ratios. Overrides apply to the megatron
-cases
-(e.g. ``model.attention_backend=local``, ``train.micro_batch_size=4``) and shape the plain one too.
+case's median tokens/s with the spread (min-max) over the repeats, and the ratio to plain (of the
+same rank count) as the median of the per-repeat ratios. On the CPU the cores are split between
+the ranks. Overrides apply to the megatron cases (e.g. ``model.attention_backend=local``,
+``train.micro_batch_size=4``) and shape the plain one too.
 
 Model FLOPs per token follow the PaLM/Megatron convention, counting matmuls only:
 ``6 * N_matmul + 12 * L * s * d_attn`` with N_matmul the weights of every linear layer plus the
@@ -120,6 +119,13 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[floa
     return (time.perf_counter() - start) / steps, peak, results, per_step
 
 
+def _ranks() -> tuple[int, int]:
+    """World size and rank under torchrun (1 and 0 without it)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
 def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
     from slowqk.train import Trainer
 
@@ -144,10 +150,19 @@ def plain_case_step(recipe, case: str, vocab: int):
     from slowqk.models import padded_vocab_size
 
     m, t = recipe.model, recipe.train
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world, rank = _ranks()
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if cuda else "cpu")
     torch.manual_seed(recipe.seed)
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     model = PlainDecoder(m, padded).to(device)
+    if world > 1:  # what a user would run: torch's DDP, one gradient all-reduce a step
+        import torch.distributed as dist
+
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=recipe.optimizer.lr,
@@ -157,10 +172,11 @@ def plain_case_step(recipe, case: str, vocab: int):
     )
     if case == "plain-compiled":
         model = torch.compile(model)
+    torch.manual_seed(recipe.seed + rank)  # each rank its own micro-batches
     ids = torch.randint(
         0,
         vocab,
-        (t.global_batch_size // t.micro_batch_size, t.micro_batch_size, m.seq_length + 1),
+        (t.global_batch_size // (t.micro_batch_size * world), t.micro_batch_size, m.seq_length + 1),
         device=device,
     )
     batches = [(x[:, :-1], x[:, 1:]) for x in ids]
@@ -205,6 +221,7 @@ def run_case(
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "megatron_core": megatron.core.__version__,
         "torch": torch.__version__,
+        "nproc": _ranks()[0],
         "tokens_per_s": recipe.tokens_per_step / res["step_s"],
         "flops_per_token": model_flops_per_token(recipe.model, res["vocab"]),
         "micro_batch_size": recipe.train.micro_batch_size,
@@ -241,6 +258,13 @@ def main() -> None:
         default=[*MEGATRON_CASES, *PLAIN_CASES],
         choices=[*MEGATRON_CASES, *PLAIN_CASES],
     )
+    ap.add_argument(
+        "--nproc",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="ranks per case (data parallel; torchrun), each count measured in turn",
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every case")
@@ -259,7 +283,8 @@ def main() -> None:
         res = run_case(
             *args.case[:2], args.steps, args.warmup, *args.case[2:], args.overrides, args.vocab
         )
-        print("RESULT " + json.dumps(res))
+        if _ranks()[1] == 0:
+            print("RESULT " + json.dumps(res))
         return
 
     from slowqk.data.corpus import prepare_corpus
@@ -268,20 +293,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
         plan = [
-            (rep, recipe, case)
+            (rep, recipe, nproc, case)
             for rep in range(args.repeats)
             for recipe in args.recipes
+            for nproc in args.nproc
             for case in args.cases
         ]
-        for rep, recipe, case in plan:
+        for rep, recipe, nproc, case in plan:
             cmd = [
-                sys.executable,
+                *_launcher(nproc),
                 __file__,
                 "--case",
                 recipe,
                 case,
                 str(data),
-                str(Path(tmp) / f"{recipe}-{case}-{rep}"),
+                str(Path(tmp) / f"{recipe}-{case}-{nproc}-{rep}"),
                 "--steps",
                 str(args.steps),
                 "--warmup",
@@ -291,11 +317,11 @@ def main() -> None:
                 "--",
                 *args.overrides,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_case_env(nproc))
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                print(f"{recipe}/{case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                failed.append(f"{recipe}/{case}")
+                print(f"{recipe}/{case} x{nproc} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                failed.append(f"{recipe}/{case} x{nproc}")
                 continue
             record = {**json.loads(line[7:]), "repeat": rep}
             peak = args.peak_tflops or next(
@@ -303,7 +329,8 @@ def main() -> None:
             )
             rows.append(_with_mfu(record, peak))
             print(
-                f"  {recipe}/{case} (repeat {rep + 1}): {record['step_s'] * 1e3:.1f} ms/step",
+                f"  {recipe}/{case} x{nproc} (repeat {rep + 1}): "
+                f"{record['step_s'] * 1e3:.1f} ms/step",
                 file=sys.stderr,
                 flush=True,
             )
@@ -317,6 +344,34 @@ def main() -> None:
         sys.exit(1)
 
 
+def _launcher(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
+
+
+def _case_env(nproc: int) -> dict[str, str]:
+    """On the CPU the cores are split between the ranks (torchrun would give each one thread);
+    an OMP_NUM_THREADS set by the caller stands."""
+    import os
+
+    env = dict(os.environ)
+    cuda = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if cuda != "True" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    return env
+
+
 def _median(xs: list[float]) -> float:
     ys = sorted(xs)
     n = len(ys)
@@ -325,39 +380,41 @@ def _median(xs: list[float]) -> float:
 
 def print_table(rows: list[dict], peak: float | None) -> None:
     """One line per recipe and case: medians over the repeats, the spread in brackets."""
-    by_case: dict[tuple[str, str], list[dict]] = {}
+    by_case: dict[tuple[str, int, str], list[dict]] = {}
     for r in rows:
-        by_case.setdefault((r["recipe"], r["case"]), []).append(r)
+        by_case.setdefault((r["recipe"], r.get("nproc", 1), r["case"]), []).append(r)
     r0 = rows[0]
-    repeats = len(by_case[r0["recipe"], r0["case"]])
+    repeats = len(by_case[r0["recipe"], r0.get("nproc", 1), r0["case"]])
     print(
         f"\ndevice: {r0['device']}; megatron-core {r0['megatron_core']}; torch {r0['torch']}; "
         f"dense bf16 peak: {peak or 'unknown'} TFLOP/s; repeats: {repeats}"
     )
     print(
-        f"{'recipe':<12}{'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}{'(min-max)':>18}"
+        f"{'recipe':<12}{'ranks':>5}  {'case':<16}{'backend':<8}{'ms/step':>9}{'tokens/s':>11}"
+        f"{'(min-max)':>18}"
         f"{'vs off':>9}{'vs plain':>10}{'(min-max)':>16}{'peak GiB':>10}{'MFU':>8}  mult_q"
     )
 
-    def ratios(recipe: str, case: str, base: str) -> list[float]:
-        """Per repeat: this case's tokens/s over the base case's of the same repeat."""
-        base_of = {r["repeat"]: r for r in by_case.get((recipe, base), [])}
+    def ratios(key: tuple[str, int, str], base: str) -> list[float]:
+        """Per repeat: this case's tokens/s over the base case's of the same repeat and ranks."""
+        base_of = {r["repeat"]: r for r in by_case.get((*key[:2], base), [])}
         return [
             r["tokens_per_s"] / base_of[r["repeat"]]["tokens_per_s"]
-            for r in by_case[recipe, case]
+            for r in by_case[key]
             if r["repeat"] in base_of
         ]
 
-    for (recipe, case), rs in by_case.items():
+    for (recipe, nproc, case), rs in by_case.items():
         tps = [r["tokens_per_s"] for r in rs]
-        vs_off, vs_plain = ratios(recipe, case, "off"), ratios(recipe, case, "plain")
+        key = (recipe, nproc, case)
+        vs_off, vs_plain = ratios(key, "off"), ratios(key, "plain")
         off = f"{_median(vs_off):.3f}x" if vs_off else "-"
         plain = f"{_median(vs_plain):.3f}x" if vs_plain else "-"
         spread = f"({min(vs_plain):.3f}-{max(vs_plain):.3f})" if vs_plain else ""
         mem = [r["peak_mem_gib"] for r in rs if r["peak_mem_gib"] is not None]
         mfu = [r["mfu"] for r in rs if r["mfu"] is not None and not math.isnan(r["mfu"])]
         print(
-            f"{recipe:<12}{case:<16}{rs[0]['attention_backend']:<8}"
+            f"{recipe:<12}{nproc:>5}  {case:<16}{rs[0]['attention_backend']:<8}"
             f"{_median([r['step_s'] for r in rs]) * 1e3:>9.1f}{_median(tps):>11.0f}"
             f"{f'({min(tps):.0f}-{max(tps):.0f})':>18}{off:>9}{plain:>10}{spread:>16}"
             f"{(f'{max(mem):.2f}' if mem else '-'):>10}"

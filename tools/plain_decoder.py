@@ -5,10 +5,13 @@ Same shapes as a recipe's model (layers, width, heads, GQA, FFN, norm, biases, p
 embeddings, padded vocabulary), written the direct way: one fused QKV linear, torch's
 ``scaled_dot_product_attention`` (causal, ``enable_gqa``), ``nn.RMSNorm`` / ``nn.LayerNorm``, fp32
 parameters under bf16 autocast, fused AdamW. Used only by ``tools/bench_gpu.py`` (cases ``plain``
-and ``plain-compiled``); not a training path of the project.
+and ``plain-compiled``, and under DistributedDataParallel with ``--nproc``); not a training path
+of the project.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +100,13 @@ def plain_train_step(
     """One optimizer step over micro-batches (gradient accumulation), bf16 autocast on CUDA."""
     device_type = next(model.parameters()).device.type
     total = 0.0
-    for ids, labels in batches:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            loss = model(ids, labels) / len(batches)
-        loss.backward()
+    for i, (ids, labels) in enumerate(batches):
+        # under DistributedDataParallel: one gradient all-reduce a step, in the last backward
+        last = i == len(batches) - 1
+        with model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext():
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+                loss = model(ids, labels) / len(batches)
+            loss.backward()
         total += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
