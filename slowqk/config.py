@@ -309,6 +309,11 @@ class TrainConfig(_Strict):
         "(torch.compile): SwiGLU bias-activation, bias-dropout-add, vocab-parallel cross-entropy; "
         "exact, off until measured to help",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer layer in place (megatron engine; one rank or "
+        "data parallel); the first steps pay the compilation",
+    )
 
 
 class DiagnosticsConfig(_Strict):
@@ -595,6 +600,16 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 f"train.micro_batch_size ({t.micro_batch_size})",
             )
         )
+    if t.compile and (tp != 1 or pp != 1 or par.engine != "megatron"):
+        out.append(
+            (
+                "train.compile",
+                f"measured with the megatron engine at parallel.tensor=1, parallel.pipeline=1 "
+                f"only (got {par.engine}, {tp} x {pp}): the tensor-parallel collectives inside "
+                "the layers, the pipeline schedule and DeepSpeed's engine are not verified under "
+                "torch.compile",
+            )
+        )
     if par.engine == "deepspeed":
         if tp != 1 or pp != 1:
             out.append(
@@ -853,6 +868,7 @@ RESUME_SAFE_PREFIXES = (
     "diagnostics.",
     "model.attention_backend",
     "train.fused_kernels",  # the same math through other kernels
+    "train.compile",
     "data.verify",
     "train.dist_timeout",
 )

@@ -153,7 +153,7 @@ def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
         [
             sys.executable,
             str(REPO / "tools/bench_gpu.py"),
-            *("--recipes", "tiny/gpt", "--cases", "off", "plain", "--nproc", "2"),
+            *("--recipes", "tiny/gpt", "--cases", "off", "compiled", "plain", "--nproc", "2"),
             *("--steps", "1", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus)),
             *("--json", str(out), "train.micro_batch_size=4", "model.seq_length=32"),
         ],
@@ -163,7 +163,8 @@ def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert [(r["case"], r["nproc"]) for r in records] == [("off", 2), ("plain", 2)]
+    assert [(r["case"], r["nproc"]) for r in records] == [("off", 2), ("compiled", 2), ("plain", 2)]
     for r in records:  # the global batch (16 x 32 tokens) over both ranks
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
+        assert len(r["warmup_step_seconds"]) == 1
     assert "    2  plain" in proc.stdout

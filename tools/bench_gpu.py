@@ -9,13 +9,15 @@ Cases, each in a fresh process (or ``--nproc`` ranks under torchrun, data parall
   off             megatron-core, the Q/K intervention disabled (no patch)
   hold            the multipliers active: the patch's pre/post-step hooks work every step
   after           the intervention released before the timed steps: the hooks return at once
+  compiled        ``off`` with ``train.compile=true`` (each transformer layer under torch.compile)
   plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
                   autocast, fused AdamW; torch DDP over several ranks), what a user would
                   otherwise run
   plain-compiled  the same under torch.compile
 The megatron cases read the bundled corpus (tokenized once); the plain ones random tokens of the
 same vocabulary. Timings exclude the warmup steps (and compilation); each record keeps every timed
-step's seconds. ``--repeats R`` runs the whole list of cases R times, interleaved (case 1, 2, ...,
+step's seconds and every warmup step's (the first one's excess over the steady step is about the
+compile time). ``--repeats R`` runs the whole list of cases R times, interleaved (case 1, 2, ...,
 then again), so slow drifts of a shared machine fall on every case alike; the table gives each
 case's median tokens/s with the spread (min-max) over the repeats, and the ratio to plain (of the
 same rank count) as the median of the per-repeat ratios. On the CPU the cores are split between
@@ -43,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "shakespeare" / "shakespeare_modern.txt"
 PEAKS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-MEGATRON_CASES = ("off", "hold", "after")
+MEGATRON_CASES = ("off", "hold", "after", "compiled")
 PLAIN_CASES = ("plain", "plain-compiled")
 
 
@@ -75,6 +77,7 @@ def synthetic_recipe(
         "off": ["qk.enabled=false"],
         "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup}", "qk.ramp=0"],
         "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"],
+        "compiled": ["qk.enabled=false", "train.compile=true"],
     }.get(case, ["qk.enabled=false"])
     return load_recipe(
         recipe_name,
@@ -96,16 +99,19 @@ def synthetic_recipe(
     )
 
 
-def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[float]]:
+def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[float], list[float]]:
     """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step
-    results; each timed step's seconds."""
+    results; each timed step's seconds; each warmup step's (compilation falls there)."""
     import torch
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    warmup_seconds = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         step()
-    sync()
+        sync()
+        warmup_seconds.append(time.perf_counter() - t0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -116,7 +122,7 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[floa
         sync()  # per-step times need it; a sync per step is what a training loop's logging costs
         per_step.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return (time.perf_counter() - start) / steps, peak, results, per_step
+    return (time.perf_counter() - start) / steps, peak, results, per_step, warmup_seconds
 
 
 def _ranks() -> tuple[int, int]:
@@ -130,10 +136,11 @@ def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
     from slowqk.train import Trainer
 
     trainer = Trainer(recipe, quiet=True)
-    seconds, peak, results, per_step = _timed(trainer.train_step, steps, warmup)
+    seconds, peak, results, per_step, warm = _timed(trainer.train_step, steps, warmup)
     return {
         "step_s": seconds,
         "step_seconds": per_step,
+        "warmup_step_seconds": warm,
         "peak_mem_gib": peak,
         "vocab": trainer.vocab_size,
         "te": trainer.use_te,
@@ -185,10 +192,11 @@ def plain_case_step(recipe, case: str, vocab: int):
 
 def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
     step, padded = plain_case_step(recipe, case, vocab)
-    seconds, peak, _, per_step = _timed(step, steps, warmup)
+    seconds, peak, _, per_step, warm = _timed(step, steps, warmup)
     return {
         "step_s": seconds,
         "step_seconds": per_step,
+        "warmup_step_seconds": warm,
         "peak_mem_gib": peak,
         "vocab": padded,
         "te": False,
@@ -328,9 +336,11 @@ def main() -> None:
                 (v for k, v in PEAKS.items() if k in record["device"]), None
             )
             rows.append(_with_mfu(record, peak))
+            first = record["warmup_step_seconds"][:1]
             print(
                 f"  {recipe}/{case} x{nproc} (repeat {rep + 1}): "
-                f"{record['step_s'] * 1e3:.1f} ms/step",
+                f"{record['step_s'] * 1e3:.1f} ms/step"
+                + "".join(f", first warmup step {x:.1f} s" for x in first),
                 file=sys.stderr,
                 flush=True,
             )

@@ -20,7 +20,7 @@ from slowqk.config import Recipe
 from slowqk.data.loader import micro_batches
 from slowqk.engines.base import EngineBase
 from slowqk.lower_drift import optimizer_is_sharded
-from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
+from slowqk.models import build_gpt_model, build_transformer_config, unwrap_model, wrap_precision
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
 from slowqk.patches.lr_groups import iter_main_params
 
@@ -79,6 +79,9 @@ class MegatronEngine(EngineBase):
             load_model_weights(init_weights, [model])
         model = wrap_precision(model, self.config)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
+        if t.compile:  # in place: parameter names, hooks and checkpoints stay as they are
+            for layer in unwrap_model(model).decoder.layers:
+                layer.compile()
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)
         self.config.finalize_model_grads_func = finalize_model_grads
