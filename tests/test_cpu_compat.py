@@ -29,8 +29,6 @@ def _probe(rank: int, world: int) -> dict:
         b = torch.rand(2)
     outside = torch.rand(2)
     shutdown()
-    from torch.overrides import _get_current_function_mode_stack
-
     made = [
         torch.arange(3, device="cuda"),
         torch.tensor([1.0], device=torch.device("cuda", 0)),
@@ -39,7 +37,6 @@ def _probe(rank: int, world: int) -> dict:
         torch.empty(2).to(device="cuda"),
     ]
     return {
-        "modes": len(_get_current_function_mode_stack()),  # none: a mode sees every operator
         "made": sorted({str(m.device) for m in made}),
         "device": str(t.device),
         "moved": str(torch.ones(1).cuda().device),
@@ -57,7 +54,7 @@ def test_cuda_calls_are_redirected_to_cpu() -> None:
     assert r["device"] == r["moved"] == r["to"] == "cpu"
     assert r["type"] == "torch.cuda.FloatTensor" and r["type_bf16"] == "torch.cuda.BFloat16Tensor"
     assert r["current_device"] == "cpu"
-    assert r["modes"] == 0 and r["made"] == ["cpu"]
+    assert r["made"] == ["cpu"]
     assert r["fork_differs"] and r["fork_separate"]
 
 
