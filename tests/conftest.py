@@ -60,6 +60,27 @@ def small_run_overrides(dataset: str, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def two_layer_overrides(dataset: str, out: Path | str, steps: int, **extra) -> list[str]:
+    """``key=value`` overrides of tiny/gpt for a plain 2-layer run (2 micro-batches of 4 x 32, no
+    Q/K slowdown, no TensorBoard or progress bar) on ``dataset``; ``extra`` replaces or adds
+    keys."""
+    base = {
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.seq_length": 32,
+        "data.corpus": "null",
+        "data.dataset": dataset,
+        "out_dir": str(out),
+        "train.steps": steps,
+        "train.micro_batch_size": 4,
+        "train.global_batch_size": 8,
+        "train.tensorboard": "false",
+        "train.progress_bar": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 # The longest files first: with two xdist workers taking whole files in collection order, a long
 # file picked up last would run alone at the end.
 LONGEST_FIRST = [

@@ -8,34 +8,19 @@ really run compiled. What it does not compose with is refused when the recipe lo
 from __future__ import annotations
 
 import pytest
+from conftest import two_layer_overrides
 from multiproc import run_ranks
 
 STEPS = 20
 
 
-def _train(rank: int, world: int, dataset: str, out_dir: str, compiled: bool) -> dict:
+def _train(rank: int, world: int, overrides: list[str]) -> dict:
     from slowqk.config import load_recipe
     from slowqk.distributed import shutdown
     from slowqk.models import unwrap_model
     from slowqk.train import Trainer
 
-    recipe = load_recipe(
-        "tiny/gpt",
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.seq_length=32",
-            "data.corpus=null",
-            f"data.dataset={dataset}",
-            f"out_dir={out_dir}",
-            f"train.steps={STEPS}",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.tensorboard=false",
-            "train.progress_bar=false",
-            f"train.compile={compiled}",
-        ],
-    )
+    recipe = load_recipe("tiny/gpt", overrides)
     trainer = Trainer(recipe, quiet=True)
     losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
     layers = unwrap_model(trainer.engine.chunks[0]).decoder.layers
@@ -48,14 +33,17 @@ def _train(rank: int, world: int, dataset: str, out_dir: str, compiled: bool) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_compiled_layers_train_like_eager(small_dataset, tmp_path, world: int) -> None:
-    eager = run_ranks(_train, world, small_dataset, str(tmp_path / "eager"), False)[0]
-    compiled = run_ranks(_train, world, small_dataset, str(tmp_path / "compiled"), True)[0]
+    def run(compiled: bool) -> dict:
+        out = tmp_path / f"compiled-{compiled}"
+        overrides = two_layer_overrides(small_dataset, out, STEPS, **{"train.compile": compiled})
+        return run_ranks(_train, world, overrides)[0]
+
+    eager, compiled = run(False), run(True)
     assert eager["compiled"] == [False, False] and compiled["compiled"] == [True, True]
     gaps = [abs(a - b) for a, b in zip(eager["losses"], compiled["losses"], strict=True)]
     assert max(gaps) < 1e-4, gaps
-    assert (
-        eager["losses"][-1] < eager["losses"][0] - 0.5
-    )  # it trained: the comparison means something
+    # it trained: the comparison means something
+    assert eager["losses"][-1] < eager["losses"][0] - 0.5
 
 
 @pytest.mark.parametrize(

@@ -7,39 +7,23 @@ rounding; the megatron-core modules really take the fused branches.
 
 from __future__ import annotations
 
+from conftest import two_layer_overrides
 from multiproc import run_ranks
 
-MODEL = [
-    "model.ffn=swiglu",
-    "model.bias=true",
-    "model.norm=rmsnorm",
-    "model.position=rope",
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.seq_length=32",
-]
+MODEL = {
+    "model.ffn": "swiglu",
+    "model.bias": "true",
+    "model.norm": "rmsnorm",
+    "model.position": "rope",
+}
 
 
-def _worker(rank: int, world: int, dataset: str, out_dir: str, fused: bool) -> dict:
+def _worker(rank: int, world: int, overrides: list[str]) -> dict:
     from slowqk.config import load_recipe
     from slowqk.distributed import shutdown
     from slowqk.train import Trainer
 
-    recipe = load_recipe(
-        "tiny/gpt",
-        [
-            *MODEL,
-            f"train.fused_kernels={fused}",
-            "data.corpus=null",
-            f"data.dataset={dataset}",
-            f"out_dir={out_dir}",
-            "train.steps=3",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.tensorboard=false",
-            "train.progress_bar=false",
-        ],
-    )
+    recipe = load_recipe("tiny/gpt", overrides)
     trainer = Trainer(recipe, quiet=True)
     c = trainer.config
     flags = (c.bias_activation_fusion, c.bias_dropout_fusion, c.cross_entropy_loss_fusion)
@@ -50,8 +34,12 @@ def _worker(rank: int, world: int, dataset: str, out_dir: str, fused: bool) -> d
 
 
 def test_fused_kernels_give_the_same_losses(small_dataset, tmp_path) -> None:
-    plain = run_ranks(_worker, 1, small_dataset, str(tmp_path / "plain"), False)[0]
-    fused = run_ranks(_worker, 1, small_dataset, str(tmp_path / "fused"), True)[0]
+    def run(fused: bool) -> dict:
+        extra = {**MODEL, "train.fused_kernels": fused}
+        overrides = two_layer_overrides(small_dataset, tmp_path / f"fused-{fused}", 3, **extra)
+        return run_ranks(_worker, 1, overrides)[0]
+
+    plain, fused = run(False), run(True)
     assert plain["flags"] == (False, False, False) and fused["flags"] == (True, True, True)
     assert plain["losses"][0] == fused["losses"][0]  # the first forward: the same numbers
     assert max(abs(a - b) for a, b in zip(plain["losses"], fused["losses"], strict=True)) < 1e-4

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import two_layer_overrides
 from multiproc import run_ranks
 
 
-def _train(rank: int, world: int, dataset: str, out_dir: str, patched: bool) -> dict:
+def _train(rank: int, world: int, overrides: list[str], patched: bool) -> dict:
     import torch.distributed as dist
     from megatron.core.distributed import param_and_grad_buffer
     from slowqk.patches import one_rank_collectives
@@ -17,22 +18,7 @@ def _train(rank: int, world: int, dataset: str, out_dir: str, patched: bool) -> 
 
     if not patched:
         one_rank_collectives.apply = lambda: None  # init_distributed's call does nothing
-    recipe = load_recipe(
-        "tiny/gpt",
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.seq_length=32",
-            "data.corpus=null",
-            f"data.dataset={dataset}",
-            f"out_dir={out_dir}",
-            "train.steps=4",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.tensorboard=false",
-            "train.progress_bar=false",
-        ],
-    )
+    recipe = load_recipe("tiny/gpt", overrides)
     trainer = Trainer(recipe, quiet=True)
     losses = [trainer.train_step()["loss"] for _ in range(4)]
     grad_norm = trainer.train_step()["grad_norm"]
@@ -48,8 +34,11 @@ def _train(rank: int, world: int, dataset: str, out_dir: str, patched: bool) -> 
 
 
 def test_one_rank_collectives_change_no_training_bit(small_dataset, tmp_path) -> None:
-    gloo = run_ranks(_train, 1, small_dataset, str(tmp_path / "gloo"), False)[0]
-    local = run_ranks(_train, 1, small_dataset, str(tmp_path / "local"), True)[0]
+    def run(patched: bool) -> dict:
+        overrides = two_layer_overrides(small_dataset, tmp_path / f"patched-{patched}", 4)
+        return run_ranks(_train, 1, overrides, patched)[0]
+
+    gloo, local = run(False), run(True)
     assert not gloo["wrapped"] and local["wrapped"] and local["buffer_wrapped"]
     assert gloo["losses"] == local["losses"]  # bitwise: nothing was ever reduced with anything
     assert gloo["grad_norm"] == local["grad_norm"]

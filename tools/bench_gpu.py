@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -127,8 +128,6 @@ def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[floa
 
 def _ranks() -> tuple[int, int]:
     """World size and rank under torchrun (1 and 0 without it)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
@@ -295,8 +294,11 @@ def main() -> None:
             print("RESULT " + json.dumps(res))
         return
 
+    import torch
+
     from slowqk.data.corpus import prepare_corpus
 
+    cuda = torch.cuda.is_available()
     rows, failed, peak = [], [], args.peak_tflops
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
@@ -325,7 +327,7 @@ def main() -> None:
                 "--",
                 *args.overrides,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_case_env(nproc))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_case_env(nproc, cuda))
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{recipe}/{case} x{nproc} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -366,18 +368,11 @@ def _launcher(nproc: int) -> list[str]:
     ]
 
 
-def _case_env(nproc: int) -> dict[str, str]:
+def _case_env(nproc: int, cuda: bool) -> dict[str, str]:
     """On the CPU the cores are split between the ranks (torchrun would give each one thread);
     an OMP_NUM_THREADS set by the caller stands."""
-    import os
-
     env = dict(os.environ)
-    cuda = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    if cuda != "True" and "OMP_NUM_THREADS" not in env:
+    if not cuda and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     return env
 
