@@ -29,6 +29,10 @@ def _probe(rank: int, world: int) -> dict:
         b = torch.rand(2)
     outside = torch.rand(2)
     shutdown()
+    from torch.overrides import _get_current_function_mode_stack
+
+    with torch.device("meta"):  # torch's device context still places the patched factories
+        in_context = [torch.tensor([]), torch.empty(2), torch.arange(3), torch.zeros(1)]
     made = [
         torch.arange(3, device="cuda"),
         torch.tensor([1.0], device=torch.device("cuda", 0)),
@@ -37,6 +41,8 @@ def _probe(rank: int, world: int) -> dict:
         torch.empty(2).to(device="cuda"),
     ]
     return {
+        "modes": len(_get_current_function_mode_stack()),  # none: a mode sees every operator
+        "in_context": sorted({str(m.device) for m in in_context}),
         "made": sorted({str(m.device) for m in made}),
         "device": str(t.device),
         "moved": str(torch.ones(1).cuda().device),
@@ -54,7 +60,7 @@ def test_cuda_calls_are_redirected_to_cpu() -> None:
     assert r["device"] == r["moved"] == r["to"] == "cpu"
     assert r["type"] == "torch.cuda.FloatTensor" and r["type_bf16"] == "torch.cuda.BFloat16Tensor"
     assert r["current_device"] == "cpu"
-    assert r["made"] == ["cpu"]
+    assert r["modes"] == 0 and r["made"] == ["cpu"] and r["in_context"] == ["meta"]
     assert r["fork_differs"] and r["fork_separate"]
 
 
