@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from slowqk import host_memory
 from slowqk.config import ParallelConfig
-from slowqk.patches import cpu_compat, megatron_fixes, one_rank_collectives
+from slowqk.patches import cpu_compat, gloo_shared_device, megatron_fixes, one_rank_collectives
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ def init_distributed(
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu_compat.apply()
+        host_memory.keep_freed_blocks()  # activations reuse heap blocks, not fresh mmaps
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "gloo":
         one_rank_collectives.apply()  # gloo's threads for a one-rank group slow every operator
+        gloo_shared_device.apply()  # one event loop for all groups, not one each
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

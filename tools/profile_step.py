@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--out", type=Path, default=Path("profile"))
     ap.add_argument("--plain", action="store_true", help="profile the plain-PyTorch twin")
+    ap.add_argument(
+        "--shapes",
+        action="store_true",
+        help="record input shapes too: a second table by operator and shape, and in the trace",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -61,13 +66,16 @@ def main() -> None:
         for _ in range(args.warmup):
             step()
         activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-        with profile(activities=activities, record_shapes=False) as prof:
+        with profile(activities=activities, record_shapes=args.shapes) as prof:
             for _ in range(args.steps):
                 step()
             if cuda:
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=args.top)
+    if args.shapes:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        table += "\n" + by_shape.table(sort_by=key, row_limit=args.top, max_name_column_width=30)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "top_kernels.txt").write_text(
         f"{args.recipe}{' (plain)' if args.plain else ''} {' '.join(args.overrides)}, "
