@@ -20,20 +20,17 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-_devices: list | None = None
+_devices: tuple[int, list] | None = None  # (the process that made them, the devices)
 
 
 def _shared_devices() -> list:
     global _devices
-    if _devices is None:
+    if _devices is None or _devices[0] != os.getpid():  # a forked child makes its own
         gloo = distributed_c10d.ProcessGroupGloo
         names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
-        _devices = (
-            [gloo.create_device(interface=n) for n in names]
-            if names
-            else [gloo.create_default_device()]
-        )
-    return _devices
+        made = [gloo.create_device(interface=n) for n in names] or [gloo.create_default_device()]
+        _devices = (os.getpid(), made)
+    return _devices[1]
 
 
 def apply() -> bool:
