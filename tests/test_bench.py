@@ -168,3 +168,30 @@ def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
         assert len(r["warmup_step_seconds"]) == 1
     assert "    2  plain" in proc.stdout
+
+
+def test_cpu_overhead_bench_switches_each_fix(tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    )
+    out = tmp_path / "overheads.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/bench_cpu_overheads.py"),
+            *("--recipes", "tiny/gpt", "--variants", "both", "neither", "--repeats", "1"),
+            *("--steps", "3", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus)),
+            *("--json", str(out), "train.micro_batch_size=4", "model.seq_length=32"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both, neither = json.loads(out.read_text())
+    assert (both["variant"], neither["variant"]) == ("both", "neither")
+    assert len(both["step_seconds"]) == 3 and both["wall_s"] > 0
+    # ~21 gloo event loops wake every 10 ms without the shared device, one with it
+    per_second = [r["voluntary_switches"] / r["wall_s"] for r in (both, neither)]
+    assert per_second[1] > 5 * per_second[0], per_second
