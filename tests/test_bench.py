@@ -90,45 +90,32 @@ def test_plain_decoder_learns_and_matches_the_shapes() -> None:
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_bench_writes_json_records(tmp_path) -> None:
+def _run_tool(tmp_path, tool: str, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``tools/<tool>`` on the first 3000 lines of tiny Shakespeare, its JSON records read back."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
     )
-    out = tmp_path / "bench.json"
+    out = tmp_path / "records.json"
+    tool_args = ("--corpus", str(corpus), "--json", str(out), *args)
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools/bench_gpu.py"),
-            "--recipes",
-            "tiny/llama",
-            "--cases",
-            "off",
-            "hold",
-            "plain",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--repeats",
-            "2",
-            "--vocab",
-            "400",
-            "--corpus",
-            str(corpus),
-            "--json",
-            str(out),
-            "--peak-tflops",
-            "1",
-            "train.micro_batch_size=4",
-            "model.seq_length=32",
-        ],
+        [sys.executable, str(REPO / "tools" / tool), *tool_args],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_writes_json_records(tmp_path) -> None:
+    proc, records = _run_tool(
+        tmp_path,
+        "bench_gpu.py",
+        *("--recipes", "tiny/llama", "--cases", "off", "hold", "plain", "--steps", "1"),
+        *("--warmup", "1", "--repeats", "2", "--vocab", "400", "--peak-tflops", "1"),
+        *("train.micro_batch_size=4", "model.seq_length=32"),
+    )
     # interleaved: every case once, then every case again
     assert [(r["repeat"], r["case"]) for r in records] == [
         (rep, case) for rep in (0, 1) for case in ("off", "hold", "plain")
@@ -144,25 +131,13 @@ def test_bench_writes_json_records(tmp_path) -> None:
 
 
 def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
-    out = tmp_path / "bench.json"
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(
-        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    proc, records = _run_tool(
+        tmp_path,
+        "bench_gpu.py",
+        *("--recipes", "tiny/gpt", "--cases", "off", "compiled", "plain", "--nproc", "2"),
+        *("--steps", "1", "--warmup", "1", "--vocab", "400"),
+        *("train.micro_batch_size=4", "model.seq_length=32"),
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools/bench_gpu.py"),
-            *("--recipes", "tiny/gpt", "--cases", "off", "compiled", "plain", "--nproc", "2"),
-            *("--steps", "1", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus)),
-            *("--json", str(out), "train.micro_batch_size=4", "model.seq_length=32"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads(out.read_text())
     assert [(r["case"], r["nproc"]) for r in records] == [("off", 2), ("compiled", 2), ("plain", 2)]
     for r in records:  # the global batch (16 x 32 tokens) over both ranks
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
@@ -171,25 +146,13 @@ def test_bench_runs_data_parallel_ranks(tmp_path) -> None:
 
 
 def test_cpu_overhead_bench_switches_each_fix(tmp_path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(
-        "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
+    _, (both, neither) = _run_tool(
+        tmp_path,
+        "bench_cpu_overheads.py",
+        *("--recipes", "tiny/gpt", "--variants", "both", "neither", "--repeats", "1"),
+        *("--steps", "3", "--warmup", "1", "--vocab", "400"),
+        *("train.micro_batch_size=4", "model.seq_length=32"),
     )
-    out = tmp_path / "overheads.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools/bench_cpu_overheads.py"),
-            *("--recipes", "tiny/gpt", "--variants", "both", "neither", "--repeats", "1"),
-            *("--steps", "3", "--warmup", "1", "--vocab", "400", "--corpus", str(corpus)),
-            *("--json", str(out), "train.micro_batch_size=4", "model.seq_length=32"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    both, neither = json.loads(out.read_text())
     assert (both["variant"], neither["variant"]) == ("both", "neither")
     assert len(both["step_seconds"]) == 3 and both["wall_s"] > 0
     # ~21 gloo event loops wake every 10 ms without the shared device, one with it
