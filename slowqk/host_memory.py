@@ -11,7 +11,6 @@ instead. The cost is that the process keeps its peak heap: what a training proce
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -25,18 +24,13 @@ def keep_freed_blocks() -> bool:
     """Apply the settings once per process; False where the C library is not glibc."""
     global _applied
     if _applied is None:
-        _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and _mallopt(
-            M_TRIM_THRESHOLD, TRIM_THRESHOLD
-        )
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library already loaded
+        if mallopt is None:
+            _applied = False  # not glibc (musl, macOS): nothing to tune
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _applied = (
+                mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+            )
     return _applied
-
-
-def _mallopt(param: int, value: int) -> bool:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False  # not glibc (musl, macOS): nothing to tune
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(param, value) == 1
