@@ -36,9 +36,11 @@ def _shared_devices() -> list:
 def apply() -> bool:
     """Make every later gloo process group share this process's devices. True once applied;
     False where there is no gloo or groups exist already (they keep their own devices)."""
-    base = distributed_c10d.ProcessGroupGloo if dist.is_gloo_available() else None
-    if base is None or getattr(base, "_shares_devices", False):
-        return base is not None
+    if not dist.is_gloo_available():
+        return False
+    base = distributed_c10d.ProcessGroupGloo
+    if getattr(base, "_shares_devices", False):
+        return True
     if dist.is_initialized():
         return False
 
