@@ -196,3 +196,46 @@ def test_quickstart_command_prints_both_arms(tmp_path) -> None:
     # the intervention changed the run (tiny after 12 steps, but not zero)
     assert results["control"]["final_val_loss"] != results["intervention"]["final_val_loss"]
     assert (out / "loss_curves.png").stat().st_size > 10_000
+
+
+def _inf_gradient_on_rank_1(rank: int, world: int, overrides: list[str]) -> dict:
+    import math
+
+    import torch
+
+    from slowqk.config import load_recipe
+    from slowqk.distributed import shutdown
+    from slowqk.models import unwrap_model
+    from slowqk.train import Trainer
+
+    trainer = Trainer(load_recipe("tiny/gpt", overrides), quiet=True)
+    chunk = trainer.engine.chunks[0]
+    first = trainer.train_step()
+    before = [p.detach().clone() for p in chunk.parameters()]
+    weight = unwrap_model(chunk).decoder.layers[0].mlp.linear_fc1.weight
+    if rank == 1:  # this rank's gradient of one weight only: its loss and the others stay finite
+        handle = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    poisoned = trainer.train_step()
+    if rank == 1:
+        handle.remove()
+    unchanged = all(torch.equal(p, b) for p, b in zip(chunk.parameters(), before, strict=True))
+    after = trainer.train_step()
+    trainer.metrics.close()
+    shutdown()
+    return {
+        "skipped": [r["skipped"] for r in (first, poisoned, after)],
+        "loss_finite": math.isfinite(poisoned["loss"]),
+        "loss": poisoned["loss"],
+        "unchanged": unchanged,
+    }
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_all(prepared, tmp_path) -> None:
+    """The verdict travels with the loss's reduction: one rank's infinite gradient (its loss
+    finite) skips the update on both ranks, distributed optimizer and all, and the next step
+    updates again."""
+    res = run_ranks(_inf_gradient_on_rank_1, 2, _overrides(prepared, tmp_path / "inf"))
+    for r in res:
+        assert r["skipped"] == [False, True, False]
+        assert r["loss_finite"] and r["unchanged"]
+    assert res[0]["loss"] == res[1]["loss"]

@@ -87,6 +87,7 @@ class MegatronEngine(EngineBase):
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self._schedule = get_forward_backward_func()
+        self._grads_nonfinite = False  # set by each forward_backward
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -106,32 +107,40 @@ class MegatronEngine(EngineBase):
             micro_batch_size=self.recipe.train.micro_batch_size,
             forward_only=forward_only,
         )
-        # Loss lives on the last pipeline stage: average over micro-batches and DP, then share.
-        value = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if parallel_state.is_pipeline_last_stage():
-            value[0] = sum(x["lm loss"].item() for x in losses) / len(losses)
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= self.layout.data
-        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
-        return value.item()
+        # One all-reduce over every rank carries what the step needs to know: the loss (lives
+        # on the last pipeline stage; counted once per data-parallel replica, by its first
+        # tensor rank) and whether any rank's gradients are non-finite (each rank its own).
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        ):
+            stats[0] = sum(x["lm loss"].item() for x in losses) / len(losses)
+        if not forward_only:
+            stats[1] = self._local_grads_nonfinite()
+        dist.all_reduce(stats)
+        self._grads_nonfinite = bool(stats[1].item())
+        return stats[0].item() / self.layout.data
 
     def zero_grad(self) -> None:
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def _grads_finite(self, loss: float) -> bool:
-        """The same verdict on every rank: loss and every local gradient finite everywhere."""
-        ok = math.isfinite(loss)
+    def _local_grads_nonfinite(self) -> torch.Tensor:
+        """1 if a gradient this rank holds is non-finite (before the reduce, or its reduced
+        shard), else 0."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for chunk in self.chunks:
             for buf in [*chunk.buffers, *chunk.expert_parallel_buffers]:
-                ok = ok and bool(torch.isfinite(buf.grad_data).all())
-        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+                # min and max carry any NaN or infinity, in one read of the buffer and no
+                # element-wise temporary (a tenth of isfinite(...).all()'s time on a CPU)
+                bad |= ~torch.isfinite(torch.stack(torch.aminmax(buf.grad_data))).all()
+        return bad.double()
 
     def optimizer_step(self, loss: float) -> tuple[bool, float | None]:
-        if not self._grads_finite(loss):
+        # the verdict forward_backward shared: the same on every rank
+        if not math.isfinite(loss) or self._grads_nonfinite:
             return False, None
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
