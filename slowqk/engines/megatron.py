@@ -119,8 +119,10 @@ class MegatronEngine(EngineBase):
         if not forward_only:
             stats[1] = self._local_grads_nonfinite()
         dist.all_reduce(stats)
-        self._grads_nonfinite = bool(stats[1].item())
-        return stats[0].item() / self.layout.data
+        loss_sum, nonfinite = stats.tolist()
+        if not forward_only:  # an evaluation pass leaves the training step's verdict alone
+            self._grads_nonfinite = nonfinite > 0
+        return loss_sum / self.layout.data
 
     def zero_grad(self) -> None:
         for c in self.chunks:
