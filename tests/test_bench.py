@@ -158,3 +158,36 @@ def test_cpu_overhead_bench_switches_each_fix(tmp_path) -> None:
     # ~21 gloo event loops wake every 10 ms without the shared device, one with it
     per_second = [r["voluntary_switches"] / r["wall_s"] for r in (both, neither)]
     assert per_second[1] > 5 * per_second[0], per_second
+
+
+def test_alternated_steps_rotate_the_order_and_time_only_after_warmup() -> None:
+    from bench_gpu import _alternated
+
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b", "c")}
+    out = _alternated(steps, steps=3, warmup=2)
+    # every round each case once, the first one moved to the end each round
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert rounds == ["abc", "bca", "cab", "abc", "bca"]
+    for name, (timed, warm, results) in out.items():
+        assert len(timed) == 3 and len(warm) == 2 and results == [name] * 3
+
+
+def test_bench_pairs_a_megatron_case_with_the_plain_one_in_one_process(tmp_path) -> None:
+    proc, records = _run_tool(
+        tmp_path,
+        "bench_gpu.py",
+        *("--recipes", "tiny/gpt", "--cases", "off", "plain", "--paired", "--steps", "2"),
+        *("--warmup", "1", "--vocab", "400"),
+        *("train.micro_batch_size=4", "model.seq_length=32"),
+    )
+    assert [(r["case"], r["group"], r["paired"]) for r in records] == [
+        ("off", "off", True),
+        ("plain", "off", True),
+    ]
+    for r in records:
+        assert len(r["step_seconds"]) == 2 and len(r["warmup_step_seconds"]) == 1
+        assert r["peak_mem_gib"] is None  # both models live in the process
+    off, plain = records
+    ratio = off["tokens_per_s"] / plain["tokens_per_s"]
+    assert f"{ratio:.3f}x" in proc.stdout  # the table's ratio is the one process's

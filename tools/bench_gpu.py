@@ -3,7 +3,7 @@ shapes, on the GPU or the CPU (whatever device is there).
 
     python tools/bench_gpu.py [--recipes gpt-125m llama-350m llama-1b]
         [--cases off hold after plain plain-compiled] [--nproc 1 2] [--steps 20] [--warmup 5]
-        [--repeats 1] [--json PATH] [-- overrides ...]
+        [--repeats 1] [--paired] [--json PATH] [-- overrides ...]
 
 Cases, each in a fresh process (or ``--nproc`` ranks under torchrun, data parallel):
   off             megatron-core, the Q/K intervention disabled (no patch)
@@ -23,6 +23,13 @@ case's median tokens/s with the spread (min-max) over the repeats, and the ratio
 same rank count) as the median of the per-repeat ratios. On the CPU the cores are split between
 the ranks. Overrides apply to the megatron cases (e.g. ``model.attention_backend=local``,
 ``train.micro_batch_size=4``) and shape the plain one too.
+
+``--paired`` runs each megatron case in one process (or set of ranks) together with the plain
+cases, their steps alternated with the order rotated every step: one allocator, one set of threads
+and one machine state for both, which separate processes do not share (on the CPU, megatron-core's
+start tunes glibc's heap, which the plain process would otherwise lack; and a noisy machine moves
+two processes apart by more than it moves two alternating steps). The ratio to plain is then taken
+within the process; peak memory is not recorded (both models are resident).
 
 Model FLOPs per token follow the PaLM/Megatron convention, counting matmuls only:
 ``6 * N_matmul + 12 * L * s * d_attn`` with N_matmul the weights of every linear layer plus the
@@ -167,7 +174,8 @@ def plain_case_step(recipe, case: str, vocab: int):
 
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if not dist.is_initialized():  # --paired: megatron-core's trainer started it
+            dist.init_process_group("nccl" if cuda else "gloo")
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(
         model.parameters(),
@@ -204,24 +212,10 @@ def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> di
     }
 
 
-def run_case(
-    recipe_name: str,
-    case: str,
-    steps: int,
-    warmup: int,
-    data: str,
-    out: str,
-    extra: list[str],
-    vocab: int,
-) -> dict:
+def _record(recipe_name: str, case: str, recipe, res: dict) -> dict:
     import megatron.core
     import torch
 
-    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
-    if case in PLAIN_CASES:
-        res = run_plain_case(recipe, case, steps, warmup, vocab)
-    else:
-        res = run_megatron_case(recipe, case, steps, warmup)
     return {
         "recipe": recipe_name,
         "case": case,
@@ -236,6 +230,89 @@ def run_case(
         "seq_length": recipe.model.seq_length,
         **res,
     }
+
+
+def run_case(
+    recipe_name: str,
+    case: str,
+    steps: int,
+    warmup: int,
+    data: str,
+    out: str,
+    extra: list[str],
+    vocab: int,
+) -> dict:
+    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
+    if case in PLAIN_CASES:
+        res = run_plain_case(recipe, case, steps, warmup, vocab)
+    else:
+        res = run_megatron_case(recipe, case, steps, warmup)
+    return _record(recipe_name, case, recipe, res)
+
+
+def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple[list, list]]:
+    """Every case's step once per round, the order rotated each round (with two cases: swapped),
+    so each case runs after each other equally often; per case, the timed steps' seconds and
+    the warmup steps' and the timed steps' results."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    names = list(steps_by_case)
+    out: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in names}
+    for i in range(warmup + steps):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            result = steps_by_case[name]()
+            sync()
+            timed, warm, results = out[name]
+            (timed if i >= warmup else warm).append(time.perf_counter() - t0)
+            if i >= warmup:
+                results.append(result)
+    return out
+
+
+def run_paired(
+    recipe_name: str,
+    case: str,
+    plain_cases: list[str],
+    steps: int,
+    warmup: int,
+    data: str,
+    out: str,
+    extra: list[str],
+    vocab: int,
+) -> list[dict]:
+    """One megatron case and the plain cases in one process, their steps alternated: the same
+    allocator (megatron-core's start sets the CPU heap's), threads and machine state for both,
+    so a drift of a shared machine falls on both alike. No peak memory (both models are held)."""
+    from slowqk.train import Trainer
+
+    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
+    trainer = Trainer(recipe, quiet=True)
+    steps_by_case = {case: trainer.train_step}
+    recipes = {case: recipe}
+    padded = {case: trainer.vocab_size}
+    for plain in plain_cases:
+        recipes[plain] = synthetic_recipe(recipe_name, plain, steps, warmup, data, out, extra)
+        steps_by_case[plain], padded[plain] = plain_case_step(recipes[plain], plain, vocab)
+    records = []
+    for name, (timed, warm, results) in _alternated(steps_by_case, steps, warmup).items():
+        megatron = name == case
+        res = {
+            "step_s": sum(timed) / len(timed),
+            "step_seconds": timed,
+            "warmup_step_seconds": warm,
+            "peak_mem_gib": None,
+            "vocab": padded[name],
+            "te": trainer.use_te if megatron else False,
+            "attention_backend": trainer.attention_backend if megatron else "sdpa",
+            "mult_q": sorted({r["mult_q"] for r in results}) if megatron else [1.0],
+            "paired": True,
+            "group": case,
+        }
+        records.append(_record(recipe_name, name, recipes[name], res))
+    return records
 
 
 def _with_mfu(record: dict, peak_tflops: float | None) -> dict:
@@ -279,7 +356,13 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(CORPUS), help="text the megatron cases read")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--json", type=Path, default=None, help="write the records (a JSON list) here")
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="each megatron case in one process with the plain cases, their steps alternated",
+    )
     ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)  # internal: recipe case data out
+    ap.add_argument("--paired-plain", nargs="+", help=argparse.SUPPRESS)  # internal: with --case
     ap.add_argument(
         "overrides",
         nargs="*",
@@ -287,12 +370,19 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.case:
-        res = run_case(
-            *args.case[:2], args.steps, args.warmup, *args.case[2:], args.overrides, args.vocab
-        )
+        recipe, case, data, out = args.case
+        common = (args.steps, args.warmup, data, out, args.overrides, args.vocab)
+        if args.paired_plain:
+            results = run_paired(recipe, case, args.paired_plain, *common)
+        else:
+            results = [run_case(recipe, case, *common)]
         if _ranks()[1] == 0:
-            print("RESULT " + json.dumps(res))
+            for res in results:
+                print("RESULT " + json.dumps(res))
         return
+    plains = [c for c in args.cases if c in PLAIN_CASES]
+    if args.paired and (not plains or plains == args.cases):
+        ap.error("--paired needs a megatron case and a plain case in --cases")
 
     import torch
 
@@ -308,6 +398,7 @@ def main() -> None:
             for recipe in args.recipes
             for nproc in args.nproc
             for case in args.cases
+            if not (args.paired and case in PLAIN_CASES)  # they run inside the megatron ones
         ]
         for rep, recipe, nproc, case in plan:
             cmd = [
@@ -324,28 +415,30 @@ def main() -> None:
                 str(args.warmup),
                 "--vocab",
                 str(args.vocab),
+                *(["--paired-plain", *plains] if args.paired else []),
                 "--",
                 *args.overrides,
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_case_env(nproc, cuda))
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
+            lines = [x[7:] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
                 print(f"{recipe}/{case} x{nproc} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 failed.append(f"{recipe}/{case} x{nproc}")
                 continue
-            record = {**json.loads(line[7:]), "repeat": rep}
-            peak = args.peak_tflops or next(
-                (v for k, v in PEAKS.items() if k in record["device"]), None
-            )
-            rows.append(_with_mfu(record, peak))
-            first = record["warmup_step_seconds"][:1]
-            print(
-                f"  {recipe}/{case} x{nproc} (repeat {rep + 1}): "
-                f"{record['step_s'] * 1e3:.1f} ms/step"
-                + "".join(f", first warmup step {x:.1f} s" for x in first),
-                file=sys.stderr,
-                flush=True,
-            )
+            for line in lines:
+                record = {**json.loads(line), "repeat": rep}
+                peak = args.peak_tflops or next(
+                    (v for k, v in PEAKS.items() if k in record["device"]), None
+                )
+                rows.append(_with_mfu(record, peak))
+                first = record["warmup_step_seconds"][:1]
+                print(
+                    f"  {recipe}/{record['case']} x{nproc} (repeat {rep + 1}): "
+                    f"{record['step_s'] * 1e3:.1f} ms/step"
+                    + "".join(f", first warmup step {x:.1f} s" for x in first),
+                    file=sys.stderr,
+                    flush=True,
+                )
             if args.json:  # after every case, so a run cut short keeps what it measured
                 _write_json(args.json, rows)
     if not rows:
@@ -400,19 +493,24 @@ def print_table(rows: list[dict], peak: float | None) -> None:
         f"{'vs off':>9}{'vs plain':>10}{'(min-max)':>16}{'peak GiB':>10}{'MFU':>8}  mult_q"
     )
 
-    def ratios(key: tuple[str, int, str], base: str) -> list[float]:
-        """Per repeat: this case's tokens/s over the base case's of the same repeat and ranks."""
-        base_of = {r["repeat"]: r for r in by_case.get((*key[:2], base), [])}
+    def ratios(key: tuple[str, int, str], base: str, same_process: bool) -> list[float]:
+        """Per repeat: this case's tokens/s over the base case's of the same repeat and ranks
+        (and, ``same_process``, of the same --paired process where the records come from one)."""
+
+        def match(r: dict) -> tuple:
+            return (r["repeat"], r.get("group") if same_process else None)
+
+        base_of = {match(r): r for r in by_case.get((*key[:2], base), [])}
         return [
-            r["tokens_per_s"] / base_of[r["repeat"]]["tokens_per_s"]
+            r["tokens_per_s"] / base_of[match(r)]["tokens_per_s"]
             for r in by_case[key]
-            if r["repeat"] in base_of
+            if match(r) in base_of
         ]
 
     for (recipe, nproc, case), rs in by_case.items():
         tps = [r["tokens_per_s"] for r in rs]
         key = (recipe, nproc, case)
-        vs_off, vs_plain = ratios(key, "off"), ratios(key, "plain")
+        vs_off, vs_plain = ratios(key, "off", False), ratios(key, "plain", True)
         off = f"{_median(vs_off):.3f}x" if vs_off else "-"
         plain = f"{_median(vs_plain):.3f}x" if vs_plain else "-"
         spread = f"({min(vs_plain):.3f}-{max(vs_plain):.3f})" if vs_plain else ""
