@@ -35,6 +35,7 @@ from slowqk.attention import SDPAttention
 
 # padded_vocab_size is re-exported
 from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401
+from slowqk.linear import DirectColumnParallelLinear, DirectRowParallelLinear
 from slowqk.probe import probed_layer_spec
 
 
@@ -135,9 +136,24 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
         elif backend != "local":
             raise ValueError(f"attention backend {backend!r}: expected te, sdpa or local")
+        _direct_linears(spec)
     if probe:
         spec = probed_layer_spec(spec)
     return spec
+
+
+def _direct_linears(spec) -> None:
+    """The local spec's four parallel linears as :mod:`slowqk.linear`'s subclasses (the same
+    parameters; a direct matmul where a rank holds the whole weight)."""
+    for sub in (spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules):
+        for name, direct in (
+            ("linear_qkv", DirectColumnParallelLinear),
+            ("linear_proj", DirectRowParallelLinear),
+            ("linear_fc1", DirectColumnParallelLinear),
+            ("linear_fc2", DirectRowParallelLinear),
+        ):
+            if getattr(sub, name, None) is direct.__mro__[1]:  # the stock class, nothing else
+                setattr(sub, name, direct)
 
 
 def replay_earlier_stages(
