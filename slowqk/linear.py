@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.parallel_state import get_tensor_model_parallel_world_size
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 def _whole_weight(layer) -> bool:
-    """True where megatron-core's forward would only compute ``x @ W.T (+ b)`` on this rank."""
+    """True where megatron-core's forward would only compute ``x @ W.T (+ b)`` on this rank.
+    An attribute another megatron-core version lacks counts against the direct path."""
     config = layer.config
-    group = layer.tp_group
+    group = getattr(layer, "tp_group", None)
+    ranks = group.size() if group is not None else get_tensor_model_parallel_world_size()
     return (
-        (group is None or group.size() == 1)
-        and not layer.sequence_parallel
-        and not layer.gradient_accumulation_fusion
-        and not layer.explicit_expert_comm
+        ranks == 1
+        and not getattr(layer, "is_expert", True)
+        and not getattr(layer, "sequence_parallel", True)
+        and not getattr(layer, "gradient_accumulation_fusion", True)
+        and not getattr(layer, "explicit_expert_comm", True)
         and not getattr(config, "defer_embedding_wgrad_compute", False)
         and not getattr(config, "cpu_offloading", False)
     )

@@ -8,6 +8,7 @@ getting a clean process (the server itself never runs a model, a thread pool or 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import random
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -164,24 +166,29 @@ class CliProcess:
         )
         self._proc.start()
         self.pid = self._proc.pid
+        # The forkserver sends the exit status once, over the sentinel: two threads polling at
+        # the same moment (a fault test's watcher and the launcher's loop) would both read, and
+        # the second one's EOF becomes exit code 255. One reader at a time; the status is cached.
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        return self._proc.exitcode
+        with self._lock:
+            return self._proc.exitcode
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.exitcode
+        return self.poll()
 
     def send_signal(self, sig: int) -> None:
-        if self._proc.exitcode is None:
+        if self.poll() is None:
             os.kill(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        self._proc.join(timeout)
-        return self._proc.exitcode
+        multiprocessing.connection.wait([self._proc.sentinel], timeout)  # without the lock
+        return self.poll()
 
 
 def run_cli(

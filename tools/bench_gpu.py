@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "shakespeare" / "shakespeare_modern.txt"
@@ -232,28 +233,35 @@ def _record(recipe_name: str, case: str, recipe, res: dict) -> dict:
     }
 
 
-def run_case(
-    recipe_name: str,
-    case: str,
-    steps: int,
-    warmup: int,
-    data: str,
-    out: str,
-    extra: list[str],
-    vocab: int,
-) -> dict:
-    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
+class CaseSetup(NamedTuple):
+    """What every case of one bench run shares."""
+
+    steps: int
+    warmup: int
+    data: str
+    out: str
+    extra: list[str]
+    vocab: int
+
+    def recipe(self, recipe_name: str, case: str):
+        return synthetic_recipe(
+            recipe_name, case, self.steps, self.warmup, self.data, self.out, self.extra
+        )
+
+
+def run_case(recipe_name: str, case: str, setup: CaseSetup) -> dict:
+    recipe = setup.recipe(recipe_name, case)
     if case in PLAIN_CASES:
-        res = run_plain_case(recipe, case, steps, warmup, vocab)
+        res = run_plain_case(recipe, case, setup.steps, setup.warmup, setup.vocab)
     else:
-        res = run_megatron_case(recipe, case, steps, warmup)
+        res = run_megatron_case(recipe, case, setup.steps, setup.warmup)
     return _record(recipe_name, case, recipe, res)
 
 
-def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple[list, list]]:
+def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple[list, list, list]]:
     """Every case's step once per round, the order rotated each round (with two cases: swapped),
-    so each case runs after each other equally often; per case, the timed steps' seconds and
-    the warmup steps' and the timed steps' results."""
+    so each case runs after each other equally often. Per case: the timed steps' seconds, the
+    warmup steps' seconds, the timed steps' results."""
     import torch
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -272,32 +280,23 @@ def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple
     return out
 
 
-def run_paired(
-    recipe_name: str,
-    case: str,
-    plain_cases: list[str],
-    steps: int,
-    warmup: int,
-    data: str,
-    out: str,
-    extra: list[str],
-    vocab: int,
-) -> list[dict]:
+def run_paired(recipe_name: str, case: str, plain_cases: list[str], setup: CaseSetup) -> list[dict]:
     """One megatron case and the plain cases in one process, their steps alternated: the same
     allocator (megatron-core's start sets the CPU heap's), threads and machine state for both,
     so a drift of a shared machine falls on both alike. No peak memory (both models are held)."""
     from slowqk.train import Trainer
 
-    recipe = synthetic_recipe(recipe_name, case, steps, warmup, data, out, extra)
+    recipe = setup.recipe(recipe_name, case)
     trainer = Trainer(recipe, quiet=True)
     steps_by_case = {case: trainer.train_step}
     recipes = {case: recipe}
     padded = {case: trainer.vocab_size}
     for plain in plain_cases:
-        recipes[plain] = synthetic_recipe(recipe_name, plain, steps, warmup, data, out, extra)
-        steps_by_case[plain], padded[plain] = plain_case_step(recipes[plain], plain, vocab)
+        recipes[plain] = setup.recipe(recipe_name, plain)
+        steps_by_case[plain], padded[plain] = plain_case_step(recipes[plain], plain, setup.vocab)
     records = []
-    for name, (timed, warm, results) in _alternated(steps_by_case, steps, warmup).items():
+    alternated = _alternated(steps_by_case, setup.steps, setup.warmup)
+    for name, (timed, warm, results) in alternated.items():
         megatron = name == case
         res = {
             "step_s": sum(timed) / len(timed),
@@ -371,11 +370,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.case:
         recipe, case, data, out = args.case
-        common = (args.steps, args.warmup, data, out, args.overrides, args.vocab)
+        setup = CaseSetup(args.steps, args.warmup, data, out, args.overrides, args.vocab)
         if args.paired_plain:
-            results = run_paired(recipe, case, args.paired_plain, *common)
+            results = run_paired(recipe, case, args.paired_plain, setup)
         else:
-            results = [run_case(recipe, case, *common)]
+            results = [run_case(recipe, case, setup)]
         if _ranks()[1] == 0:
             for res in results:
                 print("RESULT " + json.dumps(res))
