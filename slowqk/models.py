@@ -12,6 +12,7 @@ is present, else ``sdpa``. All but ``te`` share parameter names and checkpoints.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -145,7 +146,8 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
 def _direct_linears(spec) -> None:
     """The local spec's four parallel linears as :mod:`slowqk.linear`'s subclasses (the same
     parameters; a direct matmul where a rank holds the whole weight)."""
-    for sub in (spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules):
+    layer = spec.submodules
+    for sub in (_submodules(layer.self_attention), _submodules(layer.mlp)):
         for name, direct in (
             ("linear_qkv", DirectColumnParallelLinear),
             ("linear_proj", DirectRowParallelLinear),
@@ -154,6 +156,14 @@ def _direct_linears(spec) -> None:
         ):
             if getattr(sub, name, None) is direct.__mro__[1]:  # the stock class, nothing else
                 setattr(sub, name, direct)
+
+
+def _submodules(spec):
+    """A module spec's submodules: a ``ModuleSpec``'s field, or (megatron-core 0.19's MLP) the
+    ``submodules`` keyword of a ``functools.partial``; None for anything else."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords.get("submodules")
+    return getattr(spec, "submodules", None)
 
 
 def replay_earlier_stages(
