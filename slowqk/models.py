@@ -27,6 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
@@ -148,13 +149,13 @@ def _direct_linears(spec) -> None:
     parameters; a direct matmul where a rank holds the whole weight)."""
     layer = spec.submodules
     for sub in (_submodules(layer.self_attention), _submodules(layer.mlp)):
-        for name, direct in (
-            ("linear_qkv", DirectColumnParallelLinear),
-            ("linear_proj", DirectRowParallelLinear),
-            ("linear_fc1", DirectColumnParallelLinear),
-            ("linear_fc2", DirectRowParallelLinear),
+        for name, stock, direct in (
+            ("linear_qkv", ColumnParallelLinear, DirectColumnParallelLinear),
+            ("linear_proj", RowParallelLinear, DirectRowParallelLinear),
+            ("linear_fc1", ColumnParallelLinear, DirectColumnParallelLinear),
+            ("linear_fc2", RowParallelLinear, DirectRowParallelLinear),
         ):
-            if getattr(sub, name, None) is direct.__mro__[1]:  # the stock class, nothing else
+            if getattr(sub, name, None) is stock:  # the stock class, not one set elsewhere
                 setattr(sub, name, direct)
 
 

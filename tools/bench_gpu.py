@@ -108,30 +108,59 @@ def synthetic_recipe(
     )
 
 
-def _timed(step, steps: int, warmup: int) -> tuple[float, float, list, list[float], list[float]]:
-    """Seconds per step over ``steps`` after ``warmup``; peak GiB of the timed steps; step
-    results; each timed step's seconds; each warmup step's (compilation falls there)."""
+def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple[list, list, list]]:
+    """Every case's step once per round, the order rotated each round (with two cases: swapped),
+    so each case runs after each other equally often; one case is a plain timed loop. Per case:
+    the timed steps' seconds, the warmup steps' seconds (compilation falls there), the timed
+    steps' results. On CUDA the peak-memory counter restarts with the timed steps."""
     import torch
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    warmup_seconds = []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        warmup_seconds.append(time.perf_counter() - t0)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    results, per_step = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        results.append(step())
-        sync()  # per-step times need it; a sync per step is what a training loop's logging costs
-        per_step.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return (time.perf_counter() - start) / steps, peak, results, per_step, warmup_seconds
+    names = list(steps_by_case)
+    out: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in names}
+    for i in range(warmup + steps):
+        if i == warmup and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            result = steps_by_case[name]()
+            sync()  # per-step times need it; a sync per step is what a loop's logging costs
+            timed, warm, results = out[name]
+            (timed if i >= warmup else warm).append(time.perf_counter() - t0)
+            if i >= warmup:
+                results.append(result)
+    return out
+
+
+def _peak_gib() -> float | None:
+    """Peak GiB allocated on the GPU since the timed steps began; None on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _timing(timed: list[float], warm: list[float], peak: float | None) -> dict:
+    return {
+        "step_s": sum(timed) / len(timed),
+        "step_seconds": timed,
+        "warmup_step_seconds": warm,
+        "peak_mem_gib": peak,
+    }
+
+
+def _megatron_fields(trainer, results: list[dict]) -> dict:
+    return {
+        "vocab": trainer.vocab_size,
+        "te": trainer.use_te,
+        "attention_backend": trainer.attention_backend,
+        "mult_q": sorted({r["mult_q"] for r in results}),
+    }
+
+
+def _plain_fields(padded_vocab: int) -> dict:
+    return {"vocab": padded_vocab, "te": False, "attention_backend": "sdpa", "mult_q": [1.0]}
 
 
 def _ranks() -> tuple[int, int]:
@@ -143,17 +172,8 @@ def run_megatron_case(recipe, case: str, steps: int, warmup: int) -> dict:
     from slowqk.train import Trainer
 
     trainer = Trainer(recipe, quiet=True)
-    seconds, peak, results, per_step, warm = _timed(trainer.train_step, steps, warmup)
-    return {
-        "step_s": seconds,
-        "step_seconds": per_step,
-        "warmup_step_seconds": warm,
-        "peak_mem_gib": peak,
-        "vocab": trainer.vocab_size,
-        "te": trainer.use_te,
-        "attention_backend": trainer.attention_backend,
-        "mult_q": sorted({r["mult_q"] for r in results}),
-    }
+    timed, warm, results = _alternated({case: trainer.train_step}, steps, warmup)[case]
+    return {**_timing(timed, warm, _peak_gib()), **_megatron_fields(trainer, results)}
 
 
 def plain_case_step(recipe, case: str, vocab: int):
@@ -200,17 +220,8 @@ def plain_case_step(recipe, case: str, vocab: int):
 
 def run_plain_case(recipe, case: str, steps: int, warmup: int, vocab: int) -> dict:
     step, padded = plain_case_step(recipe, case, vocab)
-    seconds, peak, _, per_step, warm = _timed(step, steps, warmup)
-    return {
-        "step_s": seconds,
-        "step_seconds": per_step,
-        "warmup_step_seconds": warm,
-        "peak_mem_gib": peak,
-        "vocab": padded,
-        "te": False,
-        "attention_backend": "sdpa",
-        "mult_q": [1.0],
-    }
+    timed, warm, _ = _alternated({case: step}, steps, warmup)[case]
+    return {**_timing(timed, warm, _peak_gib()), **_plain_fields(padded)}
 
 
 def _record(recipe_name: str, case: str, recipe, res: dict) -> dict:
@@ -258,28 +269,6 @@ def run_case(recipe_name: str, case: str, setup: CaseSetup) -> dict:
     return _record(recipe_name, case, recipe, res)
 
 
-def _alternated(steps_by_case: dict, steps: int, warmup: int) -> dict[str, tuple[list, list, list]]:
-    """Every case's step once per round, the order rotated each round (with two cases: swapped),
-    so each case runs after each other equally often. Per case: the timed steps' seconds, the
-    warmup steps' seconds, the timed steps' results."""
-    import torch
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    names = list(steps_by_case)
-    out: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in names}
-    for i in range(warmup + steps):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
-            result = steps_by_case[name]()
-            sync()
-            timed, warm, results = out[name]
-            (timed if i >= warmup else warm).append(time.perf_counter() - t0)
-            if i >= warmup:
-                results.append(result)
-    return out
-
-
 def run_paired(recipe_name: str, case: str, plain_cases: list[str], setup: CaseSetup) -> list[dict]:
     """One megatron case and the plain cases in one process, their steps alternated: the same
     allocator (megatron-core's start sets the CPU heap's), threads and machine state for both,
@@ -290,26 +279,15 @@ def run_paired(recipe_name: str, case: str, plain_cases: list[str], setup: CaseS
     trainer = Trainer(recipe, quiet=True)
     steps_by_case = {case: trainer.train_step}
     recipes = {case: recipe}
-    padded = {case: trainer.vocab_size}
+    padded = {}
     for plain in plain_cases:
         recipes[plain] = setup.recipe(recipe_name, plain)
         steps_by_case[plain], padded[plain] = plain_case_step(recipes[plain], plain, setup.vocab)
     records = []
     alternated = _alternated(steps_by_case, setup.steps, setup.warmup)
     for name, (timed, warm, results) in alternated.items():
-        megatron = name == case
-        res = {
-            "step_s": sum(timed) / len(timed),
-            "step_seconds": timed,
-            "warmup_step_seconds": warm,
-            "peak_mem_gib": None,
-            "vocab": padded[name],
-            "te": trainer.use_te if megatron else False,
-            "attention_backend": trainer.attention_backend if megatron else "sdpa",
-            "mult_q": sorted({r["mult_q"] for r in results}) if megatron else [1.0],
-            "paired": True,
-            "group": case,
-        }
+        fields = _megatron_fields(trainer, results) if name == case else _plain_fields(padded[name])
+        res = {**_timing(timed, warm, None), **fields, "paired": True, "group": case}
         records.append(_record(recipe_name, name, recipes[name], res))
     return records
 
