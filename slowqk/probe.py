@@ -26,8 +26,12 @@ from slowqk.attention import effective_softmax_scale, explicit_attention, is_cau
 class ProbeMixin:
     """Put first in the bases of a core-attention class (see :func:`probed`)."""
 
-    record: bool = False
-    probs: torch.Tensor | None = None
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # instance attributes from the start: under torch.compile the training graph's guard on
+        # ``record`` then sees the same attribute before and after a probe
+        self.record: bool = False
+        self.probs: torch.Tensor | None = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
         if not self.record:
@@ -88,10 +92,13 @@ def attention_probs(
     try:
         for r in recorders.values():
             r.record = True
-        if forward is None:
-            model(tokens, position_ids, None)
-        else:
-            forward()
+        # Eager even under train.compile: the recording branch and the callers' hooks would
+        # each cost a recompilation, and the probe's numbers are the eager model's.
+        with torch.compiler.set_stance("force_eager"):
+            if forward is None:
+                model(tokens, position_ids, None)
+            else:
+                forward()
     finally:
         for r in recorders.values():
             r.record = False

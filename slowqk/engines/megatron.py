@@ -80,8 +80,9 @@ class MegatronEngine(EngineBase):
         model = wrap_precision(model, self.config)
         self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
         if t.compile:  # in place: parameter names, hooks and checkpoints stay as they are
-            for layer in unwrap_model(model).decoder.layers:
-                layer.compile()
+            # The whole model, not each layer: one graph from the embedding to the loss fuses
+            # across layer boundaries and pays dynamo's guards and wrappers once per micro-batch.
+            unwrap_model(model).compile()
         self.optimizer = build_optimizer(recipe, self.chunks)
         self.scheduler = build_scheduler(recipe, self.optimizer)
         self.config.finalize_model_grads_func = finalize_model_grads
