@@ -311,8 +311,8 @@ class TrainConfig(_Strict):
     )
     compile: bool = Field(
         False,
-        description="torch.compile each transformer layer in place (megatron engine; one rank or "
-        "data parallel); the first steps pay the compilation",
+        description="torch.compile the whole model in place, one graph from the embedding to the "
+        "loss (megatron engine; one rank or data parallel); the first steps pay the compilation",
     )
 
 

@@ -191,3 +191,24 @@ def test_bench_pairs_a_megatron_case_with_the_plain_one_in_one_process(tmp_path)
     off, plain = records
     ratio = off["tokens_per_s"] / plain["tokens_per_s"]
     assert f"{ratio:.3f}x" in proc.stdout  # the table's ratio is the one process's
+
+
+def test_compile_scope_bench_compares_the_same_model_under_each_scope(tmp_path) -> None:
+    proc, report = _run_tool(
+        tmp_path,
+        "bench_compile_scope.py",
+        *("--recipe", "tiny/gpt", "--scopes", "eager", "layers", "model", "--rounds", "2"),
+        *("--vocab", "400", "--", "model.num_layers=2", "model.hidden_size=64"),
+        *("model.seq_length=32", "train.micro_batch_size=2"),
+    )
+    rows = {r["scope"]: r for r in report["rows"]}
+    assert list(rows) == ["eager", "layers", "model", "plain"]
+    assert report["meta"]["recipe"] == "tiny/gpt" and report["meta"]["commit"]
+    for r in rows.values():
+        assert len(r["seconds"]) == 2 and min(r["seconds"]) > 0
+        assert r["plain_over_scope"] == pytest.approx(rows["plain"]["median_s"] / r["median_s"])
+    # one model under three scopes: the same loss (inductor reorders reductions: not bitwise)
+    assert rows["layers"]["loss"] == pytest.approx(rows["eager"]["loss"], abs=1e-5)
+    assert rows["model"]["loss"] == pytest.approx(rows["eager"]["loss"], abs=1e-5)
+    assert rows["eager"]["loss"] != rows["plain"]["loss"]
+    assert "plain/this" in proc.stdout
