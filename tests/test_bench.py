@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO / "tools"))
 RECORD_KEYS = {
     "recipe",
     "case",
+    "commit",
+    "dirty",
     "device",
     "te",
     "attention_backend",
@@ -123,6 +125,7 @@ def test_bench_writes_json_records(tmp_path) -> None:
     for r in records:
         assert len(r["step_seconds"]) == 1 and r["step_seconds"][0] > 0
         assert r.keys() >= RECORD_KEYS
+        assert len(r["commit"]) == 40 and isinstance(r["dirty"], bool)
         assert r["device"] == "cpu" and r["attention_backend"] == "sdpa" and r["te"] is False
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)

@@ -228,9 +228,14 @@ def _record(recipe_name: str, case: str, recipe, res: dict) -> dict:
     import megatron.core
     import torch
 
+    from slowqk.provenance import provenance
+
+    code = provenance()
     return {
         "recipe": recipe_name,
         "case": case,
+        "commit": code["commit"],  # every figure names its commit
+        "dirty": code["dirty"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "megatron_core": megatron.core.__version__,
         "torch": torch.__version__,
