@@ -9,7 +9,7 @@ Cases, each in a fresh process (or ``--nproc`` ranks under torchrun, data parall
   off             megatron-core, the Q/K intervention disabled (no patch)
   hold            the multipliers active: the patch's pre/post-step hooks work every step
   after           the intervention released before the timed steps: the hooks return at once
-  compiled        ``off`` with ``train.compile=true`` (each transformer layer under torch.compile)
+  compiled        ``off`` with ``train.compile=true`` (the whole model under torch.compile)
   plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
                   autocast, fused AdamW; torch DDP over several ranks), what a user would
                   otherwise run
