@@ -125,7 +125,8 @@ def test_bench_writes_json_records(tmp_path) -> None:
     for r in records:
         assert len(r["step_seconds"]) == 1 and r["step_seconds"][0] > 0
         assert r.keys() >= RECORD_KEYS
-        assert len(r["commit"]) == 40 and isinstance(r["dirty"], bool)
+        # None outside a git checkout (an installed wheel)
+        assert r["commit"] is None or (len(r["commit"]) == 40 and isinstance(r["dirty"], bool))
         assert r["device"] == "cpu" and r["attention_backend"] == "sdpa" and r["te"] is False
         assert r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"])
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
@@ -206,7 +207,7 @@ def test_compile_scope_bench_compares_the_same_model_under_each_scope(tmp_path) 
     )
     rows = {r["scope"]: r for r in report["rows"]}
     assert list(rows) == ["eager", "layers", "model", "plain"]
-    assert report["meta"]["recipe"] == "tiny/gpt" and report["meta"]["commit"]
+    assert report["meta"]["recipe"] == "tiny/gpt" and "commit" in report["meta"]
     for r in rows.values():
         assert len(r["seconds"]) == 2 and min(r["seconds"]) > 0
         assert r["plain_over_scope"] == pytest.approx(rows["plain"]["median_s"] / r["median_s"])

@@ -37,7 +37,8 @@ def _graphs() -> dict[str, int]:
 
     return {
         "graphs": counters["stats"]["unique_graphs"],
-        "breaks": sum(counters["graph_break"].values()),
+        # dynamo files some breaks (data-dependent branches, skipped frames) as "unimplemented"
+        "breaks": sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values()),
     }
 
 

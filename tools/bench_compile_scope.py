@@ -15,6 +15,8 @@ step (the same for every scope), so every call of a model sees the same weights 
 same loss, recorded to show the scopes compute the same model (plain's is its own). Compilation
 falls in the warmup calls and is reported apart. Prints each model's median seconds a call and
 the ratio plain / scope (above 1: faster than plain); ``--json`` writes every call's seconds.
+CPU only (fp32, no precision wrapper): on a GPU, ``tools/bench_gpu.py --cases off compiled`` is
+the measurement.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
+    if torch.cuda.is_available():
+        print(
+            "bench_compile_scope: CPU only; on a GPU use tools/bench_gpu.py --cases off compiled",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     from plain_decoder import PlainDecoder
 
     from slowqk.data.corpus import prepare_corpus
