@@ -92,14 +92,17 @@ def test_plain_decoder_learns_and_matches_the_shapes() -> None:
     assert losses[-1] < losses[0] - 0.1
 
 
-def _run_tool(tmp_path, tool: str, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """``tools/<tool>`` on the first 3000 lines of tiny Shakespeare, its JSON records read back."""
+def _run_tool(
+    tmp_path, tool: str, *args: str, corpus_arg: bool = True
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``tools/<tool>`` on the first 3000 lines of tiny Shakespeare (``corpus_arg``: the tool
+    reads a corpus), its JSON records read back."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "".join((SHARED / "data/tinyshakespeare/input.txt").read_text().splitlines(True)[:3000])
     )
     out = tmp_path / "records.json"
-    tool_args = ("--corpus", str(corpus), "--json", str(out), *args)
+    tool_args = (*(("--corpus", str(corpus)) if corpus_arg else ()), "--json", str(out), *args)
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / tool), *tool_args],
         capture_output=True,
@@ -204,6 +207,7 @@ def test_compile_scope_bench_compares_the_same_model_under_each_scope(tmp_path) 
         *("--recipe", "tiny/gpt", "--scopes", "eager", "layers", "model", "--rounds", "2"),
         *("--vocab", "400", "--", "model.num_layers=2", "model.hidden_size=64"),
         *("model.seq_length=32", "train.micro_batch_size=2"),
+        corpus_arg=False,
     )
     rows = {r["scope"]: r for r in report["rows"]}
     assert list(rows) == ["eager", "layers", "model", "plain"]

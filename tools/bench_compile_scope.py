@@ -25,11 +25,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import CORPUS, _alternated, synthetic_recipe  # noqa: E402
+from bench_gpu import _alternated  # noqa: E402
 
 SCOPES = ("eager", "layers", "decoder", "model")
 
@@ -55,7 +54,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=120)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--corpus", default=str(CORPUS), help="text the tokenizer is trained on")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -70,45 +68,40 @@ def main() -> None:
         sys.exit(2)
     from plain_decoder import PlainDecoder
 
-    from slowqk.data.corpus import prepare_corpus
-    from slowqk.models import build_gpt_model
+    from slowqk.config import load_recipe
+    from slowqk.distributed import init_distributed
+    from slowqk.models import build_gpt_model, build_transformer_config, padded_vocab_size
     from slowqk.provenance import provenance
-    from slowqk.train import Trainer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_corpus(args.corpus, Path(tmp) / "data", vocab_size=args.vocab).dataset_dir
-        recipe = synthetic_recipe(
-            args.recipe, "off", 1, 0, str(data), str(Path(tmp) / "run"), args.overrides
-        )
-        trainer = Trainer(recipe, quiet=True)  # the process groups and the transformer config
+    # random tokens, as the plain cases of bench_gpu.py: no corpus, tokenizer or trainer needed
+    recipe = load_recipe(args.recipe, args.overrides)
     m, b = recipe.model, recipe.train.micro_batch_size
-    vocab = trainer.vocab_size
+    init_distributed(recipe.parallel, recipe.seed)  # megatron-core's layers need its groups
+    t = recipe.train
+    config = build_transformer_config(m, precision=t.precision, fused_kernels=t.fused_kernels)
+    vocab = padded_vocab_size(args.vocab, m.make_vocab_size_divisible_by, 1)
     gen = torch.Generator().manual_seed(recipe.seed)
     ids = torch.randint(0, args.vocab, (b, m.seq_length), generator=gen)
     labels = torch.randint(0, args.vocab, (b, m.seq_length), generator=gen)
     positions = torch.arange(m.seq_length).expand(b, -1)
 
-    def megatron_call(scope: str):
-        torch.manual_seed(recipe.seed)
-        model = compiled_in_place(build_gpt_model(m, trainer.config, vocab), scope)
-
+    def forward_backward(loss_of):
         def call() -> float:
-            loss = model(ids, positions, None, labels=labels).mean()
+            loss = loss_of()
             loss.backward()
             return float(loss)
 
         return call
+
+    def megatron_call(scope: str):
+        torch.manual_seed(recipe.seed)
+        model = compiled_in_place(build_gpt_model(m, config, vocab), scope)
+        return forward_backward(lambda: model(ids, positions, None, labels=labels).mean())
 
     def plain_call():
         torch.manual_seed(recipe.seed)
         model = PlainDecoder(m, vocab)
-
-        def call() -> float:
-            loss = model(ids, labels)
-            loss.backward()
-            return float(loss)
-
-        return call
+        return forward_backward(lambda: model(ids, labels))
 
     calls = {scope: megatron_call(scope) for scope in args.scopes}
     calls["plain"] = plain_call()
