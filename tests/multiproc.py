@@ -195,14 +195,17 @@ class CliProcess:
 
 
 def run_cli(
-    argv: list[str], cwd: str | Path | None = None, timeout: float = 600
+    argv: list[str],
+    cwd: str | Path | None = None,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python -m slowqk.cli ARGV`` in a forked process, as ``subprocess.run(...,
-    capture_output=True,
-    text=True)`` would return it."""
+    """``python -m slowqk.cli ARGV`` in a forked process (``env``: variables set on top of this
+    one's), as ``subprocess.run(..., capture_output=True, text=True)`` would return it."""
     with tempfile.TemporaryDirectory() as tmp:
         err, out = f"{tmp}/stderr", f"{tmp}/stdout"
-        proc = CliProcess(argv, dict(os.environ), err, out, None if cwd is None else str(cwd))
+        where = None if cwd is None else str(cwd)
+        proc = CliProcess(argv, {**os.environ, **(env or {})}, err, out, where)
         if proc.wait(timeout) is None:
             proc.kill()
             proc.wait()

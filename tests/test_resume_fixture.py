@@ -9,9 +9,11 @@ state or the order of work in a step shows here as a different loss."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
+import torch
 from multiproc import run_cli
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "resume_before_callbacks"
@@ -41,3 +43,59 @@ def test_a_checkpoint_from_before_the_callbacks_resumes_bitwise(tmp_path) -> Non
     assert {str(d["step"]): d["layers"]["1"]["entropy"] for d in diag} == {
         k: expected["entropy"][k] for k in ("5", "7")
     }
+
+
+EVERY_CALLBACK = Path(__file__).resolve().parent / "fixtures" / "resume_every_callback"
+
+
+def _train(work: Path, out: str, *extra: str, env: dict | None = None):
+    overrides = (work / "overrides.txt").read_text().splitlines()
+    argv = ["train", "tiny/gpt", f"out_dir={out}", *overrides, *extra, "--quiet"]
+    return run_cli(argv, cwd=work, env=env)
+
+
+def _losses(run: Path) -> dict[str, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {str(r["step"]): r["loss"] for r in rows}
+
+
+def test_a_checkpoint_with_every_callback_resumes_bitwise(tmp_path) -> None:
+    """The fixture's step-6 checkpoint (made on d36f473, every callback's state as flat keys)
+    resumes: straight to step 12, and through a checkpoint this code writes at step 8 after a
+    kill -9, to the same losses and decisions, bitwise. The adaptive release at step 9 needs the
+    drift tracker's peak from steps 1-6, so a state lost on resume shows as another release."""
+    work = tmp_path / "fixture"
+    shutil.copytree(EVERY_CALLBACK, work)
+    straight = _train(work, "run")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = json.loads((work / "expected.json").read_text())
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["resumed"] is True
+    losses = _losses(work / "run")
+    later = [str(s) for s in range(7, 13)]
+    release = summary["qk_release"]
+    assert (release["step"], release["reason"], release["settled_at"]) == (9, "settled", 9)
+    assert summary["specialization_warning"] == expected["specialization_warning"]
+    if torch.backends.cpu.get_cpu_capability() == expected["cpu_capability"]:
+        # what the old code logged uninterrupted, bitwise, where its vector unit was the same
+        assert {k: losses[k] for k in later} == {k: expected["losses"][k] for k in later}
+        assert summary["final_val_loss"] == expected["final_val_loss"]
+        assert release == expected["qk_release"]
+    else:  # another vector unit rounds sums differently: bitwise holds per machine only
+        for k in later:
+            assert math.isclose(losses[k], expected["losses"][k], rel_tol=1e-5), k
+
+    # the same resume, killed (-9) after a checkpoint this code writes, resumed again
+    again = tmp_path / "again"
+    shutil.copytree(EVERY_CALLBACK, again)
+    killed = _train(again, "run", "train.save_interval=8", env={"SLOWQK_FAULT_KILL_AT_STEP": "8"})
+    assert killed.returncode != 0
+    assert (again / "run" / "checkpoints" / "iter_0000008").is_dir()
+    resumed = _train(again, "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary_again = json.loads((again / "run" / "summary.json").read_text())
+    assert {k: v for k, v in _losses(again / "run").items() if int(k) > 8} == {
+        k: losses[k] for k in ("9", "10", "11", "12")
+    }
+    for key in ("final_val_loss", "qk_release", "specialization_warning"):
+        assert summary_again[key] == summary[key], key
