@@ -170,7 +170,7 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core.tensor_parallel import random as mrandom
 
     def set_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -185,7 +185,7 @@ def _patch_megatron() -> None:
 
 
 def megatron_version() -> str:
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core import package_info
 
     return package_info.__version__

@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from multiprocessing.managers import SyncManager
 
 import torch
 
@@ -32,7 +33,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _patch_set_main_param_states() -> None:
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -51,7 +52,7 @@ def _patch_set_main_param_states() -> None:
 
 
 def _patch_unshare_adam_step() -> None:
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer.load_state_dict
@@ -77,7 +78,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _patch_results_queue() -> None:
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if not hasattr(filesystem_async, "_get_write_results_queue") or not sys.platform.startswith(
@@ -87,9 +88,6 @@ def _patch_results_queue() -> None:
 
     def results_queue():
         if filesystem_async._results_queue is None:
-            # deferred: patches load before megatron-core is imported
-            from multiprocessing.managers import SyncManager
-
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
             manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
             filesystem_async._results_queue = manager.Queue()
@@ -103,7 +101,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core import package_info
 
     if package_info.__version__.startswith(("0.16", "0.19")):

@@ -97,7 +97,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    # deferred: patches load before megatron-core is imported
+    # deferred: megatron-core is slow to import; only applying the patch needs it
     from megatron.core.distributed import param_and_grad_buffer
 
     wrappers = {

@@ -44,8 +44,7 @@ def _cmd_print_recipe(args: argparse.Namespace) -> int:
 def _group_elements_comment(recipe) -> str:
     """The elements each learning-rate group covers in each layer, as YAML comments."""
     # deferred: subcommands import what they use, so the CLI starts fast
-    from slowqk.config import padded_vocab_size
-    from slowqk.qk.parts import element_counts
+    from slowqk.config import element_counts, padded_vocab_size
 
     m = recipe.model
     vocab = m.vocab_size or recipe.data.tokenizer_vocab_size

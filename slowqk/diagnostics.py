@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from slowqk.qk.selection import FusedQKVLayout
+from slowqk.lr_groups.rows import FusedQKVLayout
 
 
 def attention_entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

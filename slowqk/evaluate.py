@@ -41,7 +41,7 @@ PRIMARY = ("acc_norm", "acc", "word_perplexity", "perplexity")
 
 
 def _lm_eval_tasks_dir() -> Path:
-    # deferred: an optional extra, imported only where used
+    # deferred: lm_eval is an optional extra, imported only where used
     import lm_eval.tasks
 
     return Path(lm_eval.tasks.__file__).parent
@@ -74,7 +74,7 @@ def write_registry_task(task_dir: Path, eval_data: Path | None, task: str, regis
     """Any task of lm-eval's registry (a ``TaskManager``) over ``<eval_data>/<task>_<split>.jsonl``
     (the split it evaluates: its test split, else its validation split). Returns
     ``<task>_local``."""
-    # deferred: an optional extra, imported only where used
+    # deferred: lm_eval is an optional extra, imported only where used
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = registry.task_index.get(task)
@@ -184,7 +184,7 @@ def _missing_field(exc: BaseException) -> str | None:
 
 def _template_fields(config) -> set[str]:
     """The fields the task's Jinja templates name (only meaningful without ``process_docs``)."""
-    # deferred: an optional extra, imported only where used
+    # deferred: jinja2 is an optional extra, imported only where used
     import jinja2
     from jinja2 import meta
 
@@ -198,7 +198,7 @@ def _template_fields(config) -> set[str]:
 
 def _data_files(task_manager, name: str) -> str:
     """The local file(s) a task's YAML points at, for messages."""
-    # deferred: an optional extra, imported only where used
+    # deferred: lm_eval is an optional extra, imported only where used
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = task_manager.task_index.get(name)
@@ -250,7 +250,7 @@ def check_task_data(task_manager, chosen: list[str], limit: int | None = None) -
     """Build each chosen task and render the rows lm-eval will read (the first ``limit``) the
     way it will, before it runs: a file without the task's fields is one
     :class:`TaskDataError` naming the file, the task and the fields."""
-    # deferred: an optional extra, imported only where used
+    # deferred: lm_eval is an optional extra, imported only where used
     from lm_eval.tasks import get_task_dict
 
     for name in chosen:
@@ -300,7 +300,7 @@ def evaluate(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # deferred: an optional extra, imported only where used
+    # deferred: lm_eval is an optional extra, imported only where used
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -42,14 +42,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from slowqk.config import RecipeError, _Strict, load_recipe, parse_override, resolve_recipe_path
+from slowqk.config import (
+    RecipeError,
+    StrictSection,
+    load_recipe,
+    parse_override,
+    resolve_recipe_path,
+)
 from slowqk.data.corpus import prepare_corpus
 from slowqk.distributed import single_process_env
 from slowqk.metrics import read_metrics
 from slowqk.provenance import differences, provenance
 
 
-class Variant(_Strict):
+class Variant(StrictSection):
     recipe: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] | None = None
@@ -63,7 +69,7 @@ class Variant(_Strict):
     )
 
 
-class Contrast(_Strict):
+class Contrast(StrictSection):
     """``arm - minus`` over the seeds both ran, each named ``variant/arm``."""
 
     name: str
@@ -74,7 +80,7 @@ class Contrast(_Strict):
     )
 
 
-class Grid(_Strict):
+class Grid(StrictSection):
     name: str
     out_dir: str
     seeds: list[int] = Field(min_length=1)

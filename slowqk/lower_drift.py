@@ -24,7 +24,7 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from slowqk.patches.lr_groups import iter_main_params
+from slowqk.lr_groups import iter_main_params
 
 
 def _is_matrix(param: torch.nn.Parameter) -> bool:

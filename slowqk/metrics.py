@@ -17,7 +17,7 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
-            # deferred: slow to import, and only this path needs it
+            # deferred: torch is slow to import, and only this path needs it
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))

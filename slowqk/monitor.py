@@ -34,7 +34,7 @@ from slowqk.diagnostics import (
     qk_logit_change_sums,
 )
 from slowqk.lower_drift import layer_of_params
-from slowqk.patches.lr_groups import find_qkv_params
+from slowqk.lr_groups import find_qkv_params
 from slowqk.probe import attention_probs
 
 log = logging.getLogger("slowqk.monitor")

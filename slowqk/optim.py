@@ -12,8 +12,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
+from slowqk import lr_groups
 from slowqk.config import LRGroupConfig, Recipe, group_label, resolve_layers
-from slowqk.patches import lr_groups
 from slowqk.qk.release import AdaptiveRelease, DriftTracker, fixed_release_record
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
 

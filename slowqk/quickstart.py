@@ -49,11 +49,11 @@ def format_table(summaries: dict[str, dict]) -> str:
 
 
 def plot_curves(out: Path, arms: list[str]) -> Path:
-    # deferred: slow to import, and only this path needs it
+    # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
-    # deferred: slow to import, and only this path needs it
+    # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))

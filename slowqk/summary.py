@@ -70,7 +70,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> Interval:
     """Student-t confidence interval of the mean paired difference."""
-    # deferred: slow to import, and only this path needs it
+    # deferred: scipy is slow to import, and only this path needs it
     from scipy.stats import t
 
     n = len(differences)
@@ -88,7 +88,7 @@ ALPHA = 0.05
 
 def paired_p_value(differences: list[float]) -> float:
     """Two-sided paired t-test of mean difference 0 (nan below two pairs; 0 or 1 when sd is 0)."""
-    # deferred: slow to import, and only this path needs it
+    # deferred: scipy is slow to import, and only this path needs it
     from scipy.stats import t
 
     n = len(differences)
@@ -456,11 +456,11 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
 
 
 def _plt():
-    # deferred: slow to import, and only this path needs it
+    # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
-    # deferred: slow to import, and only this path needs it
+    # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib.pyplot as plt
 
     return plt

@@ -191,7 +191,7 @@ class ReferenceGPT(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float, groups: list) -> list[dict]:
         """One param group per (group, decay) and the rest (``kind`` = "base"); ``groups`` have
-        ``name``, ``parts``, ``layers`` (as ``slowqk.patches.lr_groups.GroupSpec``)."""
+        ``name``, ``parts``, ``layers`` (as ``slowqk.lr_groups.GroupSpec``)."""
         out: dict[tuple[str, float], dict] = {}
         for name, p in self.named_parameters():
             decay = weight_decay if p.ndim > 1 and not name.endswith("bias") else 0.0

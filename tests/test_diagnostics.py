@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slowqk.diagnostics import attention_entropy, attention_max_prob, qk_relative_update
-from slowqk.qk.selection import FusedQKVLayout
+from slowqk.lr_groups.rows import FusedQKVLayout
 
 
 def _uniform_causal(batch: int, heads: int, seq: int) -> torch.Tensor:

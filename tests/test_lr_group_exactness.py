@@ -204,7 +204,7 @@ def _distopt_worker(rank: int, world: int, case: dict) -> dict:
 
 def _groups_cut_by_shard(optimizer, chunks, groups) -> set[str]:
     """Groups with a block that this rank's distributed-optimizer shard starts or ends inside."""
-    from slowqk.patches.lr_groups import find_part_params, iter_main_params
+    from slowqk.lr_groups import find_part_params, iter_main_params
 
     ranges = {id(mp): (lo, hi, mp.numel()) for _i, mp, _main, lo, hi in iter_main_params(optimizer)}
     cut = set()
@@ -367,7 +367,7 @@ def test_distributed_optimizer_matches_fp32_optimizer(name: str) -> None:
     # what print-recipe reports (from the shapes alone) is what the optimizer holds
     from megatron_harness import VOCAB
 
-    from slowqk.qk.parts import element_counts
+    from slowqk.config import element_counts
 
     held = {g: sum(res["scaled"][g] for res in results) for g in results[0]["scaled"]}
     if "qk.q" in held:

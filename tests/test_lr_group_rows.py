@@ -91,7 +91,8 @@ def _worker(
 def _main_params(optimizer, ddp_model) -> dict[str, torch.Tensor]:
     """Full fp32 main params by name: the values the optimizer updates (gathered over DP)."""
     import torch.distributed as dist
-    from slowqk.patches.lr_groups import iter_main_params
+
+    from slowqk.lr_groups import iter_main_params
 
     held = {id(mp): (main, lo, hi) for _inner, mp, main, lo, hi in iter_main_params(optimizer)}
     out = {}

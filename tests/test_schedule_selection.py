@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slowqk.lr_groups.rows import FusedQKVLayout
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
-from slowqk.qk.selection import FusedQKVLayout, select_layers
+from slowqk.qk.selection import select_layers
 
 
 def test_linear_schedule_holds_then_ramps_to_one() -> None:

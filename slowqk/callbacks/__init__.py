@@ -22,39 +22,15 @@ callbacks drive (:class:`~slowqk.qk.release.AdaptiveRelease`, ``DriftTracker``,
 
 from __future__ import annotations
 
-from typing import Any
+from slowqk.callbacks.base import Callback
+from slowqk.callbacks.diagnostics import Diagnostics
+from slowqk.callbacks.faults import FaultInjection
+from slowqk.callbacks.lower_drift import LowerDriftWatch
+from slowqk.callbacks.qk_scaling import QKScaling
 
-
-class Callback:
-    @classmethod
-    def build(cls, trainer) -> Callback | None:
-        return cls()
-
-    def on_step_start(self, trainer, rec: dict) -> None: ...
-
-    def before_update(self, trainer, rec: dict) -> None: ...
-
-    def after_update(self, trainer, rec: dict, updated: bool) -> None: ...
-
-    def on_step_end(self, trainer, rec: dict) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, extra: dict[str, Any]) -> None: ...
-
-    def on_resume(self, trainer) -> None: ...
-
-    def summary(self) -> dict[str, Any]:
-        return {}
+__all__ = ["Callback", "Diagnostics", "FaultInjection", "LowerDriftWatch", "QKScaling"]
 
 
 def callback_classes() -> list[type[Callback]]:
     """The callbacks every run considers, in hook order (later ones may read earlier ones)."""
-    # deferred: a circular import at module level
-    from slowqk.callbacks.diagnostics import Diagnostics
-    from slowqk.callbacks.faults import FaultInjection
-    from slowqk.callbacks.lower_drift import LowerDriftWatch
-    from slowqk.callbacks.qk_scaling import QKScaling
-
     return [QKScaling, LowerDriftWatch, Diagnostics, FaultInjection]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from slowqk.callbacks import Callback
+from slowqk.callbacks.base import Callback
 from slowqk.callbacks.lower_drift import LowerDriftWatch, warning_enabled
 from slowqk.data.loader import collate
 from slowqk.early_warning import SpecializationWarning

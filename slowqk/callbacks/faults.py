@@ -4,7 +4,7 @@ chosen steps, rank 0 killed after a chosen step. Does nothing unless a variable 
 from __future__ import annotations
 
 from slowqk import faults
-from slowqk.callbacks import Callback
+from slowqk.callbacks.base import Callback
 
 
 class FaultInjection(Callback):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from slowqk.callbacks import Callback
+from slowqk.callbacks.base import Callback
 from slowqk.callbacks.qk_scaling import QKScaling
 from slowqk.lower_drift import LowerLayerDrift
 from slowqk.optim import drift_tracker, lower_layers

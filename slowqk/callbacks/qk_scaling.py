@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slowqk.callbacks import Callback
+from slowqk.callbacks.base import Callback
 from slowqk.optim import (
     build_lr_groups,
     build_release,

@@ -104,7 +104,7 @@ def _iter_jsonl_lenient(path: Path, text_field: str, stats: ReadStats) -> Iterat
 
 
 def _hf_stream(path: Path, fmt: str):
-    # deferred: slow to import, and only this path needs it
+    # deferred: datasets is slow to import, and only this path needs it
     import datasets
 
     if fmt == "hf-dir":
@@ -130,7 +130,7 @@ def iter_documents(
     stats: ReadStats | None = None,
 ) -> Iterator[str]:
     """Yield the text of every document in ``path``; bad input raises :class:`InputError`."""
-    # deferred: slow to import, and only this path needs it
+    # deferred: datasets, pyarrow are slow to import, and only this path needs them
     import datasets
     import pyarrow
 

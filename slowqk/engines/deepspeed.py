@@ -6,7 +6,7 @@ SlowQK's; DeepSpeed replaces megatron-core's DDP and optimizer, and checkpoints 
 Supported: TP = PP = 1 (megatron-core's tensor/pipeline parallelism needs its own DDP and
 schedules); fp32, or bf16 where DeepSpeed supports it. The learning-rate groups hook the torch
 optimizer inside ZeRO and know which elements of each flat fp32 partition they cover (see
-``patches/lr_groups.iter_main_params``).
+:func:`slowqk.lr_groups.iter_main_params`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from slowqk.checkpoint import (
 from slowqk.config import Recipe
 from slowqk.engines.base import EngineBase
 from slowqk.engines.megatron import device_batches, masked_mean_loss
+from slowqk.lr_groups import iter_main_params
 from slowqk.models import build_gpt_model, build_transformer_config
 from slowqk.optim import build_scheduler
-from slowqk.patches.lr_groups import iter_main_params
 
 TAG = "deepspeed"  # DeepSpeed's own files, inside the checkpoint directory
 
@@ -71,7 +71,7 @@ def deepspeed_config(recipe: Recipe, data_parallel: int, stage: int) -> dict:
 def _deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its checkpoints hold besides tensors and plain values: allowed for
     the weights-only load of files the integrity record has already verified."""
-    # deferred: an optional extra, imported only where used
+    # deferred: deepspeed is an optional extra, imported only where used
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -83,7 +83,8 @@ class DeepSpeedEngine(EngineBase):
     def _build(self, vocab_size: int, init_weights: Path | None) -> None:
         recipe, layout, device = self.recipe, self.layout, self.device
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        import deepspeed  # deferred: an optional extra; it picks its accelerator on import
+        # deferred: deepspeed is an optional extra; it picks its accelerator on import
+        import deepspeed
 
         self.stage = stage = recipe.parallel.zero_stage
         self.name = f"deepspeed-zero{stage}"
@@ -148,7 +149,7 @@ class DeepSpeedEngine(EngineBase):
         """Squared norm per layer of the reduced gradient (before clipping), from DeepSpeed's
         full-gradient accessor: every rank gets the whole gradient, so nothing is reduced after
         (a collective under ZeRO-3: every rank walks every parameter)."""
-        # deferred: an optional extra, imported only where used
+        # deferred: deepspeed is an optional extra, imported only where used
         from deepspeed.utils import safe_get_full_grad
 
         sq = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
@@ -161,7 +162,7 @@ class DeepSpeedEngine(EngineBase):
 
     def full_weights(self, params: list[torch.nn.Parameter]):
         """ZeRO-3 holds a piece of each parameter: gather them whole while read (read-only)."""
-        # deferred: an optional extra, imported only where used
+        # deferred: deepspeed is an optional extra, imported only where used
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, enabled=self.stage == 3)

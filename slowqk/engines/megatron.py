@@ -20,9 +20,9 @@ from slowqk.config import Recipe
 from slowqk.data.loader import micro_batches
 from slowqk.engines.base import EngineBase
 from slowqk.lower_drift import optimizer_is_sharded
+from slowqk.lr_groups import iter_main_params
 from slowqk.models import build_gpt_model, build_transformer_config, unwrap_model, wrap_precision
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
-from slowqk.patches.lr_groups import iter_main_params
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class _ShardWriter:
         self.total_bytes += size
 
     def flush(self) -> None:
-        # deferred: an optional extra, imported only where used
+        # deferred: safetensors is an optional extra, imported only where used
         from safetensors.torch import save_file
 
         if not self.pending:
@@ -103,7 +103,7 @@ def write_tokenizer(src: Path, out: Path) -> None:
     added (SlowQK trains without them); ids equal SentencePiece's for text that does not start
     with whitespace (a leading run of spaces may split differently).
     """
-    # deferred: an optional extra, imported only where used
+    # deferred: transformers is an optional extra, imported only where used
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if src.suffix == ".json":
@@ -221,7 +221,7 @@ def export_checkpoint(
         config = hf_config(model, padded, bos, eos)  # padded rows kept: see slowqk.hf.mapping
         config.dtype = dtype
         config.save_pretrained(str(tmp))
-        # deferred: an optional extra, imported only where used
+        # deferred: transformers is an optional extra, imported only where used
         from transformers import GenerationConfig
 
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(

@@ -140,7 +140,7 @@ class _HFWeights:
     """Lazy access to the tensors of an HF directory (single file or sharded with an index)."""
 
     def __init__(self, hf_dir: Path) -> None:
-        # deferred: an optional extra, imported only where used
+        # deferred: safetensors is an optional extra, imported only where used
         from safetensors import safe_open
 
         index = hf_dir / "model.safetensors.index.json"

@@ -108,7 +108,7 @@ def family(model: ModelConfig) -> str:
 
 
 def hf_config(model: ModelConfig, vocab_size: int, bos: int | None, eos: int | None):
-    # deferred: an optional extra, imported only where used
+    # deferred: transformers is an optional extra, imported only where used
     from transformers import GPT2Config, LlamaConfig, Qwen3Config
 
     d = Dims.of(model)

@@ -17,7 +17,7 @@ from slowqk.train import Trainer
 def hf_loss_on_batches(hf_dir: str | Path, batches: list[list[dict]]) -> float:
     """Mean over global batches of the mean over micro-batches of the masked token loss: the
     reduction the training loop's ``evaluate`` uses."""
-    # deferred: an optional extra, imported only where used
+    # deferred: transformers is an optional extra, imported only where used
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()

@@ -9,14 +9,29 @@ overlap exactly when their atoms on a layer intersect.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from slowqk.config import ModelConfig
+from typing import Literal, Protocol
 
 Part = Literal["q", "k", "v", "o", "gate", "up", "fc1", "fc2", "norm", "embedding", "output"]
 LAYER_PARTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "fc1", "fc2", "norm")
 MODEL_PARTS: tuple[str, ...] = ("embedding", "output")
 GATED_ONLY: tuple[str, ...] = ("gate", "up")
+
+
+class ModelShape(Protocol):
+    """The model fields the element counts read (a recipe's ``model:`` section)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None
+    ffn: str
+    norm: str
+    bias: bool
+    qk_norm: bool
+    seq_length: int
+    position: str
+
+    @property
+    def ffn_size(self) -> int: ...
 
 
 def atoms(part: str, gated: bool) -> set[str]:
@@ -26,7 +41,7 @@ def atoms(part: str, gated: bool) -> set[str]:
     return {part}
 
 
-def layer_elements(part: str, m: ModelConfig) -> int:
+def layer_elements(part: str, m: ModelShape) -> int:
     """Elements of ``part`` in one layer (over all TP ranks; biases included)."""
     h, heads = m.hidden_size, m.num_attention_heads
     head_dim, groups, f, b = h // heads, m.num_query_groups or heads, m.ffn_size, int(m.bias)
@@ -46,31 +61,8 @@ def layer_elements(part: str, m: ModelConfig) -> int:
     }[part]
 
 
-def model_elements(part: str, m: ModelConfig, vocab_rows: int) -> int:
+def model_elements(part: str, m: ModelShape, vocab_rows: int) -> int:
     """Elements of ``embedding`` or ``output`` (``vocab_rows``: the padded vocabulary)."""
     if part == "output":
         return vocab_rows * m.hidden_size
     return (vocab_rows + (m.seq_length if m.position == "learned" else 0)) * m.hidden_size
-
-
-def element_counts(recipe, vocab_rows: int) -> dict[str, dict[int | None, int]]:
-    """``{group label: {layer (None = the model): elements}}`` for ``qk`` and every ``lr_groups``
-    entry (over all TP ranks; a tied last stage's copy of the embedding not counted again)."""
-    # deferred: a circular import at module level
-    from slowqk.config import group_coverage
-
-    m = recipe.model
-    out = {}
-    for _key, label, cover in group_coverage(recipe):
-        out[label] = {
-            layer: sum(
-                model_elements(a, m, vocab_rows) if layer is None else layer_elements(a, m)
-                for a in atoms_
-            )
-            for layer, atoms_ in sorted(cover.items(), key=_layer_order)
-        }
-    return out
-
-
-def _layer_order(item) -> tuple[bool, int]:
-    return item[0] is None, item[0] or 0

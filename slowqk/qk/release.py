@@ -137,7 +137,7 @@ class AdaptiveRelease:
         return sched(step)
 
     def schedule(self, mult: float):
-        """A step -> multiplier function for :class:`slowqk.patches.lr_groups.LRGroups` group."""
+        """A step -> multiplier function for :class:`slowqk.lr_groups.LRGroups` group."""
         return lambda step: self.multiplier(step, mult)
 
     def describe(self) -> str:

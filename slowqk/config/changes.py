@@ -1,0 +1,55 @@
+"""Which recipe changes a resume may take: the fields that do not alter what is computed, and the
+``key: old -> new`` list of those that do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Recipe fields that may change when a run resumes: they do not alter what is computed.
+RESUME_SAFE_PREFIXES = (
+    "name",
+    "out_dir",
+    "parallel.",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.eval_iters",
+    "train.save_interval",
+    "train.keep_last",
+    "train.keep_every",
+    "train.progress_bar",
+    "train.tensorboard",
+    "train.on_nonfinite",
+    "train.max_consecutive_skips",
+    "diagnostics.",
+    "model.attention_backend",
+    "train.fused_kernels",  # the same math through other kernels
+    "train.compile",
+    "data.verify",
+    "train.dist_timeout",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_altering_changes(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for each change between two recipe dumps that alters the run."""
+    a, b = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(a.keys() | b.keys()):
+        if key not in a and b[key] in (
+            [],
+            False,
+        ):  # added since, at its off default (lr_groups, qk_norm)
+            continue
+        if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
+            changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
