@@ -12,11 +12,14 @@ from slowqk.checkpoint import (
     megatron_checkpoint,
     read_extra,
 )
-from slowqk.config import ModelConfig, Recipe, architecture, run_altering_changes
-
-
-class RecipeChangedError(ValueError):
-    pass
+from slowqk.config import (
+    ModelConfig,
+    Recipe,
+    RecipeChangedError,
+    architecture,
+    run_altering_changes,
+)
+from slowqk.engines import engine_class
 
 
 def resumable_checkpoint(
@@ -34,8 +37,7 @@ def resumable_checkpoint(
             f"{path}: written by the {wrote} engine, this run uses parallel.engine={runs}; "
             f"resume with parallel.engine={wrote} (train.init_from reads megatron checkpoints)"
         )
-    if runs == "deepspeed":
-        _check_zero_layout(path, saved, recipe, data_parallel)
+    engine_class(runs).check_checkpoint(path, saved, recipe, data_parallel)
     changes = run_altering_changes(saved["recipe"], recipe.model_dump(mode="json"))
     if changes and not allow_recipe_change:
         raise RecipeChangedError(
@@ -44,19 +46,6 @@ def resumable_checkpoint(
             + " (pass --allow-recipe-change if intended)"
         )
     return path, saved, changes
-
-
-def _check_zero_layout(path: Path, saved: dict, recipe: Recipe, data_parallel: int) -> None:
-    """ZeRO partitions its optimizer state by stage and data-parallel size: it loads only at both
-    as saved."""
-    stage, saved_stage = recipe.parallel.zero_stage, saved["recipe"]["parallel"]["zero_stage"]
-    saved_dp = saved.get("data_parallel", data_parallel)
-    if (stage, data_parallel) != (saved_stage, saved_dp):
-        raise RecipeChangedError(
-            f"{path}: a ZeRO-{saved_stage} checkpoint at data-parallel size {saved_dp}; this run "
-            f"is ZeRO-{stage} at {data_parallel}. DeepSpeed loads its optimizer partitions only "
-            "as they were written: resume with the same parallel.zero_stage and number of ranks"
-        )
 
 
 def check_resume_fits(path: Path, saved: dict, tokenizer_sha256: str, vocab_size: int, recipe):

@@ -23,17 +23,17 @@ from tqdm import tqdm
 
 from slowqk.callbacks import Callback, callback_classes
 from slowqk.checkpoint import prune_checkpoints, remove_leftovers, write_atomic
-from slowqk.config import Recipe, recipe_to_yaml
+from slowqk.config import Recipe, RecipeChangedError, recipe_to_yaml
 from slowqk.data.run_data import build_run_data
 from slowqk.distributed import PeerTimeout, init_distributed, is_peer_timeout, shutdown
 from slowqk.engines import build_engine
-from slowqk.engines.megatron import masked_mean_loss
 from slowqk.metrics import MetricsWriter
 from slowqk.models import resolve_attention_backend
 from slowqk.provenance import provenance
-from slowqk.resume import RecipeChangedError, check_resume_fits, init_source, resumable_checkpoint
+from slowqk.resume import check_resume_fits, init_source, resumable_checkpoint
+from slowqk.validation import Validator
 
-__all__ = ["RecipeChangedError", "Trainer", "masked_mean_loss", "train"]
+__all__ = ["RecipeChangedError", "Trainer", "train"]
 
 EXIT_PREEMPTED = 75  # a signal asked the run to stop; a checkpoint was saved; resume to continue
 EXIT_FORCED = 76  # a second signal: stopped at once, without a checkpoint
@@ -83,15 +83,6 @@ class _Timer:
         now = time.perf_counter()
         dt, self.start = now - self.start, now
         return dt
-
-
-def _summary_defaults() -> dict:
-    """Summary keys whose callbacks a run may not have."""
-    return {
-        "specialization_warning": None,
-        "diagnostics_seconds": 0.0,
-        "drift_seconds": 0.0,
-    }
 
 
 class Trainer:
@@ -144,7 +135,9 @@ class Trainer:
         )
         if init is not None:
             log.info("initialized weights from %s", init)
+        self.validator = Validator(recipe, self.engine, self.valid_ds)
         self.metrics = MetricsWriter(self.run_dir, t.tensorboard, enabled=self.rank == 0)
+        self.bar: tqdm | None = None  # the progress bar while run() trains
         self.step = 0
         self.consecutive_skips = 0
         self.total_skips = 0
@@ -191,14 +184,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def evaluate(self) -> float:
-        """Mean loss over the first ``eval_iters`` validation batches: the same batches every
-        time, so validation curves are comparable across steps and runs."""
-        self.engine.train_mode(False)
-        with torch.no_grad():
-            iters = self.recipe.train.eval_iters
-            losses = [self.engine.forward_backward(self.valid_ds, i, True) for i in range(iters)]
-        self.engine.train_mode(True)
-        return sum(losses) / iters
+        """The validation loss now (see :class:`~slowqk.validation.Validator`)."""
+        return self.validator.evaluate()
 
     def train_step(self) -> dict:
         engine = self.engine
@@ -238,8 +225,8 @@ class Trainer:
             "skipped_total": self.total_skips,
             "data_parallel": self.layout.data,
         }
-        for cb in self.callbacks:
-            extra.update(cb.state_dict())
+        # each callback's state under its own name
+        extra["callbacks"] = {cb.name: state for cb in self.callbacks if (state := cb.state_dict())}
         files = {f"tokenizer/{self.tokenizer.path.name}": self.tokenizer.path}
         path = self.engine.save(self.ckpt_root, self.step, extra, files)
         t = self.recipe.train
@@ -259,8 +246,11 @@ class Trainer:
         extra = self.engine.load(path)
         self.step = int(extra["step"])
         self.total_skips = int(extra.get("skipped_total", 0))
+        states = extra.get("callbacks")
         for cb in self.callbacks:
-            cb.load_state_dict(extra)
+            state = cb.legacy_state(extra) if states is None else states.get(cb.name)
+            if state is not None:
+                cb.load_state_dict(state)
         self.metrics.truncate_after(self.step)  # resumed logs have no duplicates
         self._hooks("on_resume")
         return True
@@ -278,7 +268,7 @@ class Trainer:
         if rec["skipped"] and (
             t.on_nonfinite == "stop" or self.consecutive_skips >= t.max_consecutive_skips
         ):
-            self.metrics.log(self.step, rec)
+            self.metrics.log(self.step, {**rec, "loss": float(rec["loss"])})
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {self.step - 1} "
                 f"({self.consecutive_skips} in a row, train.on_nonfinite={t.on_nonfinite}, "
@@ -286,18 +276,27 @@ class Trainer:
                 "is kept"
             )
 
+    def _stop_check_due(self) -> bool:
+        """The ranks agree on a stop every ``train.stop_check_interval`` steps, all at the same
+        steps."""
+        return self.step % self.recipe.train.stop_check_interval == 0
+
     def _log(self, rec: dict) -> None:
+        """Log the step's record where due; the loss is read from the device only then."""
         t = self.recipe.train
         if (
             self.step % t.log_interval == 0
             or "val_loss" in rec
             or self.step == t.steps
             or rec["skipped"]
-            or "qk_release" in rec
+            or any(cb.must_log(rec) for cb in self.callbacks)
         ):
+            rec["loss"] = float(rec["loss"])
             self.metrics.log(self.step, rec)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
-    def _loop(self, bar, timer: _Timer, history: list[float], stop: _StopSignals) -> None:
+    def _loop(self, timer: _Timer, history: list, stop: _StopSignals) -> None:
         t = self.recipe.train
         tokens_per_step = self.recipe.tokens_per_step
         while self.step < t.steps:
@@ -309,14 +308,12 @@ class Trainer:
             if not rec["skipped"]:
                 history.append(rec["loss"])
             self._check_nonfinite(rec)
-            if self.step % t.eval_interval == 0 or self.step == t.steps:
-                rec["val_loss"] = self.evaluate()
-                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
+            if self.validator.should_evaluate(self.step):
+                rec.update(self.validator.record())
                 timer.lap()  # evaluation is not training time
             self._log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
-            if self._stop_agreed(stop):
+            self.bar.update(1)
+            if self._stop_check_due() and self._stop_agreed(stop):
                 self.save()
                 raise Preempted(f"stop signal received; checkpoint saved at step {self.step}")
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
@@ -330,7 +327,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
         resumed = self.maybe_resume()
-        bar = tqdm(
+        self.bar = tqdm(
             total=t.steps,
             initial=self.step,
             disable=self.rank != 0 or not t.progress_bar or self.quiet,
@@ -339,11 +336,13 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=2.0,
         )
+        if self.step == 0 and self.validator.should_evaluate(0):
+            self.metrics.log(0, self.validator.record())
         timer, history, start = _Timer(), [], self.step
         self._train_time = 0.0
         with _StopSignals() as stop:
-            self._loop(bar, timer, history, stop)
-        bar.close()
+            self._loop(timer, history, stop)
+        self.bar.close()
         if t.save_interval and self.step > start:
             self.save()
         summary = self._summary(resumed, history, self.evaluate())
@@ -365,9 +364,9 @@ class Trainer:
             "train_seconds": seconds,
             "tokens_per_s": len(history) * r.tokens_per_step / seconds if seconds > 0 else None,
             "skipped_steps": self.total_skips,
-            "qk_enabled": r.qk.enabled,
-            **_summary_defaults(),
         }
+        for cls in callback_classes():  # the same keys whichever callbacks the run has
+            summary.update(cls.absent_summary())
         for cb in self.callbacks:
             summary.update(cb.summary())
         return summary

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from multiproc import run_cli
 
+from slowqk.checkpoint import read_extra
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "resume_before_callbacks"
 
 
@@ -90,7 +92,17 @@ def test_a_checkpoint_with_every_callback_resumes_bitwise(tmp_path) -> None:
     shutil.copytree(EVERY_CALLBACK, again)
     killed = _train(again, "run", "train.save_interval=8", env={"SLOWQK_FAULT_KILL_AT_STEP": "8"})
     assert killed.returncode != 0
-    assert (again / "run" / "checkpoints" / "iter_0000008").is_dir()
+    old = read_extra(again / "run" / "checkpoints" / "iter_0000006")
+    new = read_extra(again / "run" / "checkpoints" / "iter_0000008")
+    # this code keeps each callback's state under its name, none of it flat
+    assert {"qk_release", "specialization_warning"} <= set(old)
+    assert not {"qk_release", "specialization_warning", "drift_tracker"} & set(new)
+    assert set(new["callbacks"]) == {"lower_drift", "diagnostics"}
+    warning = new["callbacks"]["diagnostics"]["specialization_warning"]
+    assert warning == old["specialization_warning"]  # set at the first probe, carried since
+    tracker = new["callbacks"]["lower_drift"]["release"]["tracker"]
+    assert tracker["peak"] == old["qk_release"]["tracker"]["peak"]  # the peak of step 1
+    assert tracker["count"] == 8
     resumed = _train(again, "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary_again = json.loads((again / "run" / "summary.json").read_text())

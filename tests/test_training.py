@@ -70,6 +70,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
+def _records(run_dir: Path) -> list[dict]:
+    from slowqk.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
 def _resume_copy(src: Path, dst: Path, step: int) -> None:
     """A run directory whose newest checkpoint is ``src``'s checkpoint at ``step``."""
     name = f"iter_{step:07d}"
@@ -239,3 +245,86 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_all(prepared, tmp_pa
         assert r["skipped"] == [False, True, False]
         assert r["loss_finite"] and r["unchanged"]
     assert res[0]["loss"] == res[1]["loss"]
+
+
+# the tensor methods that read a value back to the host: on a GPU each waits for the device
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def _host_reads_of_a_step(rank: int, world: int, overrides: list[str]) -> dict:
+    """Host reads during one training step (the second; the first creates optimizer state), by
+    method and calling package, counted by wrapping the tensor methods that read; and whether
+    the step's loss was left on the device."""
+    import sys
+
+    import torch
+
+    from slowqk.config import load_recipe
+    from slowqk.distributed import shutdown
+    from slowqk.train import Trainer
+
+    trainer = Trainer(load_recipe("tiny/gpt", overrides), quiet=True)
+    trainer.train_step()
+    counts: dict[str, int] = {}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, method):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            where = "slowqk" if "/slowqk/" in caller else caller.split("/site-packages/")[-1]
+            key = f"{name} {where.split('/')[0]}"
+            counts[key] = counts.get(key, 0) + 1
+            return method(self, *args, **kwargs)
+
+        return read
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    try:
+        rec = trainer.train_step()
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    loss_on_device = isinstance(rec["loss"], torch.Tensor)
+    due = [s for s in range(1, 9) if (setattr(trainer, "step", s), trainer._stop_check_due())[1]]
+    trainer.metrics.close()
+    shutdown()
+    return {"counts": counts, "loss_on_device": loss_on_device, "stop_checks": due}
+
+
+def test_a_step_reads_the_host_once_whatever_its_micro_batches(prepared, tmp_path) -> None:
+    """Losses stay on the device until a step is logged: a step of 4 micro-batches reads back to
+    the host as often as a step of 1 (the skip verdict once, megatron-core's optimizer its own),
+    and the ranks agree on a stop every train.stop_check_interval steps."""
+    runs = {}
+    for micro in (2, 8):  # global batch 8: 4 micro-batches, then 1
+        extra = {"train.micro_batch_size": str(micro), "train.stop_check_interval": "4"}
+        runs[micro] = run_ranks(
+            _host_reads_of_a_step, 1, _overrides(prepared, tmp_path / str(micro), **extra)
+        )[0]
+    assert runs[2]["counts"] == runs[8]["counts"], runs
+    assert all(r["loss_on_device"] for r in runs.values())
+    # this package's own: the verdict, once (the others are megatron-core's and torch's)
+    own = {k: n for k, n in runs[2]["counts"].items() if k.endswith(" slowqk")}
+    assert own == {"item slowqk": 1}, runs[2]["counts"]
+    assert runs[2]["stop_checks"] == [4, 8]
+
+
+def test_an_evaluation_at_step_0_changes_no_other_number(prepared, tmp_path) -> None:
+    """train.eval_at_start logs the validation loss of the initial weights at step 0; the
+    training and validation losses after it are bitwise those of a run without it."""
+    records = {}
+    for at_start in ("false", "true"):
+        run = tmp_path / at_start
+        extra = {"train.eval_at_start": at_start, "qk.enabled": "false", "train.save_interval": "6"}
+        run_ranks(_train_worker, 1, _overrides(prepared, run, **extra))
+        records[at_start] = _records(run)
+    first = records["true"][0]
+    assert first["step"] == 0 and set(first) == {"step", "val_loss", "val_ppl"}
+    assert first["val_loss"] > records["true"][-1]["val_loss"]  # training lowered it
+
+    def numbers(recs: list[dict]) -> list[dict]:  # all but the timings
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in recs]
+
+    assert numbers(records["true"][1:]) == numbers(records["false"])
+    assert all(r["step"] > 0 for r in records["false"])

@@ -10,9 +10,11 @@ The loop calls every callback's hooks in list order, at these points of each ste
    step was skipped); ``trainer.step`` now counts it.
 4. ``on_step_end(trainer, rec)``: after the step's evaluation, logging and checkpoint.
 
-Checkpoints: ``state_dict()`` returns top-level keys of the checkpoint's run information;
-``load_state_dict(extra)`` gets all of it back on resume (a key may be missing in older
-checkpoints); ``on_resume(trainer)`` follows the load. ``summary()`` adds keys to ``summary.json``.
+Checkpoints keep each callback's ``state_dict()`` under its ``name`` (``callbacks.<name>`` of the
+run information); on resume ``load_state_dict(state)`` gets it back (from ``legacy_state(extra)``
+for a checkpoint of older code) and ``on_resume(trainer)`` follows. ``summary()`` adds the
+callback's keys to ``summary.json`` (``absent_summary()`` where the recipe does not use it);
+``must_log(rec)`` logs a step's record whatever the interval.
 
 A callback's ``build(trainer)`` returns it, or None where the recipe does not ask for it; it may
 look up the callbacks built before it with ``trainer.callback(cls)``. The decision objects the

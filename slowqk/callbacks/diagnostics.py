@@ -18,7 +18,9 @@ log = logging.getLogger("slowqk.monitor")
 
 
 class Diagnostics(Callback):
-    """Checkpoint key: ``specialization_warning``. Records go to ``diagnostics.jsonl``."""
+    """State: ``specialization_warning``. Records go to ``diagnostics.jsonl``."""
+
+    name = "diagnostics"
 
     def __init__(self, monitor: Monitor, warning: SpecializationWarning | None, tracker) -> None:
         self.monitor, self.warning, self.tracker = monitor, warning, tracker
@@ -48,7 +50,10 @@ class Diagnostics(Callback):
             warning = SpecializationWarning(
                 selected_layers(r), lower_layers(r), r.diagnostics.warn_entropy_gap
             )
-            tracker = trainer.callback(LowerDriftWatch).tracker
+            watch = trainer.callback(LowerDriftWatch)
+            if watch is None:  # built before this one wherever the warning is on
+                raise RuntimeError("the early warning needs the lower layers' drift watch")
+            tracker = watch.tracker
         return cls(monitor, warning, tracker)
 
     def before_update(self, trainer, rec: dict) -> None:
@@ -79,9 +84,15 @@ class Diagnostics(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"specialization_warning": self.warning.state_dict()} if self.warning else {}
 
-    def load_state_dict(self, extra: dict[str, Any]) -> None:
-        if self.warning is not None and "specialization_warning" in extra:
-            self.warning.load_state_dict(extra["specialization_warning"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.warning is not None and "specialization_warning" in state:
+            self.warning.load_state_dict(state["specialization_warning"])
+
+    @classmethod
+    def legacy_state(cls, extra: dict[str, Any]) -> dict[str, Any] | None:
+        if "specialization_warning" in extra:
+            return {"specialization_warning": extra["specialization_warning"]}
+        return None
 
     def on_resume(self, trainer) -> None:
         if trainer.rank == 0:
@@ -92,3 +103,7 @@ class Diagnostics(Callback):
             "specialization_warning": self.warning.record() if self.warning else None,
             "diagnostics_seconds": self.monitor.seconds,
         }
+
+    @classmethod
+    def absent_summary(cls) -> dict[str, Any]:
+        return {"specialization_warning": None, "diagnostics_seconds": 0.0}

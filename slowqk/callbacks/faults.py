@@ -8,18 +8,27 @@ from slowqk.callbacks.base import Callback
 
 
 class FaultInjection(Callback):
+    """A NaN loss on the chosen steps: the engine's loss function poisoned for the step's
+    forward/backward (so its gradients are NaN too), restored before the update."""
+
+    name = "faults"
+
     def __init__(self, nan_steps: set[int]) -> None:
         self.nan_steps = nan_steps
+        self._clean_loss_fn = None
 
     @classmethod
     def build(cls, trainer) -> FaultInjection:
         return cls(faults.nan_steps())
 
     def on_step_start(self, trainer, rec: dict) -> None:
-        trainer.engine.poison_loss = trainer.step in self.nan_steps
+        if trainer.step in self.nan_steps:
+            self._clean_loss_fn = clean = trainer.engine.loss_fn
+            trainer.engine.loss_fn = lambda mask, output: clean(mask, output) * float("nan")
 
     def before_update(self, trainer, rec: dict) -> None:
-        trainer.engine.poison_loss = False
+        if self._clean_loss_fn is not None:
+            trainer.engine.loss_fn, self._clean_loss_fn = self._clean_loss_fn, None
 
     def on_step_end(self, trainer, rec: dict) -> None:
         faults.kill_at_step(trainer.step, trainer.rank)

@@ -22,13 +22,15 @@ def warning_enabled(recipe) -> bool:
 class LowerDriftWatch(Callback):
     """Measures the drift around each optimizer step until the lower layers settle, and only
     while the release or the early warning needs it; feeds it to the release (or to a tracker of
-    its own for the warning). Checkpoint keys: ``qk_release`` (the release with its tracker) or
-    ``drift_tracker``."""
+    its own for the warning). State: ``release`` (the release with its tracker) or ``tracker``."""
+
+    name = "lower_drift"
 
     def __init__(self, meter: LowerLayerDrift, tracker, release, for_warning: bool) -> None:
         self.meter, self.tracker, self.release = meter, tracker, release
         self.for_warning = for_warning
         self._measuring = False
+        self._released_now = False
 
     @classmethod
     def build(cls, trainer) -> LowerDriftWatch | None:
@@ -61,6 +63,7 @@ class LowerDriftWatch(Callback):
                 self.tracker.update(trainer.step, drift)
         if self._measuring:
             rec["lower_drift"], rec["lower_drift_ratio"] = drift, self.tracker.ratio
+        self._released_now = released
         if released:
             rec["qk_release"] = self.release.record()
             if trainer.rank == 0:
@@ -68,18 +71,33 @@ class LowerDriftWatch(Callback):
                     "qk: release at step %d: %s", self.release.release_step, self.release.describe()
                 )
 
+    def must_log(self, rec: dict) -> bool:
+        return self._released_now  # the decision's record
+
     def state_dict(self) -> dict[str, Any]:
         if self.release is not None:
-            return {"qk_release": self.release.state_dict()}
-        return {"drift_tracker": self.tracker.state_dict()}
+            return {"release": self.release.state_dict()}
+        return {"tracker": self.tracker.state_dict()}
 
-    def load_state_dict(self, extra: dict[str, Any]) -> None:
-        if self.release is not None and "qk_release" in extra:
-            self.release.load_state_dict(extra["qk_release"])
-        elif self.release is None and "drift_tracker" in extra:
-            self.tracker.load_state_dict(extra["drift_tracker"])
-        elif self.release is None and "qk_release" in extra:  # the tracker of an adaptive run
-            self.tracker.load_state_dict(extra["qk_release"]["tracker"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.release is not None and "release" in state:
+            self.release.load_state_dict(state["release"])
+        elif self.release is None and "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
+        elif self.release is None and "release" in state:  # the tracker of an adaptive run
+            self.tracker.load_state_dict(state["release"]["tracker"])
+
+    @classmethod
+    def legacy_state(cls, extra: dict[str, Any]) -> dict[str, Any] | None:
+        if "qk_release" in extra:
+            return {"release": extra["qk_release"]}
+        if "drift_tracker" in extra:
+            return {"tracker": extra["drift_tracker"]}
+        return None
 
     def summary(self) -> dict[str, Any]:
         return {"drift_seconds": self.meter.seconds}
+
+    @classmethod
+    def absent_summary(cls) -> dict[str, Any]:
+        return {"drift_seconds": 0.0}

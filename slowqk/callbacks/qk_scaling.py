@@ -20,6 +20,8 @@ class QKScaling(Callback):
     :class:`~slowqk.callbacks.lower_drift.LowerDriftWatch` measures and feeds it; its state is
     saved there, with the drift."""
 
+    name = "qk_scaling"
+
     def __init__(self, recipe, groups, release) -> None:
         self.recipe, self.groups, self.release = recipe, groups, release
 
@@ -35,6 +37,7 @@ class QKScaling(Callback):
 
     def summary(self) -> dict[str, Any]:
         return {
+            "qk_enabled": self.recipe.qk.enabled,
             "qk_release": release_record(self.recipe, self.release),
             "lr_groups": lr_groups_record(self.recipe),
             "lr_groups_seconds": self.groups.seconds if self.groups is not None else 0.0,

@@ -3,7 +3,11 @@
 learning-rate groups a recipe names (:mod:`~slowqk.config.groups`) and the changes a resume may
 take (:mod:`~slowqk.config.changes`). What the rest of the package uses is re-exported here."""
 
-from slowqk.config.changes import RESUME_SAFE_PREFIXES, run_altering_changes
+from slowqk.config.changes import (
+    RESUME_SAFE_PREFIXES,
+    RecipeChangedError,
+    run_altering_changes,
+)
 from slowqk.config.checks import recipe_problems
 from slowqk.config.groups import element_counts, group_coverage, group_label, resolve_layers
 from slowqk.config.loading import (
@@ -50,6 +54,7 @@ __all__ = [
     "PartName",
     "QKConfig",
     "Recipe",
+    "RecipeChangedError",
     "RecipeError",
     "StrictSection",
     "TrainConfig",

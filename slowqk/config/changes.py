@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+
+class RecipeChangedError(ValueError):
+    """A resume refused: the recipe or layout changed in a way the checkpoint cannot take."""
+
+
 # Recipe fields that may change when a run resumes: they do not alter what is computed.
 RESUME_SAFE_PREFIXES = (
     "name",
@@ -13,6 +18,8 @@ RESUME_SAFE_PREFIXES = (
     "train.log_interval",
     "train.eval_interval",
     "train.eval_iters",
+    "train.eval_at_start",
+    "train.stop_check_interval",
     "train.save_interval",
     "train.keep_last",
     "train.keep_every",

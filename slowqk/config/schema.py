@@ -272,6 +272,7 @@ class TrainConfig(StrictSection):
     log_interval: int = Field(10, ge=1)
     eval_interval: int = Field(50, ge=1)
     eval_iters: int = Field(4, ge=1)
+    eval_at_start: bool = Field(False, description="also evaluate before the first step")
     save_interval: int | None = Field(None, ge=1)
     dist_timeout: float = Field(
         600.0,
@@ -292,6 +293,12 @@ class TrainConfig(StrictSection):
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = Field(
         5, ge=1, description="stop after this many non-finite steps in a row"
+    )
+    stop_check_interval: int = Field(
+        1,
+        ge=1,
+        description="every this many steps the ranks agree whether a stop signal arrived (one "
+        "all-reduce and one host read); a signal waits for the next such step",
     )
     progress_bar: bool = True
     tensorboard: bool = True

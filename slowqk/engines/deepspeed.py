@@ -11,7 +11,6 @@ optimizer inside ZeRO and know which elements of each flat fp32 partition they c
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from slowqk.checkpoint import (
     weights_only_loads,
     write_common_state,
 )
-from slowqk.config import Recipe
-from slowqk.engines.base import EngineBase
-from slowqk.engines.megatron import device_batches, masked_mean_loss
+from slowqk.config import Recipe, RecipeChangedError
+from slowqk.engines.base import Engine
+from slowqk.engines.common import device_batches, mean_on_device
 from slowqk.lr_groups import iter_main_params
 from slowqk.models import build_gpt_model, build_transformer_config
 from slowqk.optim import build_scheduler
@@ -79,7 +78,21 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class DeepSpeedEngine(EngineBase):
+class DeepSpeedEngine(Engine):
+    @classmethod
+    def check_checkpoint(cls, path: Path, saved: dict, recipe: Recipe, data_parallel: int) -> None:
+        """ZeRO partitions its optimizer state by stage and data-parallel size: it loads only at
+        both as saved."""
+        stage, saved_stage = recipe.parallel.zero_stage, saved["recipe"]["parallel"]["zero_stage"]
+        saved_dp = saved.get("data_parallel", data_parallel)
+        if (stage, data_parallel) != (saved_stage, saved_dp):
+            raise RecipeChangedError(
+                f"{path}: a ZeRO-{saved_stage} checkpoint at data-parallel size {saved_dp}; this "
+                f"run is ZeRO-{stage} at {data_parallel}. DeepSpeed loads its optimizer partitions "
+                "only as they were written: resume with the same parallel.zero_stage and number "
+                "of ranks"
+            )
+
     def _build(self, vocab_size: int, init_weights: Path | None) -> None:
         recipe, layout, device = self.recipe, self.layout, self.device
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -106,10 +119,9 @@ class DeepSpeedEngine(EngineBase):
 
     def _loss(self, batch: dict) -> torch.Tensor:
         out = self.ds(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss = masked_mean_loss(batch["loss_mask"], out)
-        return loss * float("nan") if self.poison_loss else loss
+        return self.loss_fn(batch["loss_mask"], out)
 
-    def forward_backward(self, dataset, step: int, forward_only: bool) -> float:
+    def forward_backward(self, dataset, step: int, forward_only: bool) -> torch.Tensor:
         """The last micro-batch's ``engine.step()`` (the accumulation boundary, where ZeRO
         updates) is left to :meth:`optimizer_step`."""
         batches = list(
@@ -124,19 +136,19 @@ class DeepSpeedEngine(EngineBase):
                 self.ds.backward(loss)
                 if i < len(batches) - 1:
                     self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
-            losses.append(loss.item())
-        value = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=self.device)
+            losses.append(loss)
+        value = mean_on_device(losses, self.device)
         dist.all_reduce(value)
-        return value.item() / self.layout.data
+        return value / self.layout.data
 
     def zero_grad(self) -> None:
         """DeepSpeed clears gradients itself after each boundary step."""
 
-    def optimizer_step(self, loss: float) -> tuple[bool, float | None]:
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[bool, float | None]:
         """ZeRO checks the reduced gradients and skips a non-finite step itself (``overflow``);
         the loss (the same on every rank) is checked too."""
         self.ds.step()
-        if not math.isfinite(loss) or bool(getattr(self.optimizer, "overflow", False)):
+        if not torch.isfinite(loss).item() or bool(getattr(self.optimizer, "overflow", False)):
             return False, None
         self.scheduler.step(1)
         norm = self.ds.get_global_grad_norm()

@@ -4,7 +4,6 @@ pipeline parallelism through its schedules, and ``dist_checkpointing``."""
 from __future__ import annotations
 
 import contextlib
-import math
 from functools import partial
 from pathlib import Path
 
@@ -17,43 +16,25 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from slowqk.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from slowqk.config import Recipe
-from slowqk.data.loader import micro_batches
-from slowqk.engines.base import EngineBase
+from slowqk.engines.base import Engine
+from slowqk.engines.common import device_batches, mean_on_device
 from slowqk.lower_drift import optimizer_is_sharded
 from slowqk.lr_groups import iter_main_params
 from slowqk.models import build_gpt_model, build_transformer_config, unwrap_model, wrap_precision
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
 
 
-def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """Mean per-token loss over the tokens the mask keeps (one micro-batch), in fp32."""
-    mask = loss_mask.view(-1).float()
-    return torch.sum(output.float().view(-1) * mask) / mask.sum()
-
-
-def _loss_func(loss_mask: torch.Tensor, poison: bool, output: torch.Tensor):
-    loss = masked_mean_loss(loss_mask, output)
-    if poison:  # fault injection: poison the loss and so the gradients
-        loss = loss * float("nan")
-    # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
-    return loss, {"lm loss": loss.detach().clone()}
-
-
 def _probe_loss(output: torch.Tensor):
     return output.float().sum() * 0.0, {}
 
 
-def device_batches(recipe: Recipe, dataset, step: int, dp_rank: int, dp_size: int, device):
-    """The ``step``-th global batch's micro-batches for this data-parallel rank, on ``device``."""
-    t = recipe.train
-    for batch in micro_batches(
-        dataset, step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
-    ):
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class MegatronEngine(EngineBase):
+class MegatronEngine(Engine):
     name = "megatron"
+
+    @classmethod
+    def check_checkpoint(cls, path: Path, saved: dict, recipe: Recipe, data_parallel: int) -> None:
+        """Nothing to refuse: ``dist_checkpointing`` reshards over tensor, pipeline and data
+        parallelism (the padded vocabulary is checked once the tokenizer is known)."""
 
     def _build(self, vocab_size: int, init_weights: Path | None) -> None:
         recipe, layout, device = self.recipe, self.layout, self.device
@@ -88,14 +69,20 @@ class MegatronEngine(EngineBase):
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self._schedule = get_forward_backward_func()
-        self._grads_nonfinite = False  # set by each forward_backward
+        # set by each training forward_backward: a non-finite loss or gradient on some rank
+        self._step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(_loss_func, batch["loss_mask"], self.poison_loss)
+        return output, partial(self._loss, batch["loss_mask"])
 
-    def forward_backward(self, dataset, step: int, forward_only: bool) -> float:
+    def _loss(self, loss_mask: torch.Tensor, output: torch.Tensor):
+        loss = self.loss_fn(loss_mask, output)
+        # A copy: megatron's schedule divides the returned loss by num_microbatches in place.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    def forward_backward(self, dataset, step: int, forward_only: bool) -> torch.Tensor:
         dp_rank = parallel_state.get_data_parallel_rank()
         losses = self._schedule(
             forward_step_func=self._forward_step,
@@ -111,19 +98,20 @@ class MegatronEngine(EngineBase):
         # One all-reduce over every rank carries what the step needs to know: the loss (lives
         # on the last pipeline stage; counted once per data-parallel replica, by its first
         # tensor rank) and whether any rank's gradients are non-finite (each rank its own).
+        # Nothing is read back here: the verdict when the optimizer steps, the loss when logged.
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         if (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
         ):
-            stats[0] = sum(x["lm loss"].item() for x in losses) / len(losses)
+            stats[0] = mean_on_device([x["lm loss"] for x in losses], self.device)
         if not forward_only:
             stats[1] = self._local_grads_nonfinite()
         dist.all_reduce(stats)
-        loss_sum, nonfinite = stats.tolist()
+        loss = stats[0] / self.layout.data
         if not forward_only:  # an evaluation pass leaves the training step's verdict alone
-            self._grads_nonfinite = nonfinite > 0
-        return loss_sum / self.layout.data
+            self._step_bad = (stats[1] > 0) | ~torch.isfinite(loss)
+        return loss
 
     def zero_grad(self) -> None:
         for c in self.chunks:
@@ -141,9 +129,9 @@ class MegatronEngine(EngineBase):
                 bad |= ~torch.isfinite(torch.stack(torch.aminmax(buf.grad_data))).all()
         return bad.double()
 
-    def optimizer_step(self, loss: float) -> tuple[bool, float | None]:
-        # the verdict forward_backward shared: the same on every rank
-        if not math.isfinite(loss) or self._grads_nonfinite:
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[bool, float | None]:
+        # the verdict forward_backward shared: the same on every rank; the step's one read
+        if self._step_bad.item():
             return False, None
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
