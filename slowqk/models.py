@@ -31,13 +31,19 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from slowqk.attention import SDPAttention
 
 # padded_vocab_size is re-exported
-from slowqk.config import ModelConfig, padded_vocab_size  # noqa: F401
+from slowqk.config import ModelConfig, RecomputeConfig, padded_vocab_size  # noqa: F401
 from slowqk.linear import DirectColumnParallelLinear, DirectRowParallelLinear
+from slowqk.norms import TorchNorm
 from slowqk.probe import probed_layer_spec
 
 
@@ -79,6 +85,8 @@ def build_transformer_config(
     pipeline_parallel: int = 1,
     precision: str = "fp32",
     fused_kernels: bool = False,
+    recompute: RecomputeConfig | None = None,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
     """``fused_kernels``: megatron-core's own fusions (no TE needed), those that keep the math:
     SwiGLU bias-activation, bias-dropout-add, the vocab-parallel cross-entropy. Its GELU fusion is
@@ -121,8 +129,23 @@ def build_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
+        **recompute_options(recompute or RecomputeConfig()),
     )
+
+
+def recompute_options(rc: RecomputeConfig) -> dict:
+    """``train.recompute`` as megatron-core's TransformerConfig fields (full: uniform, one layer
+    per unit unless the recipe says otherwise, as Megatron-LM's usual choice)."""
+    if rc.granularity == "none":
+        return {}
+    if rc.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(rc.modules)}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": rc.method or "uniform",
+        "recompute_num_layers": rc.num_layers or 1,
+    }
 
 
 def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
@@ -134,6 +157,9 @@ def layer_spec(model: ModelConfig, backend: str, probe: bool = False):
             qk_layernorm=model.qk_norm,
             normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
         )
+        for name in ("input_layernorm", "pre_mlp_layernorm"):  # marked for sequence parallelism
+            if getattr(spec.submodules, name) is WrappedTorchNorm:
+                setattr(spec.submodules, name, TorchNorm)
         if backend == "sdpa":
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
         elif backend != "local":
@@ -206,11 +232,18 @@ def build_gpt_model(
 ) -> GPTModel:
     """``model.attention_backend`` decides the spec (see :func:`resolve_attention_backend`); the
     initial weights do not depend on the pipeline layout (:func:`replay_earlier_stages`)."""
-    spec = layer_spec(model, resolve_attention_backend(model.attention_backend), probe)
+    backend = resolve_attention_backend(model.attention_backend)
+    spec = layer_spec(model, backend, probe)
     replay_earlier_stages(model, config, spec, vocab_size)
+    block = spec
+    if backend != "te":  # the final norm from the same class as the layers' (megatron-core
+        # takes the module-level default for a layer spec)
+        block = TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=TorchNorm
+        )
     return GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=block,
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

@@ -13,7 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from slowqk import lr_groups
-from slowqk.config import LRGroupConfig, Recipe, group_label, resolve_layers
+from slowqk.config import LRGroupConfig, ParallelConfig, Recipe, group_label, resolve_layers
 from slowqk.qk.release import AdaptiveRelease, DriftTracker, fixed_release_record
 from slowqk.qk.schedule import MultiplierSchedule, to_steps
 
@@ -25,18 +25,36 @@ def wrap_ddp(
     config: TransformerConfig,
     distributed_optimizer: bool,
     grad_reduce_in_fp32: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> list[DistributedDataParallel]:
+    """megatron-core's DDP around each chunk; ``parallel``: the overlap and bucket knobs. With
+    overlap, the pipeline schedules start and finish each chunk's gradient reduce and parameter
+    gather themselves, through the functions set on ``config`` (as Megatron-LM's trainer sets
+    them)."""
+    par = parallel or ParallelConfig()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        bucket_size=par.bucket_size,
         use_distributed_optimizer=distributed_optimizer,
     )
-    return [
+    chunks = [
         DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
         )
         for i, chunk in enumerate(model_chunks)
     ]
+
+    def one_or_list(funcs: list):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    if par.overlap_grad_reduce:
+        config.no_sync_func = one_or_list([c.no_sync for c in chunks])
+        config.grad_sync_func = one_or_list([c.start_grad_sync for c in chunks])
+    if par.overlap_param_gather:
+        config.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
+    return chunks
 
 
 def megatron_optimizer_config(recipe: Recipe) -> MegatronOptimizerConfig:

@@ -10,6 +10,7 @@ from slowqk.config.changes import (
 )
 from slowqk.config.checks import recipe_problems
 from slowqk.config.groups import element_counts, group_coverage, group_label, resolve_layers
+from slowqk.config.layout import RecomputeConfig
 from slowqk.config.loading import (
     RECIPES_DIR,
     apply_overrides,
@@ -54,6 +55,7 @@ __all__ = [
     "PartName",
     "QKConfig",
     "Recipe",
+    "RecomputeConfig",
     "RecipeChangedError",
     "RecipeError",
     "StrictSection",

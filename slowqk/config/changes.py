@@ -31,6 +31,7 @@ RESUME_SAFE_PREFIXES = (
     "model.attention_backend",
     "train.fused_kernels",  # the same math through other kernels
     "train.compile",
+    "train.recompute.",  # the same arithmetic, other activations kept
     "data.verify",
     "train.dist_timeout",
 )

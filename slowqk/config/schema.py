@@ -10,19 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from slowqk.config.base import RecipeError, StrictSection  # noqa: F401 - re-exported
+from slowqk.config.layout import ParallelConfig, RecomputeConfig
 from slowqk.qk.parts import Part
-
-
-class RecipeError(ValueError):
-    """A recipe or override is invalid; the message is meant for the user as is."""
-
-
-class StrictSection(BaseModel):
-    """A recipe section: unknown keys are errors, assignments validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(StrictSection):
@@ -88,19 +80,6 @@ class ModelConfig(StrictSection):
         if self.ffn == "swiglu":  # keep parameter count close to the 4h GELU MLP
             return int(64 * ((8 * self.hidden_size // 3 + 63) // 64))
         return 4 * self.hidden_size
-
-
-class ParallelConfig(StrictSection):
-    tensor: int = Field(1, ge=1)
-    pipeline: int = Field(1, ge=1)
-    distributed_optimizer: bool = True
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    engine: Literal["megatron", "deepspeed"] = Field(
-        "megatron",
-        description="data-parallel engine: megatron-core DDP/optimizers, or DeepSpeed ZeRO "
-        "(TP=PP=1)",
-    )
-    zero_stage: int = Field(1, ge=1, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed)")
 
 
 class OptimizerConfig(StrictSection):
@@ -313,6 +292,7 @@ class TrainConfig(StrictSection):
         description="torch.compile the whole model in place, one graph from the embedding to the "
         "loss (megatron engine; one rank or data parallel); the first steps pay the compilation",
     )
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
 
 
 class DiagnosticsConfig(StrictSection):

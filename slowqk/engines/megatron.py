@@ -46,6 +46,8 @@ class MegatronEngine(Engine):
             pipeline_parallel=recipe.parallel.pipeline,
             precision=t.precision,
             fused_kernels=t.fused_kernels,
+            recompute=t.recompute,
+            sequence_parallel=recipe.parallel.sequence_parallel,
         )
         model = build_gpt_model(
             recipe.model,
@@ -59,7 +61,9 @@ class MegatronEngine(Engine):
         if init_weights is not None:  # before DDP and the optimizer copy them into their buffers
             load_model_weights(init_weights, [model])
         model = wrap_precision(model, self.config)
-        self.chunks = wrap_ddp([model], self.config, recipe.parallel.distributed_optimizer)
+        self.chunks = wrap_ddp(
+            [model], self.config, recipe.parallel.distributed_optimizer, parallel=recipe.parallel
+        )
         if t.compile:  # in place: parameter names, hooks and checkpoints stay as they are
             # The whole model, not each layer: one graph from the embedding to the loss fuses
             # across layer boundaries and pays dynamo's guards and wrappers once per micro-batch.
@@ -171,14 +175,24 @@ class MegatronEngine(Engine):
         return sq
 
     def full_weights(self, params: list[torch.nn.Parameter]):
-        """Each rank holds its parameters whole (its TP piece): nothing to gather."""
+        """Each rank holds its parameters whole (its TP piece); with the parameter gather
+        overlapped, the last update's gather is finished first."""
+        self._finish_param_gather()
         return contextlib.nullcontext()
+
+    def _finish_param_gather(self) -> None:
+        """With ``parallel.overlap_param_gather`` the updated parameters arrive with the next
+        forward pass; what reads them before (a checkpoint, the diagnostics) gathers them now."""
+        if self.recipe.parallel.overlap_param_gather:
+            for c in self.chunks:
+                c.start_param_sync(force_sync=True)
 
     def train_mode(self, training: bool) -> None:
         for c in self.chunks:
             c.train(training)
 
     def save(self, ckpt_root: Path, step: int, extra: dict, files: dict[str, Path]) -> Path:
+        self._finish_param_gather()
         return save_checkpoint(
             ckpt_root, step, self.chunks, self.optimizer, self.scheduler, extra, files=files
         )
