@@ -46,6 +46,7 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
         tensor_parallel=recipe.parallel.tensor,
         pipeline_parallel=recipe.parallel.pipeline,
         precision=recipe.train.precision,
+        sequence_parallel=recipe.parallel.sequence_parallel,
     )
     if float64:
         from slowqk.patches import cpu_compat
@@ -67,7 +68,11 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
     if init_from is not None:
         model.load_state_dict(init_from.state_dict())
     chunks = wrap_ddp(
-        [model], cfg, recipe.parallel.distributed_optimizer, grad_reduce_in_fp32=not float64
+        [model],
+        cfg,
+        recipe.parallel.distributed_optimizer,
+        grad_reduce_in_fp32=not float64,
+        parallel=recipe.parallel,
     )
     opt = build_optimizer(recipe, chunks)
     cfg.finalize_model_grads_func = finalize_model_grads  # the pipeline schedule's grad sync
@@ -75,6 +80,14 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
     sched = build_scheduler(recipe, opt)
     groups = build_lr_groups(recipe, opt, chunks) if with_groups else None
     return model, chunks, opt, sched, groups
+
+
+def finish_param_gather(chunks) -> None:
+    """The updated parameters in place where ``parallel.overlap_param_gather`` defers them to the
+    next forward pass."""
+    for c in chunks:
+        if c.ddp_config.overlap_param_gather:
+            c.start_param_sync(force_sync=True)
 
 
 def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torch.Tensor]:

@@ -76,12 +76,16 @@ PP_GROUPS = [
 def _recipe(case: dict, distopt: bool):
     from megatron_harness import tiny_recipe
 
+    knobs = dict(case.get("parallel", {}))  # the scale knobs
+    if not distopt:  # only the distributed optimizer gathers parameters
+        knobs.pop("overlap_param_gather", None)
     return tiny_recipe(
         model=case.get("model", {}),
         parallel={
             "tensor": case["tp"],
             "pipeline": case.get("pp", 1),
             "distributed_optimizer": distopt,
+            **knobs,
         },
         optimizer={"name": case["optimizer"], "schedule": "cosine", "eps": case.get("eps", 1e-8)},
         qk=dict(QK, layers=case.get("layers", {"top": 1}), enabled="layers" in case),
@@ -168,7 +172,7 @@ def _reference_worker(rank: int, world: int, case: dict) -> dict:
 
 def _distopt_worker(rank: int, world: int, case: dict) -> dict:
     from megatron.core import parallel_state
-    from megatron_harness import build_stack, gather_full_state, train_step
+    from megatron_harness import build_stack, finish_param_gather, gather_full_state, train_step
     from reference_model import ReferenceGPT
 
     from slowqk.distributed import shutdown
@@ -187,7 +191,8 @@ def _distopt_worker(rank: int, world: int, case: dict) -> dict:
                 chunks, opt, sched, groups, step, global_ids[dp_rank * mb : (dp_rank + 1) * mb]
             )
     models = {}
-    for distopt, (model, *_rest) in stacks.items():
+    for distopt, (model, chunks, *_rest) in stacks.items():
+        finish_param_gather(chunks)
         models[distopt] = ReferenceGPT(mc, 256)
         models[distopt].load_megatron(gather_full_state(model, mc.ffn == "swiglu"))
     names = list(stacks[True][4].specs)
@@ -262,6 +267,16 @@ REFERENCE_CASES = {
         model=dict(LLAMA, qk_norm=True),
         groups=[_g(["norm"], 0.2, {"indices": [1, 2]}, hold=3, ramp=3)],
     ),
+    # sequence parallelism: the norms' gradients are partial sums over the tensor ranks
+    "groups-gqa-llama-tp2-sp-adamw": dict(
+        tp=2,
+        world=2,
+        optimizer="adamw",
+        layers={"top": 2},
+        groups=LLAMA_GROUPS,
+        model=LLAMA,
+        parallel={"sequence_parallel": True},
+    ),
     "qknorm-mha-pp2-adamw": dict(
         tp=1,
         pp=2,
@@ -312,6 +327,19 @@ DISTOPT_CASES = {
         steps=8,
         model={"tie_embeddings": False},
         cut=["fc2@1-2"],
+    ),
+    # both overlaps with small buckets: the gather deferred to the next forward, a shard
+    # boundary inside layer 1's gate rows as above
+    "groups-gqa-llama-tp1-dp2-overlap": dict(
+        tp=1,
+        world=2,
+        optimizer="adamw",
+        eps=1e-3,
+        groups=LLAMA_GROUPS,
+        steps=8,
+        model=dict(LLAMA, ffn_hidden_size=96),
+        parallel={"overlap_grad_reduce": True, "overlap_param_gather": True},
+        cut=["gate@1-2"],
     ),
     "qknorm-gqa-tp1-dp2": dict(
         tp=1,
