@@ -10,6 +10,9 @@ Cases, each in a fresh process (or ``--nproc`` ranks under torchrun, data parall
   hold            the multipliers active: the patch's pre/post-step hooks work every step
   after           the intervention released before the timed steps: the hooks return at once
   compiled        ``off`` with ``train.compile=true`` (the whole model under torch.compile)
+  selective       ``off`` with selective recomputation (core attention)
+  full            ``off`` with full recomputation (every layer, uniform, one per unit)
+  overlap         ``off`` with the gradient reduce and the parameter gather overlapped
   plain           tools/plain_decoder.py: the same shapes written directly in PyTorch (SDPA, bf16
                   autocast, fused AdamW; torch DDP over several ranks), what a user would
                   otherwise run
@@ -54,7 +57,7 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "shakespeare" / "shakespeare_modern.txt"
 PEAKS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-MEGATRON_CASES = ("off", "hold", "after", "compiled")
+MEGATRON_CASES = ("off", "hold", "after", "compiled", "selective", "full", "overlap")
 PLAIN_CASES = ("plain", "plain-compiled")
 
 
@@ -87,6 +90,13 @@ def synthetic_recipe(
         "hold": ["qk.enabled=true", "qk.unit=steps", f"qk.hold={steps + warmup}", "qk.ramp=0"],
         "after": ["qk.enabled=true", "qk.unit=steps", "qk.hold=1", "qk.ramp=1"],
         "compiled": ["qk.enabled=false", "train.compile=true"],
+        "selective": ["qk.enabled=false", "train.recompute.granularity=selective"],
+        "full": ["qk.enabled=false", "train.recompute.granularity=full"],
+        "overlap": [
+            "qk.enabled=false",
+            "parallel.overlap_grad_reduce=true",
+            "parallel.overlap_param_gather=true",
+        ],
     }.get(case, ["qk.enabled=false"])
     return load_recipe(
         recipe_name,
