@@ -198,11 +198,11 @@ def _apply_model_state(model_chunks, state: dict) -> None:
 
 def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     model_sd = _sharded_model_state(model_chunks)
-    merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
+    # the chunks' dicts nested, not merged: each chunk names its layers from 0 (virtual stages)
     return {
         **model_sd,
         "optimizer": optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata=SHARDING_METADATA
+            model_sd, is_loading=is_loading, metadata=SHARDING_METADATA
         ),
     }
 

@@ -77,6 +77,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor,
             pipeline_model_parallel_size=parallel.pipeline,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
             **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
         )
     seed_everything(seed)

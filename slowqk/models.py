@@ -12,12 +12,13 @@ is present, else ``sdpa``. All but ``te`` share parameter names and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import fast_gelu  # the tanh approximation (GPT-2's "gelu_new")
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -87,6 +88,7 @@ def build_transformer_config(
     fused_kernels: bool = False,
     recompute: RecomputeConfig | None = None,
     sequence_parallel: bool = False,
+    virtual_pipeline: int | None = None,
 ) -> TransformerConfig:
     """``fused_kernels``: megatron-core's own fusions (no TE needed), those that keep the math:
     SwiGLU bias-activation, bias-dropout-add, the vocab-parallel cross-entropy. Its GELU fusion is
@@ -103,6 +105,7 @@ def build_transformer_config(
         kv_channels=model.hidden_size // model.num_attention_heads,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
         normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.ffn == "swiglu",
@@ -194,19 +197,19 @@ def _submodules(spec):
 
 
 def replay_earlier_stages(
-    model: ModelConfig, config: TransformerConfig, spec, vocab_size: int
+    model: ModelConfig, config: TransformerConfig, spec, vocab_size: int, vp_stage=None
 ) -> int:
-    """Draw, and drop, the initial weights of what comes before this pipeline stage.
+    """Draw, and drop, the initial weights of what comes before this model chunk.
 
     megatron-core initializes each stage's modules from the same seeded generator in build order,
     so at PP=1 layer 2 draws after the embedding and layers 0-1, while a second stage starting at
     layer 2 draws first and gets other weights. Building the earlier modules here (one at a time,
     then freed) leaves the generators where PP=1 would have them: the same seed gives the same
-    initial weights at any pipeline layout (TP already scatters weights drawn in full). Returns
-    the number of layers replayed."""
-    if (
-        not parallel_state.model_parallel_is_initialized()
-        or parallel_state.is_pipeline_first_stage()
+    initial weights at any pipeline layout (TP already scatters weights drawn in full). With
+    virtual stages the caller restores the seeded generators before each chunk
+    (:func:`seeded_generators`). Returns the number of layers replayed."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage(
+        ignore_virtual=vp_stage is None, vp_stage=vp_stage
     ):
         return 0
     LanguageModelEmbedding(
@@ -215,10 +218,24 @@ def replay_earlier_stages(
         max_sequence_length=model.seq_length,
         position_embedding_type="rope" if model.position == "rope" else "learned_absolute",
     )
-    offset = get_transformer_layer_offset(config)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     for _ in range(offset):
-        build_module(spec, config=config, layer_number=1)
+        build_module(spec, config=config, layer_number=1, vp_stage=vp_stage)
     return offset
+
+
+@contextlib.contextmanager
+def seeded_generators():
+    """Inside, the generators that initialize weights (torch's and megatron-core's model-parallel
+    tracker) may be put back to where they were on entry, with the yielded function."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    saved = torch.get_rng_state(), tracker.get_states()
+
+    def restore() -> None:
+        torch.set_rng_state(saved[0])
+        tracker.set_states(saved[1])
+
+    yield restore
 
 
 def build_gpt_model(
@@ -229,17 +246,19 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     probe: bool = False,
+    vp_stage: int | None = None,
 ) -> GPTModel:
     """``model.attention_backend`` decides the spec (see :func:`resolve_attention_backend`); the
     initial weights do not depend on the pipeline layout (:func:`replay_earlier_stages`)."""
     backend = resolve_attention_backend(model.attention_backend)
     spec = layer_spec(model, backend, probe)
-    replay_earlier_stages(model, config, spec, vocab_size)
+    replay_earlier_stages(model, config, spec, vocab_size, vp_stage)
     block = spec
     if backend != "te":  # the final norm from the same class as the layers' (megatron-core
         # takes the module-level default for a layer spec)
         block = TransformerBlockSubmodules(
-            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=TorchNorm
+            layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+            layer_norm=TorchNorm,
         )
     return GPTModel(
         config=config,
@@ -251,4 +270,5 @@ def build_gpt_model(
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope" if model.position == "rope" else "learned_absolute",
         rotary_base=int(model.rotary_base),
+        vp_stage=vp_stage,
     )

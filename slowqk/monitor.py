@@ -90,12 +90,15 @@ class Monitor:
         write: bool,
         tensorboard=None,
     ) -> None:
-        """``engine`` (:mod:`slowqk.engines`): the model chunk this rank holds, its forward-only
-        pass of the probe batch, the reduced gradients and (ZeRO-3) the gathered weights;
+        """``engine`` (:mod:`slowqk.engines`): the model chunks this rank holds (one, or one per
+        virtual pipeline stage), their forward-only pass of the probe batch, the reduced
+        gradients and (ZeRO-3) the gathered weights;
         ``write``: this rank writes ``path`` and ``tensorboard`` (a SummaryWriter or None)."""
         self.interval, self.num_layers = interval, num_layers
         self.engine, self.device = engine, device
-        self.model = getattr(engine.chunks[0], "module", engine.chunks[0])
+        chunks = [getattr(c, "module", c) for c in engine.chunks]
+        # every chunk's layers in one module to walk (a view: nothing is copied or re-registered)
+        self.model = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
         self.batch = probe_batch
         qkv = find_qkv_params([self.model], set(range(self.num_layers)))
         self.qkv_weights = {t.layer: t for t in qkv if t.row_len > 1}

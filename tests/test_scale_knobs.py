@@ -92,8 +92,11 @@ def test_a_knob_that_keeps_the_arithmetic_keeps_every_bit(small_dataset, tmp_pat
 # knobs that change the order of a reduction: (world size, layout keys, knob keys, tolerance).
 # Bucket boundaries move the distributed optimizer's shards, so the gradient norm sums its
 # pieces in another order; sequence parallelism reduces the norms' gradients over the tensor
-# ranks and reduce-scatters what TP alone all-reduces. Largest relative difference of a loss or
-# an entropy over the 20 steps, measured: 7.3e-8 (buckets), 6.2e-8 (SP), 2.4e-8 (together).
+# ranks and reduce-scatters what TP alone all-reduces; virtual stages give each rank two
+# gradient buffers (likely the gradient norm's sum grouped otherwise: equal losses for the first
+# steps, then last-bit differences). Largest relative difference of a loss or an entropy over
+# the 20 steps, measured: 7.3e-8 (buckets), 6.2e-8 (SP), 2.5e-8 (virtual stages, untied
+# embeddings), 2.4e-8 (together).
 WITHIN = {
     "small-buckets": (
         2,
@@ -102,6 +105,12 @@ WITHIN = {
         1e-6,
     ),
     "sequence-parallel": (2, {"parallel.tensor": 2}, {"parallel.sequence_parallel": "true"}, 1e-6),
+    "virtual-pipeline": (
+        2,
+        {"parallel.pipeline": 2, "model.num_layers": 4, "model.tie_embeddings": "false"},
+        {"parallel.virtual_pipeline": 2},
+        1e-6,
+    ),
     "all-together": (
         4,
         {"parallel.tensor": 2},
@@ -171,6 +180,18 @@ REFUSED = {
         ["train.recompute.granularity=selective", "train.recompute.modules=[mlp]"],
         ("train.recompute.modules", "model.bias"),
     ),
+    "virtual-without-pipeline": (
+        ["model.tie_embeddings=false", "parallel.virtual_pipeline=2"],
+        ("parallel.virtual_pipeline", "parallel.pipeline"),
+    ),
+    "virtual-layers-do-not-divide": (
+        ["model.tie_embeddings=false", "parallel.pipeline=2", "parallel.virtual_pipeline=4"],
+        ("parallel.virtual_pipeline", "model.num_layers"),
+    ),
+    "virtual-with-tied-embeddings": (
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+        ("parallel.virtual_pipeline", "model.tie_embeddings"),
+    ),
     "full-more-layers-than-a-stage": (
         ["train.recompute.granularity=full", "train.recompute.num_layers=3", "parallel.pipeline=2"],
         ("train.recompute.num_layers", "parallel.pipeline"),
@@ -223,3 +244,24 @@ def test_a_checkpoint_saved_with_the_knobs_resumes_without_them(small_dataset, t
     again = _run(small_dataset, resumed, 2)
     assert again["losses"] == reference["losses"][10:]
     assert (again["val"], again["release"]) == (reference["val"], reference["release"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_virtual_stages_resumes_with_one(small_dataset, tmp_path) -> None:
+    """PP2 x VPP2 saved at step 10 (each rank's two chunks), resumed at PP2 without virtual
+    stages: steps 11-20 within the virtual stages' rounding of the run that never had them."""
+    import shutil
+
+    layout = {"parallel.pipeline": 2, "model.num_layers": 4, "model.tie_embeddings": "false"}
+    reference = _run(small_dataset, tmp_path / "reference", 2, **layout)
+    vpp = {"parallel.virtual_pipeline": 2, "train.save_interval": 10}
+    _run(small_dataset, tmp_path / "vpp", 2, **layout, **vpp)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "vpp" / "checkpoints" / "iter_0000010", resumed / "checkpoints" / "iter_0000010"
+    )
+    (resumed / "checkpoints" / "latest").write_text("iter_0000010\n")
+    again = _run(small_dataset, resumed, 2, **layout)
+    assert again["losses"] == pytest.approx(reference["losses"][10:], rel=1e-6)
+    assert again["release"] == reference["release"]

@@ -124,6 +124,31 @@ def _scale_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 f"parallel.tensor ({par.tensor}): each tensor rank holds an equal slice",
             )
         )
+    vpp = par.virtual_pipeline
+    if vpp is not None and par.pipeline == 1:
+        out.append(
+            (
+                "parallel.virtual_pipeline",
+                "needs parallel.pipeline > 1 (got 1): virtual stages interleave pipeline ranks",
+            )
+        )
+    elif vpp is not None and recipe.model.num_layers % (par.pipeline * vpp):
+        out.append(
+            (
+                "parallel.virtual_pipeline",
+                f"got {vpp}; parallel.pipeline ({par.pipeline}) x it must divide "
+                f"model.num_layers ({recipe.model.num_layers})",
+            )
+        )
+    if vpp is not None and recipe.model.tie_embeddings:
+        out.append(
+            (
+                "parallel.virtual_pipeline",
+                "needs model.tie_embeddings=false: with virtual stages megatron-core 0.16's "
+                "checkpoint keeps another tensor as the optimizer's copy of the tied embedding "
+                "(measured: a resume loads wrong embeddings)",
+            )
+        )
     if par.overlap_param_gather and not par.distributed_optimizer:
         out.append(
             (
@@ -143,6 +168,7 @@ def _scale_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if par.engine == "deepspeed":
         on = [f"parallel.{k}" for k in _SCALE_KNOBS if getattr(par, k)]
         on += ["parallel.bucket_size"] if par.bucket_size is not None else []
+        on += ["parallel.virtual_pipeline"] if vpp is not None else []
         on += ["train.recompute"] if rc.granularity != "none" else []
         if on:
             out.append(
@@ -212,7 +238,8 @@ def _recompute_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 out.append(
                     (f"train.recompute.{key}", "needs train.recompute.granularity=full (got none)")
                 )
-    per_stage = m.num_layers // pp if m.num_layers % pp == 0 else None
+    stages = pp * (recipe.parallel.virtual_pipeline or 1)  # layers per model chunk
+    per_stage = m.num_layers // stages if m.num_layers % stages == 0 else None
     if rc.granularity == "full" and per_stage and (rc.num_layers or 1) > per_stage:
         out.append(
             (

@@ -24,6 +24,12 @@ class ParallelConfig(StrictSection):
     zero_stage: int = Field(1, ge=1, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed)")
 
     # the scale knobs (Megatron-LM's names); what cannot compose is refused in config.checks
+    virtual_pipeline: int | None = Field(
+        None,
+        ge=2,
+        description="model chunks per pipeline rank (the interleaved 1F1B schedule; "
+        "model.num_layers divisible by pipeline x this)",
+    )
     sequence_parallel: bool = Field(
         False,
         description="split the activations outside attention and the MLP along the sequence over "

@@ -20,7 +20,13 @@ from slowqk.engines.base import Engine
 from slowqk.engines.common import device_batches, mean_on_device
 from slowqk.lower_drift import optimizer_is_sharded
 from slowqk.lr_groups import iter_main_params
-from slowqk.models import build_gpt_model, build_transformer_config, unwrap_model, wrap_precision
+from slowqk.models import (
+    build_gpt_model,
+    build_transformer_config,
+    seeded_generators,
+    unwrap_model,
+    wrap_precision,
+)
 from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
 
 
@@ -44,26 +50,40 @@ class MegatronEngine(Engine):
             recipe.model,
             tensor_parallel=recipe.parallel.tensor,
             pipeline_parallel=recipe.parallel.pipeline,
+            virtual_pipeline=recipe.parallel.virtual_pipeline,
             precision=t.precision,
             fused_kernels=t.fused_kernels,
             recompute=t.recompute,
             sequence_parallel=recipe.parallel.sequence_parallel,
         )
-        model = build_gpt_model(
-            recipe.model,
-            self.config,
-            vocab_size,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            probe=recipe.diagnostics.interval > 0,
-        )
-        model.to(device)
+        vpp = recipe.parallel.virtual_pipeline
+        models = []
+        with seeded_generators() as restore:
+            for vp in range(vpp) if vpp else [None]:
+                if vp:  # each chunk draws its weights as the layers would at PP=1
+                    restore()
+                models.append(
+                    build_gpt_model(
+                        recipe.model,
+                        self.config,
+                        vocab_size,
+                        pre_process=parallel_state.is_pipeline_first_stage(
+                            ignore_virtual=vp is None, vp_stage=vp
+                        ),
+                        post_process=parallel_state.is_pipeline_last_stage(
+                            ignore_virtual=vp is None, vp_stage=vp
+                        ),
+                        probe=recipe.diagnostics.interval > 0,
+                        vp_stage=vp,
+                    ).to(device)
+                )
         if init_weights is not None:  # before DDP and the optimizer copy them into their buffers
-            load_model_weights(init_weights, [model])
-        model = wrap_precision(model, self.config)
+            load_model_weights(init_weights, models)
+        models = [wrap_precision(m, self.config) for m in models]
         self.chunks = wrap_ddp(
-            [model], self.config, recipe.parallel.distributed_optimizer, parallel=recipe.parallel
+            models, self.config, recipe.parallel.distributed_optimizer, parallel=recipe.parallel
         )
+        model = models[0]
         if t.compile:  # in place: parameter names, hooks and checkpoints stay as they are
             # The whole model, not each layer: one graph from the embedding to the loss fuses
             # across layer boundaries and pays dynamo's guards and wrappers once per micro-batch.
@@ -72,6 +92,12 @@ class MegatronEngine(Engine):
         self.scheduler = build_scheduler(recipe, self.optimizer)
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
+        if vpp and dist.get_backend() == "gloo":
+            # gloo pairs the sends and receives between two ranks by their order alone, and the
+            # interleaved schedule's batched exchanges (a forward and a backward tensor between
+            # the same two ranks at PP=2) then cross: measured, PP2 x VPP2 losses off PP2's from
+            # the first step. One operation at a time keeps them paired (bitwise with PP2).
+            self.config.batch_p2p_comm = False
         self._schedule = get_forward_backward_func()
         # set by each training forward_backward: a non-finite loss or gradient on some rank
         self._step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -90,8 +116,11 @@ class MegatronEngine(Engine):
         dp_rank = parallel_state.get_data_parallel_rank()
         losses = self._schedule(
             forward_step_func=self._forward_step,
-            data_iterator=device_batches(
-                self.recipe, dataset, step, dp_rank, self.layout.data, self.device
+            # one iterator per model chunk (the interleaved schedule reads each chunk's own)
+            data_iterator=self._per_chunk(
+                lambda: device_batches(
+                    self.recipe, dataset, step, dp_rank, self.layout.data, self.device
+                )
             ),
             model=self.chunks,
             num_microbatches=self.num_microbatches,
@@ -116,6 +145,10 @@ class MegatronEngine(Engine):
         if not forward_only:  # an evaluation pass leaves the training step's verdict alone
             self._step_bad = (stats[1] > 0) | ~torch.isfinite(loss)
         return loss
+
+    def _per_chunk(self, make):
+        """One data iterator, or one per model chunk under virtual stages."""
+        return make() if len(self.chunks) == 1 else [make() for _ in self.chunks]
 
     def zero_grad(self) -> None:
         for c in self.chunks:
@@ -143,15 +176,19 @@ class MegatronEngine(Engine):
         return ok, grad_norm
 
     def probe_forward(self, batch: dict) -> None:
+        """Under virtual stages the interleaved schedule needs as many micro-batches as pipeline
+        ranks: the same batch again, which records the same probabilities."""
+
         def step(data_iterator, model):
             next(data_iterator)
             return model(batch["tokens"], batch["position_ids"], None), _probe_loss
 
+        repeats = self.layout.pipeline if len(self.chunks) > 1 else 1
         self._schedule(
             forward_step_func=step,
-            data_iterator=iter([batch]),
+            data_iterator=self._per_chunk(lambda: iter([batch] * repeats)),
             model=self.chunks,
-            num_microbatches=1,
+            num_microbatches=repeats,
             seq_length=batch["tokens"].shape[1],
             micro_batch_size=batch["tokens"].shape[0],
             forward_only=True,
