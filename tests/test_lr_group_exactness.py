@@ -328,19 +328,6 @@ DISTOPT_CASES = {
         model={"tie_embeddings": False},
         cut=["fc2@1-2"],
     ),
-    # both overlaps with small buckets: the gather deferred to the next forward, a shard
-    # boundary inside layer 1's gate rows as above
-    "groups-gqa-llama-tp1-dp2-overlap": dict(
-        tp=1,
-        world=2,
-        optimizer="adamw",
-        eps=1e-3,
-        groups=LLAMA_GROUPS,
-        steps=8,
-        model=dict(LLAMA, ffn_hidden_size=96),
-        parallel={"overlap_grad_reduce": True, "overlap_param_gather": True},
-        cut=["gate@1-2"],
-    ),
     "qknorm-gqa-tp1-dp2": dict(
         tp=1,
         world=2,
@@ -353,6 +340,13 @@ DISTOPT_CASES = {
         cut=[],
     ),
 }
+
+# the LLaMA case above with both overlaps: the gradient reduce during the backward pass, the
+# parameter gather deferred to the next forward (the shard boundary inside layer 1's gate rows)
+DISTOPT_CASES["groups-gqa-llama-tp1-dp2-overlap"] = dict(
+    DISTOPT_CASES["groups-gqa-llama-tp1-dp2"],
+    parallel={"overlap_grad_reduce": True, "overlap_param_gather": True},
+)
 
 
 def _assert_within_1e6(results: list[dict], reference: str) -> None:
