@@ -12,9 +12,9 @@ is present, else ``sdpa``. All but ``te`` share parameter names and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +207,7 @@ def replay_earlier_stages(
     then freed) leaves the generators where PP=1 would have them: the same seed gives the same
     initial weights at any pipeline layout (TP already scatters weights drawn in full). With
     virtual stages the caller restores the seeded generators before each chunk
-    (:func:`seeded_generators`). Returns the number of layers replayed."""
+    (:func:`generator_restorer`). Returns the number of layers replayed."""
     if not parallel_state.model_parallel_is_initialized() or parallel_state.is_pipeline_first_stage(
         ignore_virtual=vp_stage is None, vp_stage=vp_stage
     ):
@@ -224,10 +224,9 @@ def replay_earlier_stages(
     return offset
 
 
-@contextlib.contextmanager
-def seeded_generators():
-    """Inside, the generators that initialize weights (torch's and megatron-core's model-parallel
-    tracker) may be put back to where they were on entry, with the yielded function."""
+def generator_restorer() -> Callable[[], None]:
+    """A function that puts the generators that initialize weights (torch's and megatron-core's
+    model-parallel tracker) back to where they are now."""
     tracker = tensor_parallel.get_cuda_rng_tracker()
     saved = torch.get_rng_state(), tracker.get_states()
 
@@ -235,7 +234,7 @@ def seeded_generators():
         torch.set_rng_state(saved[0])
         tracker.set_states(saved[1])
 
-    yield restore
+    return restore
 
 
 def build_gpt_model(

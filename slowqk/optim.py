@@ -23,21 +23,20 @@ log = logging.getLogger("slowqk.optim")
 def wrap_ddp(
     model_chunks: list[torch.nn.Module],
     config: TransformerConfig,
-    distributed_optimizer: bool,
+    parallel: ParallelConfig,
     grad_reduce_in_fp32: bool = True,
-    parallel: ParallelConfig | None = None,
 ) -> list[DistributedDataParallel]:
-    """megatron-core's DDP around each chunk; ``parallel``: the overlap and bucket knobs. With
-    overlap, the pipeline schedules start and finish each chunk's gradient reduce and parameter
-    gather themselves, through the functions set on ``config`` (as Megatron-LM's trainer sets
-    them)."""
-    par = parallel or ParallelConfig()
+    """megatron-core's DDP around each chunk, with ``parallel``'s distributed optimizer, overlap
+    and bucket settings. With overlap, the pipeline schedules start and finish each chunk's
+    gradient reduce and parameter gather themselves, through the functions set on ``config`` (as
+    Megatron-LM's trainer sets them)."""
+    par = parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         bucket_size=par.bucket_size,
-        use_distributed_optimizer=distributed_optimizer,
+        use_distributed_optimizer=par.distributed_optimizer,
     )
     chunks = [
         DistributedDataParallel(
@@ -55,6 +54,14 @@ def wrap_ddp(
     if par.overlap_param_gather:
         config.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
     return chunks
+
+
+def finish_param_gather(chunks: list[DistributedDataParallel]) -> None:
+    """With ``parallel.overlap_param_gather`` the updated parameters arrive with the next forward
+    pass; what reads them before (a checkpoint, the diagnostics, a test) gathers them now."""
+    for c in chunks:
+        if c.ddp_config.overlap_param_gather:
+            c.start_param_sync(force_sync=True)
 
 
 def megatron_optimizer_config(recipe: Recipe) -> MegatronOptimizerConfig:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -31,7 +30,7 @@ from slowqk.metrics import MetricsWriter
 from slowqk.models import resolve_attention_backend
 from slowqk.provenance import provenance
 from slowqk.resume import check_resume_fits, init_source, resumable_checkpoint
-from slowqk.validation import Validator
+from slowqk.validation import Validator, perplexity
 
 __all__ = ["RecipeChangedError", "Trainer", "train"]
 
@@ -268,13 +267,18 @@ class Trainer:
         if rec["skipped"] and (
             t.on_nonfinite == "stop" or self.consecutive_skips >= t.max_consecutive_skips
         ):
-            self.metrics.log(self.step, {**rec, "loss": float(rec["loss"])})
+            self._write(rec)
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {self.step - 1} "
                 f"({self.consecutive_skips} in a row, train.on_nonfinite={t.on_nonfinite}, "
                 f"max_consecutive_skips={t.max_consecutive_skips}); the last good checkpoint "
                 "is kept"
             )
+
+    def _write(self, rec: dict) -> None:
+        """The step's record to the metrics; its loss is read from the device here."""
+        rec["loss"] = float(rec["loss"])
+        self.metrics.log(self.step, rec)
 
     def _stop_check_due(self) -> bool:
         """The ranks agree on a stop every ``train.stop_check_interval`` steps, all at the same
@@ -291,12 +295,11 @@ class Trainer:
             or rec["skipped"]
             or any(cb.must_log(rec) for cb in self.callbacks)
         ):
-            rec["loss"] = float(rec["loss"])
-            self.metrics.log(self.step, rec)
+            self._write(rec)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
-    def _loop(self, timer: _Timer, history: list, stop: _StopSignals) -> None:
+    def _loop(self, timer: _Timer, stop: _StopSignals) -> None:
         t = self.recipe.train
         tokens_per_step = self.recipe.tokens_per_step
         while self.step < t.steps:
@@ -305,8 +308,7 @@ class Trainer:
             self._train_time += dt
             rec["tokens_per_s"] = tokens_per_step / dt
             rec["tokens"] = self.step * tokens_per_step
-            if not rec["skipped"]:
-                history.append(rec["loss"])
+            self._updated_steps += not rec["skipped"]
             self._check_nonfinite(rec)
             if self.validator.should_evaluate(self.step):
                 rec.update(self.validator.record())
@@ -338,21 +340,21 @@ class Trainer:
         )
         if self.step == 0 and self.validator.should_evaluate(0):
             self.metrics.log(0, self.validator.record())
-        timer, history, start = _Timer(), [], self.step
-        self._train_time = 0.0
+        timer, start = _Timer(), self.step
+        self._train_time, self._updated_steps = 0.0, 0
         with _StopSignals() as stop:
-            self._loop(timer, history, stop)
+            self._loop(timer, stop)
         self.bar.close()
         if t.save_interval and self.step > start:
             self.save()
-        summary = self._summary(resumed, history, self.evaluate())
+        summary = self._summary(resumed, self.evaluate())
         if self.rank == 0:
             summary["provenance"] = provenance()
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
 
-    def _summary(self, resumed: bool, history: list[float], final: float) -> dict:
+    def _summary(self, resumed: bool, final: float) -> dict:
         r, seconds = self.recipe, self._train_time
         summary = {
             "name": r.name,
@@ -360,9 +362,11 @@ class Trainer:
             "steps": self.step,
             "resumed": resumed,
             "final_val_loss": final,
-            "final_val_ppl": math.exp(min(final, 50.0)),
+            "final_val_ppl": perplexity(final),
             "train_seconds": seconds,
-            "tokens_per_s": len(history) * r.tokens_per_step / seconds if seconds > 0 else None,
+            "tokens_per_s": (
+                self._updated_steps * r.tokens_per_step / seconds if seconds > 0 else None
+            ),
             "skipped_steps": self.total_skips,
         }
         for cls in callback_classes():  # the same keys whichever callbacks the run has

@@ -7,6 +7,7 @@ import math
 import torch
 
 from slowqk.config import Recipe
+from slowqk.engines.common import mean_on_device
 
 
 class Validator:
@@ -32,9 +33,14 @@ class Validator:
         with torch.no_grad():
             losses = [engine.forward_backward(self.dataset, i, True) for i in range(self.iters)]
         engine.train_mode(True)
-        return float(sum(losses) / self.iters)  # summed in order, one read
+        return float(mean_on_device(losses, engine.device))  # one read
 
     def record(self) -> dict[str, float]:
         """``val_loss`` and ``val_ppl`` for the step's record."""
         loss = self.evaluate()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped at exp(50) so a diverged run's loss does not overflow it."""
+    return math.exp(min(loss, 50.0))

@@ -67,27 +67,13 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
         model = model.to(torch.float64)  # torch norms ignore params_dtype
     if init_from is not None:
         model.load_state_dict(init_from.state_dict())
-    chunks = wrap_ddp(
-        [model],
-        cfg,
-        recipe.parallel.distributed_optimizer,
-        grad_reduce_in_fp32=not float64,
-        parallel=recipe.parallel,
-    )
+    chunks = wrap_ddp([model], cfg, recipe.parallel, grad_reduce_in_fp32=not float64)
     opt = build_optimizer(recipe, chunks)
     cfg.finalize_model_grads_func = finalize_model_grads  # the pipeline schedule's grad sync
     cfg.grad_scale_func = opt.scale_loss
     sched = build_scheduler(recipe, opt)
     groups = build_lr_groups(recipe, opt, chunks) if with_groups else None
     return model, chunks, opt, sched, groups
-
-
-def finish_param_gather(chunks) -> None:
-    """The updated parameters in place where ``parallel.overlap_param_gather`` defers them to the
-    next forward pass."""
-    for c in chunks:
-        if c.ddp_config.overlap_param_gather:
-            c.start_param_sync(force_sync=True)
 
 
 def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torch.Tensor]:

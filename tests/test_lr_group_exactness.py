@@ -172,10 +172,11 @@ def _reference_worker(rank: int, world: int, case: dict) -> dict:
 
 def _distopt_worker(rank: int, world: int, case: dict) -> dict:
     from megatron.core import parallel_state
-    from megatron_harness import build_stack, finish_param_gather, gather_full_state, train_step
+    from megatron_harness import build_stack, gather_full_state, train_step
     from reference_model import ReferenceGPT
 
     from slowqk.distributed import shutdown
+    from slowqk.optim import finish_param_gather
 
     stacks = {}
     for distopt in (False, True):

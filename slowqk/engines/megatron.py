@@ -23,11 +23,11 @@ from slowqk.lr_groups import iter_main_params
 from slowqk.models import (
     build_gpt_model,
     build_transformer_config,
-    seeded_generators,
+    generator_restorer,
     unwrap_model,
     wrap_precision,
 )
-from slowqk.optim import build_optimizer, build_scheduler, wrap_ddp
+from slowqk.optim import build_optimizer, build_scheduler, finish_param_gather, wrap_ddp
 
 
 def _probe_loss(output: torch.Tensor):
@@ -58,31 +58,29 @@ class MegatronEngine(Engine):
         )
         vpp = recipe.parallel.virtual_pipeline
         models = []
-        with seeded_generators() as restore:
-            for vp in range(vpp) if vpp else [None]:
-                if vp:  # each chunk draws its weights as the layers would at PP=1
-                    restore()
-                models.append(
-                    build_gpt_model(
-                        recipe.model,
-                        self.config,
-                        vocab_size,
-                        pre_process=parallel_state.is_pipeline_first_stage(
-                            ignore_virtual=vp is None, vp_stage=vp
-                        ),
-                        post_process=parallel_state.is_pipeline_last_stage(
-                            ignore_virtual=vp is None, vp_stage=vp
-                        ),
-                        probe=recipe.diagnostics.interval > 0,
-                        vp_stage=vp,
-                    ).to(device)
-                )
+        restore_generators = generator_restorer()
+        for vp in range(vpp) if vpp else [None]:
+            if vp:  # each chunk draws its weights as the layers would at PP=1
+                restore_generators()
+            models.append(
+                build_gpt_model(
+                    recipe.model,
+                    self.config,
+                    vocab_size,
+                    pre_process=parallel_state.is_pipeline_first_stage(
+                        ignore_virtual=vp is None, vp_stage=vp
+                    ),
+                    post_process=parallel_state.is_pipeline_last_stage(
+                        ignore_virtual=vp is None, vp_stage=vp
+                    ),
+                    probe=recipe.diagnostics.interval > 0,
+                    vp_stage=vp,
+                ).to(device)
+            )
         if init_weights is not None:  # before DDP and the optimizer copy them into their buffers
             load_model_weights(init_weights, models)
         models = [wrap_precision(m, self.config) for m in models]
-        self.chunks = wrap_ddp(
-            models, self.config, recipe.parallel.distributed_optimizer, parallel=recipe.parallel
-        )
+        self.chunks = wrap_ddp(models, self.config, recipe.parallel)
         model = models[0]
         if t.compile:  # in place: parameter names, hooks and checkpoints stay as they are
             # The whole model, not each layer: one graph from the embedding to the loss fuses
@@ -214,22 +212,15 @@ class MegatronEngine(Engine):
     def full_weights(self, params: list[torch.nn.Parameter]):
         """Each rank holds its parameters whole (its TP piece); with the parameter gather
         overlapped, the last update's gather is finished first."""
-        self._finish_param_gather()
+        finish_param_gather(self.chunks)
         return contextlib.nullcontext()
-
-    def _finish_param_gather(self) -> None:
-        """With ``parallel.overlap_param_gather`` the updated parameters arrive with the next
-        forward pass; what reads them before (a checkpoint, the diagnostics) gathers them now."""
-        if self.recipe.parallel.overlap_param_gather:
-            for c in self.chunks:
-                c.start_param_sync(force_sync=True)
 
     def train_mode(self, training: bool) -> None:
         for c in self.chunks:
             c.train(training)
 
     def save(self, ckpt_root: Path, step: int, extra: dict, files: dict[str, Path]) -> Path:
-        self._finish_param_gather()
+        finish_param_gather(self.chunks)
         return save_checkpoint(
             ckpt_root, step, self.chunks, self.optimizer, self.scheduler, extra, files=files
         )
