@@ -138,16 +138,15 @@ def build_transformer_config(
 
 
 def recompute_options(rc: RecomputeConfig) -> dict:
-    """``train.recompute`` as megatron-core's TransformerConfig fields (full: uniform, one layer
-    per unit unless the recipe says otherwise, as Megatron-LM's usual choice)."""
+    """``train.recompute`` as megatron-core's TransformerConfig fields."""
     if rc.granularity == "none":
         return {}
     if rc.granularity == "selective":
         return {"recompute_granularity": "selective", "recompute_modules": list(rc.modules)}
     return {
         "recompute_granularity": "full",
-        "recompute_method": rc.method or "uniform",
-        "recompute_num_layers": rc.num_layers or 1,
+        "recompute_method": rc.full_method,
+        "recompute_num_layers": rc.full_num_layers,
     }
 
 

@@ -78,3 +78,13 @@ class RecomputeConfig(StrictSection):
         default_factory=lambda: ["core_attn"],
         description="selective only: the parts of each layer to recompute",
     )
+
+    @property
+    def full_method(self) -> Literal["uniform", "block"]:
+        """``method`` of full recomputation, uniform where the recipe leaves it open."""
+        return self.method or "uniform"
+
+    @property
+    def full_num_layers(self) -> int:
+        """``num_layers`` of full recomputation, 1 (Megatron-LM's usual) where left open."""
+        return self.num_layers or 1

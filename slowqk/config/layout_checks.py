@@ -145,7 +145,7 @@ def _recompute_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 )
     stages = pp * (recipe.parallel.virtual_pipeline or 1)  # layers per model chunk
     per_stage = m.num_layers // stages if m.num_layers % stages == 0 else None
-    if rc.granularity == "full" and per_stage and (rc.num_layers or 1) > per_stage:
+    if rc.granularity == "full" and per_stage and rc.full_num_layers > per_stage:
         out.append(
             (
                 "train.recompute.num_layers",
@@ -153,8 +153,8 @@ def _recompute_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 f"(model.num_layers / parallel.pipeline = {per_stage})",
             )
         )
-    uniform = rc.granularity == "full" and rc.method != "block"
-    if uniform and per_stage and per_stage % (rc.num_layers or 1):
+    uniform = rc.granularity == "full" and rc.full_method == "uniform"
+    if uniform and per_stage and per_stage % rc.full_num_layers:
         out.append(
             (
                 "train.recompute.num_layers",
