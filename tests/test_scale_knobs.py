@@ -242,7 +242,7 @@ def test_a_checkpoint_saved_with_the_knobs_resumes_without_them(small_dataset, t
     """Saved at step 10 with both overlaps (the parameter gather still in flight when the save
     comes) and recomputation, resumed with neither: steps 11-20 bitwise those of a run that never
     had them."""
-    import shutil
+    from test_training import _resume_copy
 
     knobs = {
         "parallel.overlap_grad_reduce": "true",
@@ -252,12 +252,7 @@ def test_a_checkpoint_saved_with_the_knobs_resumes_without_them(small_dataset, t
     reference = _run(small_dataset, tmp_path / "reference", 2)
     _run(small_dataset, tmp_path / "knobs", 2, **knobs, **{"train.save_interval": 10})
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp_path / "knobs" / "checkpoints" / "iter_0000010",
-        resumed / "checkpoints" / "iter_0000010",
-    )
-    (resumed / "checkpoints" / "latest").write_text("iter_0000010\n")
+    _resume_copy(tmp_path / "knobs", resumed, 10)
     again = _run(small_dataset, resumed, 2)
     assert again["losses"] == reference["losses"][10:]
     assert (again["val"], again["release"]) == (reference["val"], reference["release"])
@@ -267,18 +262,14 @@ def test_a_checkpoint_saved_with_the_knobs_resumes_without_them(small_dataset, t
 def test_a_checkpoint_of_two_virtual_stages_resumes_with_one(small_dataset, tmp_path) -> None:
     """PP2 x VPP2 saved at step 10 (each rank's two chunks), resumed at PP2 without virtual
     stages: steps 11-20 within the virtual stages' rounding of the run that never had them."""
-    import shutil
+    from test_training import _resume_copy
 
     layout = {"parallel.pipeline": 2, "model.num_layers": 4, "model.tie_embeddings": "false"}
     reference = _run(small_dataset, tmp_path / "reference", 2, **layout)
     vpp = {"parallel.virtual_pipeline": 2, "train.save_interval": 10}
     _run(small_dataset, tmp_path / "vpp", 2, **layout, **vpp)
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp_path / "vpp" / "checkpoints" / "iter_0000010", resumed / "checkpoints" / "iter_0000010"
-    )
-    (resumed / "checkpoints" / "latest").write_text("iter_0000010\n")
+    _resume_copy(tmp_path / "vpp", resumed, 10)
     again = _run(small_dataset, resumed, 2, **layout)
     assert again["losses"] == pytest.approx(reference["losses"][10:], rel=1e-6)
     assert again["release"] == reference["release"]
