@@ -29,6 +29,19 @@ def _train(work: Path, out: str, *extra: str, env: dict | None = None):
     return run_cli(argv, cwd=work, env=env)
 
 
+def _resumed_through_this_code(fixture: Path, work: Path, step: int) -> tuple[dict, dict]:
+    """The fixture's run resumed, killed (-9) after the checkpoint this code writes at ``step``,
+    and resumed again: the losses logged after ``step``, and the summary."""
+    shutil.copytree(fixture, work)
+    env = {"SLOWQK_FAULT_KILL_AT_STEP": str(step)}
+    killed = _train(work, "run", f"train.save_interval={step}", env=env)
+    assert killed.returncode != 0
+    resumed = _train(work, "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = {k: v for k, v in _losses(work / "run").items() if int(k) > step}
+    return losses, json.loads((work / "run" / "summary.json").read_text())
+
+
 def _losses(run: Path) -> dict[str, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {str(r["step"]): r["loss"] for r in rows}
@@ -64,16 +77,8 @@ def test_a_checkpoint_from_before_the_callbacks_resumes_bitwise(tmp_path) -> Non
         assert math.isclose(got, recorded, rel_tol=1e-5)
 
     # the same machine: through a checkpoint of this code, bitwise
-    again = tmp_path / "again"
-    shutil.copytree(FIXTURE, again)
-    killed = _train(again, "run", "train.save_interval=6", env={"SLOWQK_FAULT_KILL_AT_STEP": "6"})
-    assert killed.returncode != 0
-    resumed = _train(again, "run")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary_again = json.loads((again / "run" / "summary.json").read_text())
-    assert {k: v for k, v in _losses(again / "run").items() if int(k) > 6} == {
-        k: losses[k] for k in ("7", "8")
-    }
+    losses_again, summary_again = _resumed_through_this_code(FIXTURE, tmp_path / "again", 6)
+    assert losses_again == {k: losses[k] for k in ("7", "8")}
     for key in ("final_val_loss", "qk_release"):
         assert summary_again[key] == summary[key], key
 
@@ -109,9 +114,7 @@ def test_a_checkpoint_with_every_callback_resumes_bitwise(tmp_path) -> None:
 
     # the same resume, killed (-9) after a checkpoint this code writes, resumed again
     again = tmp_path / "again"
-    shutil.copytree(EVERY_CALLBACK, again)
-    killed = _train(again, "run", "train.save_interval=8", env={"SLOWQK_FAULT_KILL_AT_STEP": "8"})
-    assert killed.returncode != 0
+    losses_again, summary_again = _resumed_through_this_code(EVERY_CALLBACK, again, 8)
     old = read_extra(again / "run" / "checkpoints" / "iter_0000006")
     new = read_extra(again / "run" / "checkpoints" / "iter_0000008")
     # this code keeps each callback's state under its name, none of it flat
@@ -123,11 +126,6 @@ def test_a_checkpoint_with_every_callback_resumes_bitwise(tmp_path) -> None:
     tracker = new["callbacks"]["lower_drift"]["release"]["tracker"]
     assert tracker["peak"] == old["qk_release"]["tracker"]["peak"]  # the peak of step 1
     assert tracker["count"] == 8
-    resumed = _train(again, "run")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary_again = json.loads((again / "run" / "summary.json").read_text())
-    assert {k: v for k, v in _losses(again / "run").items() if int(k) > 8} == {
-        k: losses[k] for k in ("9", "10", "11", "12")
-    }
+    assert losses_again == {k: losses[k] for k in ("9", "10", "11", "12")}
     for key in ("final_val_loss", "qk_release", "specialization_warning"):
         assert summary_again[key] == summary[key], key
