@@ -36,8 +36,29 @@ def _quiet_dependencies() -> None:
 
 def _cmd_print_recipe(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.memory:
+        return _print_memory(recipe, args.gpus, args.device_gb)
     sys.stdout.write(recipe_to_yaml(recipe.model_copy(update={"out_dir": str(recipe.run_dir)})))
     sys.stdout.write(_group_elements_comment(recipe))
+    return 0
+
+
+def _print_memory(recipe, gpus: int | None, device_gb: float) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
+    from slowqk.distributed import LayoutError
+    from slowqk.launch import check_world
+    from slowqk.memory.report import format_report
+
+    par = recipe.parallel
+    if par.engine != "megatron":
+        raise RecipeError("print-recipe --memory: parallel.engine=megatron only (got deepspeed)")
+    gpus = gpus or par.tensor * par.pipeline
+    try:
+        check_world(recipe, gpus, what="--gpus")
+    except LayoutError as exc:
+        raise RecipeError(f"print-recipe --memory --gpus {gpus}: {exc}") from None
+    vocab = recipe.model.vocab_size or recipe.data.tokenizer_vocab_size
+    sys.stdout.write(format_report(recipe, gpus, vocab, device_gb))
     return 0
 
 
@@ -412,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("print-recipe", help="print the fully resolved recipe")
     recipe_args(sp)
+    sp.add_argument(
+        "--memory",
+        action="store_true",
+        help="print instead the predicted memory per GPU (parameters, gradients, optimizer "
+        "state, activations) for each pipeline stage",
+    )
+    sp.add_argument(
+        "--gpus", type=int, help="with --memory: GPUs of the run (default TP x PP: one replica)"
+    )
+    sp.add_argument(
+        "--device-gb", type=float, default=80.0, help="with --memory: GB per GPU (default 80)"
+    )
     sp.set_defaults(func=_cmd_print_recipe)
 
     sp = sub.add_parser(

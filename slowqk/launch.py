@@ -9,6 +9,7 @@ import sys
 
 from slowqk.config import Recipe, load_recipe
 from slowqk.distributed import LayoutError, check_layout
+from slowqk.memory.report import layout_notes
 
 
 def check_world(r: Recipe, nproc: int, what: str = "--nproc") -> int:
@@ -57,6 +58,9 @@ def run(
 ) -> int:
     cmd = torchrun_command(recipe, overrides, nproc, extra)
     print(f"# {describe(recipe, overrides, nproc)}", file=sys.stderr)
+    if dry_run:
+        for note in layout_notes(load_recipe(recipe, overrides), recipe, nproc):
+            print(f"# {note}", file=sys.stderr)
     print(shlex.join(cmd))
     if dry_run:
         return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from slowqk.config import load_recipe
 from slowqk.launch import check_world
+from slowqk.memory.report import layout_notes
 
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm" / "slowqk.sbatch"
 
@@ -85,6 +86,10 @@ def submit(
     workdir = (workdir or Path.cwd()).resolve()
     cmd, env, layout = sbatch_command(recipe, overrides, job, workdir)
     print(f"# {layout}", file=sys.stderr)
+    if dry_run:
+        world = job.nodes * (job.tasks_per_node or max(1, job.gpus_per_node))
+        for note in layout_notes(load_recipe(recipe, overrides), recipe, world):
+            print(f"# {note}", file=sys.stderr)
     print(
         " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         + (" " if env else "")

@@ -19,9 +19,10 @@ import torch
 from slowqk.config import Recipe, load_recipe
 from slowqk.memory.measure import allocated_state_bytes, count_saved_for_backward
 from slowqk.memory.predict import (
-    Device,
-    edge_activation_bytes,
+    CPU,
+    input_edge_bytes,
     layer_activation_bytes,
+    output_edge_bytes,
     state_bytes,
 )
 
@@ -55,8 +56,7 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
         ids = torch.randint(0, vocab_size, (b, s), generator=gen)
         pos = torch.arange(s).expand(b, s)
         engine.train_mode(True)
-        weights = [p for c in engine.chunks for p in c.parameters()]
-        weights += [f.param_data for c in engine.chunks for f in c.buffers if f.param_data is not None]
+        weights = [p for c in engine.chunks for p in c.parameters()]  # views of any buffer
         loss, saved = count_saved_for_backward(
             lambda: engine.chunks[0](ids, pos, None, labels=ids), weights, regions
         )
@@ -64,11 +64,11 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
         layers = len(decoder.layers)
         out["measured"]["activations_per_layer"] = saved.get("decoder") // layers
         out["measured"]["activations_outside_layers"] = saved.total - saved.get("decoder")
-        cpu = Device("cpu")
+        cpu = CPU
         out["predicted"]["activations_per_layer"] = layer_activation_bytes(recipe, cpu)
-        out["predicted"]["activations_outside_layers"] = edge_activation_bytes(
-            recipe, 0, vocab_size, cpu
-        )
+        out["predicted"]["activations_outside_layers"] = input_edge_bytes(
+            recipe, cpu
+        ) + output_edge_bytes(recipe, vocab_size, cpu)
     return out
 
 

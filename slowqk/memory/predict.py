@@ -38,6 +38,9 @@ class Device:
         return 1 if self.name == "cuda" else None
 
 
+CUDA, CPU = Device("cuda"), Device("cpu")
+
+
 @dataclass
 class StageMemory:
     """One pipeline stage's bytes on each of its GPUs."""
@@ -63,8 +66,11 @@ def stage_parameters(recipe: Recipe, stage: int, vocab: int) -> list[tuple[str, 
     m, par = recipe.model, recipe.parallel
     t, p = par.tensor, par.pipeline
     v = par.virtual_pipeline or 1
-    h, d, a, g = m.hidden_size, m.hidden_size // m.num_attention_heads, m.num_attention_heads, (
-        m.num_query_groups or m.num_attention_heads
+    h, d, a, g = (
+        m.hidden_size,
+        m.hidden_size // m.num_attention_heads,
+        m.num_attention_heads,
+        (m.num_query_groups or m.num_attention_heads),
     )
     f = m.ffn_size
     vp = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, t)
@@ -123,11 +129,13 @@ class BufferLayout:
     ranges: list[tuple[int, int]]
 
 
-def buffer_layout(sizes: list[int], shared: list[bool], distributed: bool, dp: int,
-                  bucket_size: int | None) -> BufferLayout:
+def buffer_layout(
+    sizes: list[int], shared: list[bool], distributed: bool, dp: int, bucket_size: int | None
+) -> BufferLayout:
     """Parameters go in backward order; with the distributed optimizer each starts at a multiple
     of 64 elements and each bucket ends at a multiple of lcm(DP, 128); a shared embedding gets a
     bucket of its own (as ``_ParamAndGradBuffer`` lays them out)."""
+
     def pad(n: int, k: int) -> int:
         return -(-n // k) * k
 
@@ -145,9 +153,7 @@ def buffer_layout(sizes: list[int], shared: list[bool], distributed: bool, dp: i
         ranges.append((start, start + n))
         members += 1
         end = start + n
-        if (bucket_size is not None and end - bucket_start >= bucket_size) or (
-            own and distributed
-        ):
+        if (bucket_size is not None and end - bucket_start >= bucket_size) or (own and distributed):
             start = pad(end, end_pad)
             buckets.append((bucket_start, start))
             bucket_start, members = start, 0
@@ -183,7 +189,8 @@ def state_bytes(recipe: Recipe, stage: int, vocab: int, data_parallel: int) -> d
     for i, chunk in enumerate(chunks):
         sizes = [n for _, n in chunk]
         shared = [
-            name == "output_layer.weight" and recipe.model.tie_embeddings
+            name == "output_layer.weight"
+            and recipe.model.tie_embeddings
             or name == "embedding.word_embeddings.weight"
             and recipe.model.tie_embeddings
             and par.pipeline > 1
@@ -224,14 +231,14 @@ def _by_chunk(recipe: Recipe, stage: int, params: list[tuple[str, int]]):
 
 
 def layer_activation_terms(
-    recipe: Recipe, device: Device = Device(), act_bytes: int | None = None
+    recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None
 ) -> dict[str, int]:
     """Bytes one transformer layer saves for backward per micro-batch on one tensor rank, term by
     term, before recomputation."""
     m, par = recipe.model, recipe.parallel
     t = par.tensor
     sp = t if par.sequence_parallel else 1  # what sequence parallelism splits
-    e = act_bytes or (2 if recipe.train.precision == "bf16" else FP32)
+    e = act_bytes or _act_bytes(recipe)
     mask = device.mask_bytes_per_element or e
     s, b, h = m.seq_length, recipe.train.micro_batch_size, m.hidden_size
     a, d = m.num_attention_heads, m.hidden_size // m.num_attention_heads
@@ -303,8 +310,9 @@ def _qk_norm_bytes(norm: str, rows: int, a: int, g: int, d: int, e: int, stat: i
     return upcast + heads * d * FP32 + heads * FP32
 
 
-def layer_activation_bytes(recipe: Recipe, device: Device = Device(),
-                           act_bytes: int | None = None) -> int:
+def layer_activation_bytes(
+    recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None
+) -> int:
     """One layer's saved bytes per micro-batch, averaged over the layers, with
     ``train.recompute`` applied."""
     terms = layer_activation_terms(recipe, device, act_bytes)
@@ -321,7 +329,7 @@ def layer_activation_bytes(recipe: Recipe, device: Device = Device(),
     # full: a group of layers keeps its input hidden states only; block recomputes the first
     # num_layers of each stage's chunk and keeps the rest whole
     par = recipe.parallel
-    e = act_bytes or (2 if recipe.train.precision == "bf16" else FP32)
+    e = act_bytes or _act_bytes(recipe)
     sp = par.tensor if par.sequence_parallel else 1
     group_input = recipe.model.seq_length * recipe.train.micro_batch_size
     group_input = group_input * recipe.model.hidden_size // sp * e
@@ -334,35 +342,87 @@ def layer_activation_bytes(recipe: Recipe, device: Device = Device(),
     return (group_input * recomputed + whole * (per_chunk - recomputed)) // per_chunk
 
 
-def in_flight_layers(recipe: Recipe, data_parallel: int) -> float:
-    """How many layers' activations the first pipeline stage holds at its peak: its layers
-    times the micro-batches in flight (interleaved: Megatron-LM's penalty factor)."""
-    par, tr = recipe.parallel, recipe.train
-    p, v = par.pipeline, par.virtual_pipeline
-    micro_batches = tr.global_batch_size // (tr.micro_batch_size * data_parallel)
-    per_stage = recipe.model.num_layers // p
-    if p == 1:
-        return per_stage
-    if v:
-        return per_stage * p * (1 + (p - 1) / (p * v))
-    return per_stage * min(p, micro_batches)
-
-
-def edge_activation_bytes(recipe: Recipe, stage: int, vocab: int, device: Device = Device(),
-                          act_bytes: int | None = None) -> int:
-    """The first stage's token ids, the last stage's final norm, output layer input and the
-    cross-entropy's fp32 softmax, per micro-batch."""
+def input_edge_bytes(recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None) -> int:
+    """The first stage's own per micro-batch: token and position ids (int64), and the
+    embedding dropout's mask."""
     m, par = recipe.model, recipe.parallel
-    t, e = par.tensor, act_bytes or (2 if recipe.train.precision == "bf16" else FP32)
-    sp = t if par.sequence_parallel else 1
+    e = act_bytes or _act_bytes(recipe)
+    sp = par.tensor if par.sequence_parallel else 1
     s, b = m.seq_length, recipe.train.micro_batch_size
-    out = 0
-    if stage == 0:
-        out += 2 * s * b * 8  # token and position ids (int64)
-        if m.hidden_dropout > 0:
-            out += s * b * m.hidden_size // sp * (device.mask_bytes_per_element or e)
-    if stage == par.pipeline - 1:
-        vp = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, t)
-        norm = _norm_bytes(m.norm, s * b // sp, m.hidden_size, e, _layernorm_stat_bytes(device, e))
-        out += norm + s * b * m.hidden_size // sp * e + s * b * vp // t * FP32 + s * b * 8
+    out = 2 * s * b * 8
+    if m.hidden_dropout > 0:
+        out += s * b * m.hidden_size // sp * (device.mask_bytes_per_element or e)
     return out
+
+
+def output_edge_bytes(
+    recipe: Recipe, vocab: int, device: Device = CUDA, act_bytes: int | None = None
+) -> int:
+    """The last stage's own per micro-batch: the final norm, the output layer's input, the
+    cross-entropy's fp32 softmax over the vocabulary and the labels."""
+    m, par = recipe.model, recipe.parallel
+    t, e = par.tensor, act_bytes or _act_bytes(recipe)
+    sp = t if par.sequence_parallel else 1
+    s, b, h = m.seq_length, recipe.train.micro_batch_size, m.hidden_size
+    vp = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, t)
+    norm = _norm_bytes(m.norm, s * b // sp, h, e, _layernorm_stat_bytes(device, e))
+    return norm + s * b * h // sp * e + s * b * vp // t * FP32 + s * b * 8
+
+
+def _act_bytes(recipe: Recipe) -> int:
+    return 2 if recipe.train.precision == "bf16" else FP32
+
+
+def recompute_working_set(recipe: Recipe, device: Device = CUDA) -> int:
+    """Full recomputation rebuilds a group's activations in the backward pass and holds them
+    while it differentiates the group: ``num_layers`` whole layers (uniform), one (block)."""
+    rc = recipe.train.recompute
+    if rc.granularity != "full":
+        return 0
+    whole = sum(layer_activation_terms(recipe, device).values())
+    return whole * (rc.full_num_layers if rc.full_method == "uniform" else 1)
+
+
+def in_flight(recipe: Recipe, stage: int, micro_batches: int) -> tuple[int, int]:
+    """(micro-batches of one chunk in flight, layers per chunk) at ``stage``'s peak: 1F1B keeps
+    ``PP - stage`` micro-batches; the interleaved schedule warms up ``2 (PP - stage - 1) +
+    (VPP - 1) PP + 1`` chunk-micro-batches (on stage 0, Megatron-LM's ``1 + (PP-1)/(PP VPP)``
+    times the stage's layers)."""
+    p, v = recipe.parallel.pipeline, recipe.parallel.virtual_pipeline or 1
+    per_chunk = recipe.model.num_layers // (p * v)
+    if v == 1:
+        return min(p - stage, micro_batches), per_chunk
+    return min(2 * (p - stage - 1) + (v - 1) * p + 1, micro_batches * v), per_chunk
+
+
+def memory_report(
+    recipe: Recipe, gpus: int, vocab: int, device: Device = CUDA
+) -> list[StageMemory]:
+    """Each pipeline stage's bytes per GPU on ``gpus`` GPUs."""
+    par, tr = recipe.parallel, recipe.train
+    dp = gpus // (par.tensor * par.pipeline)
+    micro_batches = tr.global_batch_size // (tr.micro_batch_size * dp)
+    per_layer = layer_activation_bytes(recipe, device)
+    stages = []
+    for stage in range(par.pipeline):
+        held, per_chunk = in_flight(recipe, stage, micro_batches)
+        edges = 0
+        if stage == 0:  # ids of each micro-batch in flight
+            edges += input_edge_bytes(recipe, device) * min(par.pipeline, micro_batches)
+        if stage == par.pipeline - 1:  # the loss is taken one micro-batch at a time
+            edges += output_edge_bytes(recipe, vocab, device)
+        state = state_bytes(recipe, stage, vocab, dp)
+        edges += recompute_working_set(recipe, device)
+        stages.append(
+            StageMemory(
+                stage=stage,
+                parameters=state["parameters"],
+                gradients=state["gradients"],
+                optimizer=state["optimizer"],
+                activations=per_layer * per_chunk * held + edges,
+                activations_per_layer=per_layer,
+                layers=per_chunk * held,
+                in_flight=held,
+            )
+        )
+    return stages
