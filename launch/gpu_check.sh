@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU acceptance check in one script, for an offline GPU machine.
 #   bash launch/gpu_check.sh prepare [megatron-core version]   # here, with registries: wheels -> .whl/, corpus -> .gpu/
-#   bash launch/gpu_check.sh run [tests] [bench] [fused] [profile]   # there: logs and records -> $OUT (default: all)
+#   bash launch/gpu_check.sh run [tests] [bench] [knobs] [fused] [profile]   # there: logs and records -> $OUT (default: all)
 #   SMOKE=1 bash launch/gpu_check.sh run                         # the same code path on CPU, tiny recipes, one step
 # `run` installs the wheels into /tmp/site, runs tests/test_gpu.py, benchmarks gpt-125m, llama-350m and
 # llama-1b (megatron-core off/hold/after beside plain/plain-compiled PyTorch; records as JSON),
-# measures train.fused_kernels on llama-1b and profiles one llama-1b step. Each phase has its own
+# measures the recomputation knobs (tokens/s, peak memory; the memory report against the GPU),
+# train.fused_kernels on llama-1b and profiles one llama-1b step. Each phase has its own
 # time limit so a slow phase cannot take the others with it; copy $OUT to docs/results/gpu/ after.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +22,9 @@ if [ "$mode" = prepare ]; then
   du -sh .whl .gpu
   exit 0
 fi
-[ "$mode" = run ] || { echo "usage: $0 prepare [mcore version] | run [tests] [bench] [fused] [profile]" >&2; exit 2; }
+[ "$mode" = run ] || { echo "usage: $0 prepare [mcore version] | run [tests] [bench] [knobs] [fused] [profile]" >&2; exit 2; }
 shift
-phases="${*:-tests bench fused profile}"
+phases="${*:-tests bench knobs fused profile}"
 wants() { case " $phases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 export PYTHONUNBUFFERED=1
@@ -65,6 +66,16 @@ if wants bench; then  # the largest model first: its targets matter most
   bench llama-1b 150 --recipes "$big" -- "$batch"
   bench llama-350m 100 --recipes "$mid" -- "$batch"
   bench gpt-125m 70 --recipes "$gpt" --cases off hold after plain -- "$batch"
+fi
+if wants knobs; then  # each knob's tokens/s and peak memory; the prediction against a GPU
+  bench llama-1b-knobs 120 --recipes "$big" --cases off selective full -- "$batch"
+  for rc in none selective full; do
+    phase "memory $mid recompute=$rc"
+    timeout 60 torchrun --standalone --nproc-per-node=1 -m slowqk.memory.check "$mid" \
+      "data.tokenizer_vocab_size=$vocab" "train.recompute.granularity=$rc" \
+      > "$OUT/memory_$rc.json" 2> "$OUT/memory_$rc.log"
+    tail -c 600 "$OUT/memory_$rc.json"
+  done
 fi
 wants fused && bench llama-1b-fused 45 --recipes "$big" --cases off -- "$batch" train.fused_kernels=true
 

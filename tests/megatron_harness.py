@@ -31,20 +31,29 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
     """init parallel state; build model, DDP, optimizer, scheduler, learning-rate groups.
 
     ``float64`` runs the whole megatron-core stack in float64 (verification only);
-    ``init_from`` copies the weights of another model of the same recipe.
+    ``init_from`` copies the weights of another model of the same recipe. With
+    ``parallel.virtual_pipeline`` the model is the list of this rank's chunks, built as the
+    engine builds them (each chunk's weights drawn as at PP=1).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
     from slowqk.distributed import init_distributed
-    from slowqk.models import build_gpt_model, build_transformer_config, wrap_precision
+    from slowqk.models import (
+        build_gpt_model,
+        build_transformer_config,
+        generator_restorer,
+        wrap_precision,
+    )
     from slowqk.optim import build_lr_groups, build_optimizer, build_scheduler, wrap_ddp
 
     init_distributed(recipe.parallel, recipe.seed)
+    vpp = recipe.parallel.virtual_pipeline
     cfg = build_transformer_config(
         recipe.model,
         tensor_parallel=recipe.parallel.tensor,
         pipeline_parallel=recipe.parallel.pipeline,
+        virtual_pipeline=vpp,
         precision=recipe.train.precision,
         sequence_parallel=recipe.parallel.sequence_parallel,
     )
@@ -53,52 +62,68 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
 
         cpu_compat.enable_float64_verification()
         cfg.params_dtype = cfg.pipeline_dtype = torch.float64
-    model = build_gpt_model(
-        recipe.model,
-        cfg,
-        VOCAB,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    if torch.cuda.is_available():
-        model = model.cuda()
-    model = wrap_precision(model, cfg)
-    if float64:
-        model = model.to(torch.float64)  # torch norms ignore params_dtype
+    if vpp:
+        cfg.batch_p2p_comm = False  # as the engine does on gloo
+    models = []
+    restore = generator_restorer()
+    for vp in range(vpp) if vpp else [None]:
+        if vp:
+            restore()
+        chunk = build_gpt_model(
+            recipe.model,
+            cfg,
+            VOCAB,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=vp is None, vp_stage=vp
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=vp is None, vp_stage=vp
+            ),
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            chunk = chunk.cuda()
+        chunk = wrap_precision(chunk, cfg)
+        if float64:
+            chunk = chunk.to(torch.float64)  # torch norms ignore params_dtype
+        models.append(chunk)
     if init_from is not None:
-        model.load_state_dict(init_from.state_dict())
-    chunks = wrap_ddp([model], cfg, recipe.parallel, grad_reduce_in_fp32=not float64)
+        for chunk, other in zip(models, init_from if vpp else [init_from], strict=True):
+            chunk.load_state_dict(other.state_dict())
+    chunks = wrap_ddp(models, cfg, recipe.parallel, grad_reduce_in_fp32=not float64)
     opt = build_optimizer(recipe, chunks)
     cfg.finalize_model_grads_func = finalize_model_grads  # the pipeline schedule's grad sync
     cfg.grad_scale_func = opt.scale_loss
     sched = build_scheduler(recipe, opt)
     groups = build_lr_groups(recipe, opt, chunks) if with_groups else None
-    return model, chunks, opt, sched, groups
+    return (models if vpp else models[0]), chunks, opt, sched, groups
 
 
-def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torch.Tensor]:
-    """TP-merged copy of a megatron-core GPTModel's parameters, in megatron naming with global
-    layer numbers (merged over pipeline stages too; a tied last stage's copy of the embedding is
-    ``output_layer.weight``)."""
+def gather_full_state(model, gated_ffn: bool) -> dict[str, torch.Tensor]:
+    """TP-merged copy of a megatron-core GPTModel's parameters (or of a list of virtual-stage
+    chunks), in megatron naming with global layer numbers (merged over pipeline stages too; a
+    tied last stage's copy of the embedding is ``output_layer.weight``)."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     out = {}
-    offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
-    for name, p in model.named_parameters():
-        t = p.detach().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            if gated_ffn and "mlp.linear_fc1" in name:  # each rank holds [gate_r; up_r]
-                gates, ups = zip(*(x.chunk(2, dim=0) for x in parts), strict=True)
-                parts = [*gates, *ups]
-            t = torch.cat(parts, dim=p.partition_dim)
-        if name.startswith("decoder.layers."):
-            layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
-            name = f"decoder.layers.{int(layer) + offset}.{rest}"
-        out[name] = t
+    for chunk in model if isinstance(model, list) else [model]:
+        layers = _unwrap(chunk).decoder.layers
+        offset = layers[0].layer_number - 1 if len(layers) else 0
+        for name, p in _unwrap(chunk).named_parameters():
+            t = p.detach().clone()
+            if tp > 1 and getattr(p, "tensor_model_parallel", False):
+                parts = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(parts, t.contiguous(), group=group)
+                if gated_ffn and "mlp.linear_fc1" in name:  # each rank holds [gate_r; up_r]
+                    gates, ups = zip(*(x.chunk(2, dim=0) for x in parts), strict=True)
+                    parts = [*gates, *ups]
+                t = torch.cat(parts, dim=p.partition_dim)
+            if name.startswith("decoder.layers."):
+                layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
+                name = f"decoder.layers.{int(layer) + offset}.{rest}"
+            out[name] = t
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(
@@ -106,6 +131,13 @@ def gather_full_state(model: torch.nn.Module, gated_ffn: bool) -> dict[str, torc
         )
         out = {k: v for stage in stages for k, v in stage.items()}
     return out
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a Float16Module (names as the plain model's)."""
+    from slowqk.models import unwrap_model
+
+    return unwrap_model(module)
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,7 +155,8 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tuple[float, float]:
     """One megatron-core step on ``ids`` (labels = next tokens of a random stream); under pipeline
-    parallelism through megatron-core's schedule (one micro-batch)."""
+    parallelism through megatron-core's schedule (one micro-batch; with virtual stages one per
+    pipeline stage)."""
     from megatron.core import parallel_state
 
     for c in chunks:
@@ -137,23 +170,31 @@ def train_step(chunks, opt, sched, groups, step: int, ids: torch.Tensor) -> tupl
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        def forward_step(_iterator, model):
+        # virtual stages: the interleaved schedule wants as many micro-batches as stages (the
+        # mean of equal micro-batches' means is the batch's mean)
+        n = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+        micro = list(zip(inputs.chunk(n), pos.chunk(n), labels.chunk(n), strict=True))
+
+        def forward_step(iterator, model):
+            x, p, y = next(iterator)
+
             def loss_func(out):
-                loss = _loss(out, labels)
+                loss = _loss(out, y)
                 return loss, {"lm loss": loss.detach()}
 
-            return model(inputs, pos, None), loss_func
+            return model(x, p, None), loss_func
 
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter([None]),
+            data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
             model=chunks,
-            num_microbatches=1,
+            num_microbatches=n,
             seq_length=inputs.shape[1],
-            micro_batch_size=inputs.shape[0],
+            micro_batch_size=inputs.shape[0] // n,
             forward_only=False,
         )
-        loss = losses[0]["lm loss"] if losses else torch.zeros(())
+        losses = [sum(x["lm loss"] for x in losses) / n] if losses else []
+        loss = losses[0] if losses else torch.zeros(())
     else:
         loss = _loss(chunks[0](inputs, pos, None), labels)
         loss.backward()

@@ -230,6 +230,48 @@ def test_kill_during_checkpoint_save_falls_back(dataset, reference, tmp_path, fa
     )
 
 
+# every scale knob at once on four ranks: TP2 x PP2 with two virtual stages per rank, sequence
+# parallelism, both overlaps, selective recomputation (virtual stages need untied embeddings)
+ALL_KNOBS = {
+    "parallel.tensor": 2,
+    "parallel.pipeline": 2,
+    "parallel.virtual_pipeline": 2,
+    "parallel.sequence_parallel": "true",
+    "parallel.overlap_grad_reduce": "true",
+    "parallel.overlap_param_gather": "true",
+    "train.recompute.granularity": "selective",
+    "model.tie_embeddings": "false",
+}
+
+
+@pytest.mark.slow
+def test_kills_with_every_scale_knob_on_resume_bitwise(dataset, tmp_path, fault_record) -> None:
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert launch(_args(dataset, ref, **ALL_KNOBS), nproc=4) == [0] * 4, launch.last[
+        0
+    ].stderr_text[-2000:]
+    codes = launch(
+        _args(dataset, run, **ALL_KNOBS), nproc=4, env={"SLOWQK_FAULT_KILL_IN_SAVE": "4"}
+    )
+    assert codes[0] == -signal.SIGKILL, (codes, launch.last[0].stderr_text[-2000:])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    codes = launch(
+        _args(dataset, run, **ALL_KNOBS), nproc=4, env={"SLOWQK_FAULT_KILL_AT_STEP": "7"}
+    )
+    assert codes[0] == -signal.SIGKILL, (codes, launch.last[0].stderr_text[-2000:])
+    assert launch(_args(dataset, run, **ALL_KNOBS), nproc=4) == [0] * 4
+    expected, got = _losses(ref), _losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == expected
+    fault_record(
+        "kill -9 with every scale knob on",
+        "TP2 x PP2 x 2 virtual stages, sequence parallelism, both overlaps, selective "
+        "recomputation (4 ranks): SIGKILL inside the save of step 4, then after step 7",
+        "resume falls back to step 2, then to step 6; losses equal to an uninterrupted run",
+        f"{len(got)}/{STEPS} steps bitwise equal (train and validation loss, multipliers, drift)",
+    )
+
+
 class _Descendants:
     """Every process started under the given ranks while they run, seen by polling (a helper
     outlives its rank only if it is still there once the ranks are gone)."""

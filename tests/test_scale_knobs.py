@@ -209,6 +209,14 @@ REFUSED = {
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
         ("parallel.virtual_pipeline", "model.tie_embeddings"),
     ),
+    "context-parallel-without-te": (
+        ["parallel.context_parallel=2", "model.attention_backend=sdpa"],
+        ("parallel.context_parallel", "model.attention_backend"),
+    ),
+    "context-parallel-untested-with-te": (
+        ["parallel.context_parallel=2", "model.attention_backend=auto"],
+        ("parallel.context_parallel", "model.attention_backend"),
+    ),
     "full-more-layers-than-a-stage": (
         ["train.recompute.granularity=full", "train.recompute.num_layers=3", "parallel.pipeline=2"],
         ("train.recompute.num_layers", "parallel.pipeline"),

@@ -30,6 +30,12 @@ class ParallelConfig(StrictSection):
         description="model chunks per pipeline rank (the interleaved 1F1B schedule; "
         "model.num_layers divisible by pipeline x this)",
     )
+    context_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks that split each sequence for attention (megatron-core's "
+        "context_parallel_size); refused above 1 in this version: see the check's message",
+    )
     sequence_parallel: bool = Field(
         False,
         description="split the activations outside attention and the MLP along the sequence over "

@@ -29,6 +29,7 @@ def scale_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 f"parallel.tensor ({par.tensor}): each tensor rank holds an equal slice",
             )
         )
+    out += _context_parallel_problems(recipe)
     vpp = par.virtual_pipeline
     if vpp is not None and par.pipeline == 1:
         out.append(
@@ -163,3 +164,28 @@ def _recompute_problems(recipe: Recipe) -> list[tuple[str, str]]:
             )
         )
     return out
+
+
+def _context_parallel_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """megatron-core splits attention over context-parallel ranks (ring attention) only inside
+    Transformer Engine's attention; its local attention, and SDPA, need the whole sequence."""
+    cp, backend = recipe.parallel.context_parallel, recipe.model.attention_backend
+    if cp == 1:
+        return []
+    if backend in ("sdpa", "local"):
+        return [
+            (
+                "parallel.context_parallel",
+                f"needs model.attention_backend=te (got {backend}): megatron-core splits "
+                "attention over context ranks only inside Transformer Engine's attention; "
+                f"{backend} attends over the whole sequence on each rank",
+            )
+        ]
+    return [
+        (
+            "parallel.context_parallel",
+            f"got {cp} with model.attention_backend={backend}: Transformer Engine's ring "
+            "attention needs two or more GPUs, and no run here has tested slowqk's sequence "
+            "split and loss reduction on them, so it is refused rather than trusted",
+        )
+    ]

@@ -20,6 +20,7 @@ from slowqk.config import Recipe, load_recipe
 from slowqk.memory.measure import allocated_state_bytes, count_saved_for_backward
 from slowqk.memory.predict import (
     CPU,
+    CUDA,
     input_edge_bytes,
     layer_activation_bytes,
     output_edge_bytes,
@@ -36,7 +37,9 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
     from slowqk.models import unwrap_model
 
     layout = init_distributed(recipe.parallel, recipe.seed)
-    engine = build_engine(recipe, layout, torch.device("cpu"), vocab_size)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    engine = build_engine(recipe, layout, device, vocab_size)
     engine.zero_grad()
     engine.optimizer.step()  # zero gradients: creates Adam's state, changes nothing
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -53,18 +56,20 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
             regions["final_norm"] = decoder.final_layernorm
         s, b = recipe.model.seq_length, recipe.train.micro_batch_size
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab_size, (b, s), generator=gen)
-        pos = torch.arange(s).expand(b, s)
+        ids = torch.randint(0, vocab_size, (b, s), generator=gen).to(device)
+        pos = torch.arange(s, device=device).expand(b, s)
         engine.train_mode(True)
         weights = [p for c in engine.chunks for p in c.parameters()]  # views of any buffer
         loss, saved = count_saved_for_backward(
             lambda: engine.chunks[0](ids, pos, None, labels=ids), weights, regions
         )
         loss.float().sum().backward()
+        if cuda:  # what the allocator saw at its peak, everything included
+            out["measured"]["peak_allocated"] = torch.cuda.max_memory_allocated()
         layers = len(decoder.layers)
         out["measured"]["activations_per_layer"] = saved.get("decoder") // layers
         out["measured"]["activations_outside_layers"] = saved.total - saved.get("decoder")
-        cpu = CPU
+        cpu = CUDA if cuda else CPU
         out["predicted"]["activations_per_layer"] = layer_activation_bytes(recipe, cpu)
         out["predicted"]["activations_outside_layers"] = input_edge_bytes(
             recipe, cpu

@@ -60,9 +60,9 @@ class StageMemory:
         return self.parameters + self.gradients + self.optimizer + self.activations
 
 
-def stage_parameters(recipe: Recipe, stage: int, vocab: int) -> list[tuple[str, int]]:
-    """(name, elements on one tensor rank) of one pipeline stage's parameters, in the order
-    megatron-core's ``GPTModel.named_parameters()`` gives them (all virtual chunks in turn)."""
+def stage_parameters(recipe: Recipe, stage: int, vocab: int) -> list[list[tuple[str, int]]]:
+    """(name, elements on one tensor rank) of one pipeline stage's parameters, for each of its
+    virtual chunks in the order megatron-core's ``GPTModel.named_parameters()`` gives them."""
     m, par = recipe.model, recipe.parallel
     t, p = par.tensor, par.pipeline
     v = par.virtual_pipeline or 1
@@ -76,7 +76,7 @@ def stage_parameters(recipe: Recipe, stage: int, vocab: int) -> list[tuple[str, 
     vp = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, t)
     norm = 2 if m.norm == "layernorm" else 1  # torch's LayerNorm has a bias, RMSNorm none
     per_chunk = m.num_layers // (p * v)
-    out: list[tuple[str, int]] = []
+    out: list[list[tuple[str, int]]] = []
     for chunk in range(v):
         first, last = stage == 0 and chunk == 0, stage == p - 1 and chunk == v - 1
         params: list[tuple[str, int]] = []
@@ -105,7 +105,7 @@ def stage_parameters(recipe: Recipe, stage: int, vocab: int) -> list[tuple[str, 
             params += _split_norms([("final_layernorm", norm * h)], norm)
             if not m.tie_embeddings or p > 1:  # a tied last stage keeps its own copy
                 params.append(("output_layer.weight", vp // t * h))
-        out += params
+        out.append(params)
     return out
 
 
@@ -118,6 +118,10 @@ def _split_norms(params: list[tuple[str, int]], norm: int) -> list[tuple[str, in
         else:
             out.append((name, n))
     return out
+
+
+# the two copies of a tied embedding, each in its own gradient bucket when a pipeline splits them
+_EMBEDDING_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 @dataclass
@@ -182,20 +186,12 @@ def state_bytes(recipe: Recipe, stage: int, vocab: int, data_parallel: int) -> d
     par, bf16 = recipe.parallel, recipe.train.precision == "bf16"
     dp = data_parallel
     param_bytes = 2 if bf16 else FP32
-    params = stage_parameters(recipe, stage, vocab)
-    chunks = _by_chunk(recipe, stage, params)
     grads = optimizer = parameters = 0
     moments = FP32 * 2 + (FP32 if bf16 else 0)  # Adam's two moments, fp32 main weights
-    for i, chunk in enumerate(chunks):
+    tied_across_stages = recipe.model.tie_embeddings and par.pipeline > 1
+    for i, chunk in enumerate(stage_parameters(recipe, stage, vocab)):
         sizes = [n for _, n in chunk]
-        shared = [
-            name == "output_layer.weight"
-            and recipe.model.tie_embeddings
-            or name == "embedding.word_embeddings.weight"
-            and recipe.model.tie_embeddings
-            and par.pipeline > 1
-            for name, _ in chunk
-        ]
+        shared = [tied_across_stages and name in _EMBEDDING_NAMES for name, _ in chunk]
         bucket = None
         if par.overlap_grad_reduce and i == 0 and stage == 0:
             bucket = par.bucket_size or max(40_000_000, 1_000_000 * dp)
@@ -208,26 +204,6 @@ def state_bytes(recipe: Recipe, stage: int, vocab: int, data_parallel: int) -> d
             parameters += sum(sizes) * param_bytes
             optimizer += sum(sizes) * moments
     return {"parameters": parameters, "gradients": grads, "optimizer": optimizer}
-
-
-def _by_chunk(recipe: Recipe, stage: int, params: list[tuple[str, int]]):
-    """The stage's parameter list cut into its virtual chunks."""
-    v = recipe.parallel.virtual_pipeline or 1
-    if v == 1:
-        return [params]
-    chunks, current = [], []
-    for name, n in params:
-        starts_chunk = name == "embedding.word_embeddings.weight" or (
-            name == "input_layernorm.weight"
-            and len([x for x in current if x[0] == "input_layernorm.weight"])
-            == recipe.model.num_layers // (recipe.parallel.pipeline * v)
-        )
-        if starts_chunk and current and name != "embedding.word_embeddings.weight":
-            chunks.append(current)
-            current = []
-        current.append((name, n))
-    chunks.append(current)
-    return chunks
 
 
 def layer_activation_terms(

@@ -1,17 +1,20 @@
-"""The paired bench before (d36f473) and after, three interleaved rounds: each case's ratio to
-plain PyTorch measured within its process, per round, and the median after/before."""
+"""Two trees' paired benches side by side: ``bench_before_r*.json`` and ``bench_main_r*.json`` in
+a folder (rounds alternated between the trees), each case's ratio to plain PyTorch measured
+within its process, per round, and the median after/before.
+
+    python tools/bench_before_after.py docs/results/house
+"""
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 
-
-def ratios() -> dict[tuple, dict[str, list[float]]]:
+def ratios(folder: Path) -> dict[tuple, dict[str, list[float]]]:
     rows: dict[tuple, dict[str, list[float]]] = {}
     for tree in ("before", "main"):
-        for path in sorted(HERE.glob(f"bench_{tree}_r*.json")):
+        for path in sorted(folder.glob(f"bench_{tree}_r*.json")):
             recs = json.loads(path.read_text())
             # each megatron case has its own plain twin in its process (the same "group")
             plain = {
@@ -27,12 +30,12 @@ def ratios() -> dict[tuple, dict[str, list[float]]]:
     return rows
 
 
-def main() -> None:
+def main(folder: Path) -> None:
     print(
         f"{'recipe':12} {'ranks':>5} {'case':5} {'before, per round':>22} "
         f"{'after, per round':>22} {'after/before':>13}"
     )
-    for (recipe, n, case), v in sorted(ratios().items()):
+    for (recipe, n, case), v in sorted(ratios(folder).items()):
         before, after = v["before"], v["main"]
         change = statistics.median(after) / statistics.median(before)
         cells = [" ".join(f"{x:.3f}" for x in xs) for xs in (before, after)]
@@ -40,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]))
