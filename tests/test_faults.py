@@ -247,9 +247,9 @@ ALL_KNOBS = {
 @pytest.mark.slow
 def test_kills_with_every_scale_knob_on_resume_bitwise(dataset, tmp_path, fault_record) -> None:
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert launch(_args(dataset, ref, **ALL_KNOBS), nproc=4) == [0] * 4, launch.last[
-        0
-    ].stderr_text[-2000:]
+    assert launch(_args(dataset, ref, **ALL_KNOBS), nproc=4) == [0] * 4, launch.last[0].stderr_text[
+        -2000:
+    ]
     codes = launch(
         _args(dataset, run, **ALL_KNOBS), nproc=4, env={"SLOWQK_FAULT_KILL_IN_SAVE": "4"}
     )
