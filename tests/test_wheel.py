@@ -92,6 +92,23 @@ def test_the_wheel_is_what_runs_and_it_knows_its_recipes(installed) -> None:
     assert unknown.returncode == 2 and "tiny/gpt" in unknown.stderr and "llama-1b" in unknown.stderr
 
 
+def test_the_wheel_holds_every_module_of_the_checkout(installed) -> None:
+    """A package left out of pyproject's list would import from the checkout, not from a wheel."""
+    names = sorted(
+        ".".join(("slowqk", *path.relative_to(REPO / "slowqk").with_suffix("").parts))
+        for path in (REPO / "slowqk").rglob("*.py")
+        if path.name != "__init__.py"
+    )
+    script = (
+        "import importlib.util, sys\n"
+        "missing = [n for n in sys.argv[1:] if importlib.util.find_spec(n) is None]\n"
+        "print(' '.join(missing))"
+    )
+    found = _run(installed, "-c", script, *names)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip() == "", f"not in the wheel: {found.stdout.strip()}"
+
+
 @pytest.mark.slow
 def test_the_wheel_trains_tiny_gpt_from_another_directory(installed) -> None:
     corpus = installed["cwd"] / "corpus.txt"
