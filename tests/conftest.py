@@ -30,6 +30,38 @@ def small_dataset(tmp_path_factory) -> str:
     return str(prepare_corpus(small, root / "prepared", vocab_size=400).dataset_dir)
 
 
+CPU_IMAGE = "localhost/slowqk:cpu-test"
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> dict:
+    """The CPU image built from this checkout with podman (docker/build_cpu_image.sh; layers
+    cached between runs); skips with the reason where podman is missing or cannot run here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (apt-get install podman runc mmdebstrap)")
+    env = {**os.environ, "CONTAINERS_CONF": str(REPO / "docker" / "containers.conf")}
+    probe = subprocess.run(
+        ["podman", "run", "--rm", "--help"], env=env, capture_output=True, text=True
+    )
+    if probe.returncode:
+        pytest.skip(f"podman cannot run here: {probe.stderr.strip()[:200]}")
+    build = subprocess.run(
+        ["bash", str(REPO / "docker" / "build_cpu_image.sh"), CPU_IMAGE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if build.returncode and "namespace" in build.stderr.lower():
+        pytest.skip(f"user namespaces refused: {build.stderr.strip()[-200:]}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    print(build.stdout.strip())  # the image's size and build time
+    return {"env": env, "tag": CPU_IMAGE, "report": build.stdout.strip()}
+
+
 def small_run_overrides(dataset: str, out: Path, **extra) -> list[str]:
     """``key=value`` overrides of tiny/gpt for a 2-layer run on ``dataset`` with the adaptive Q/K
     release (``extra`` replaces or adds keys)."""

@@ -9,9 +9,7 @@ Skipped, with the reason, where podman is missing or cannot run containers here.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,16 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SHARED
 
-TAG = "localhost/slowqk:cpu-test"
 CORPUS = SHARED / "data" / "tinyshakespeare" / "input.txt"
 STEPS = 20
-# what podman needs on hosts like CI's: runc (crun refuses hybrid cgroups) and ulimits no higher
-# than the host's (raising them needs a capability a container host may not grant)
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-[engine]
-runtime = "runc"
-"""
 
 # directories podman itself touches in every container: the mount points of hosts, hostname and
 # resolv.conf (/tmp is a tmpfs: what is written there never reaches the image)
@@ -37,47 +27,23 @@ TRANSIENT_DIRS = {"/etc", "/run", "/tmp"}
 pytestmark = pytest.mark.slow
 
 
-def _engine_env(tmp: Path) -> dict[str, str]:
-    conf = tmp / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
-    return {**os.environ, "CONTAINERS_CONF": str(conf)}
-
-
 def _podman(env, *args, check=True, timeout=900) -> subprocess.CompletedProcess:
     done = subprocess.run(
         ["podman", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and done.returncode:
-        raise AssertionError(
-            f"podman {' '.join(args)}: rc {done.returncode}\n{done.stderr[-3000:]}"
-        )
+        what = " ".join(args)
+        raise AssertionError(f"podman {what}: rc {done.returncode}\n{done.stderr[-3000:]}")
     return done
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> dict:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (apt-get install podman runc mmdebstrap)")
-    env = _engine_env(tmp_path_factory.mktemp("podman"))
-    probe = _podman(env, "run", "--rm", "--help", check=False)
-    if probe.returncode:
-        pytest.skip(f"podman cannot run here: {probe.stderr.strip()[:200]}")
-    build = subprocess.run(
-        ["bash", str(REPO / "docker" / "build_cpu_image.sh"), TAG],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if build.returncode and "namespace" in build.stderr.lower():
-        pytest.skip(f"user namespaces refused: {build.stderr.strip()[-200:]}")
-    assert build.returncode == 0, build.stderr[-3000:]
-    print(build.stdout.strip())  # the image's size and build time
+def image(cpu_image, tmp_path_factory) -> dict:
     data = tmp_path_factory.mktemp("data")
     (data / "corpus.txt").write_text("".join(CORPUS.read_text().splitlines(True)[:3000]))
     data.chmod(0o755)  # readable by the image's user
     (data / "corpus.txt").chmod(0o644)
-    return {"env": env, "data": data, "report": build.stdout.strip()}
+    return {**cpu_image, "data": data}
 
 
 def _runs_dir(tmp_path: Path) -> Path:
@@ -99,7 +65,7 @@ def _run(image: dict, runs: Path, *args: str):
             "--engine",
             "podman",
             "--image",
-            TAG,
+            image["tag"],
             "--data",
             str(image["data"]),
             "--runs",
@@ -139,7 +105,7 @@ def _train_args(out: str, steps: int = STEPS) -> list[str]:
 
 
 def test_the_entrypoint_is_slowqk(image) -> None:
-    done = _podman(image["env"], "run", "--rm", TAG)  # CMD: --help
+    done = _podman(image["env"], "run", "--rm", image["tag"])  # CMD: --help
     assert done.stdout.startswith("usage: slowqk"), done.stdout[:300]
 
 
@@ -160,7 +126,7 @@ def test_versions_inside_the_image_are_the_pins(image) -> None:
         "--rm",
         "--entrypoint",
         "python",
-        TAG,
+        image["tag"],
         "/opt/slowqk/docker/check_image.py",
         "--variant",
         "cpu",
@@ -181,7 +147,7 @@ def test_versions_inside_the_image_are_the_pins(image) -> None:
         "none",
         "--entrypoint",
         "pip",
-        TAG,
+        image["tag"],
         "install",
         "--no-index",
         "--dry-run",

@@ -181,8 +181,11 @@ def _submit(
     nodes: int = 1,
     tasks_per_node: int = 2,
     extra: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
 ) -> int:
     env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
+    env.update(env_extra or {})
     cmd = [
         sys.executable,
         "-m",
@@ -199,6 +202,7 @@ def _submit(
         job_name,
         "--time",
         "15",
+        *flags,
         *slurm_overrides(steps, dataset, extra),
     ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
@@ -256,3 +260,37 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, 
     assert summary["steps"] == 100 and summary["resumed"] is True
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 100  # no step logged twice after the resume
+
+
+def test_a_job_in_the_image_trains_is_requeued_and_resumes(
+    cluster, cpu_image, small_dataset, tmp_path
+) -> None:
+    """The CPU image through sbatch: without pyxis each task starts the image with podman; a
+    stop signal checkpoints, the job requeues and the ranks resume in the container."""
+    job = _submit(
+        cluster,
+        tmp_path,
+        "img",
+        60,
+        small_dataset,
+        env_extra={
+            "CONTAINERS_CONF": cpu_image["env"]["CONTAINERS_CONF"],
+            "SLOWQK_CONTAINER_MOUNTS": str(Path(small_dataset).parent),
+        },
+        flags=("--container-image", cpu_image["tag"]),
+    )
+    run = tmp_path / "runs" / f"img-{job}"
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "latest").is_file():
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster["env"], check=True)
+    info = _wait(cluster, job)
+    log = (tmp_path / "logs" / f"img-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert f"ranks in the image {cpu_image['tag']} (podman)" in log
+    assert "requeueing" in log and f"job {job} (restart 1)" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["resumed"] is True
+    # the image's slowqk, an installed package with no git checkout, not the host's
+    assert summary["provenance"]["commit"] is None, summary["provenance"]
