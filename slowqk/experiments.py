@@ -323,6 +323,12 @@ def run_grid(
 
 # values that must come out bitwise equal in a re-run (timings and the like may differ)
 COMPARED = ("loss", "val_loss", "grad_norm", "lower_drift")
+# Where the kernels differ (another CPU vector capability, BLAS or oneDNN build, torch), a re-run
+# rounds differently from the first step and the difference grows with the steps; it is then
+# compared within these relative tolerances instead. Measured on tiny/gpt over 150 steps, AVX2 and
+# the scalar path against AVX-512: losses within 1.3e-5, gradient norms within 1.3e-3
+# (docs/results/reproduce/)
+CROSS_KERNEL_RTOL = {"loss": 1e-4, "val_loss": 1e-4, "grad_norm": 1e-2, "lower_drift": 1e-2}
 
 
 def find_run(grid_dir: str | Path, which: str) -> Run:
@@ -346,14 +352,23 @@ def find_run(grid_dir: str | Path, which: str) -> Run:
     return names[which]
 
 
-def _first_difference(recorded: list[dict], again: list[dict]) -> str | None:
+def _differs(x, y, rtol: float) -> bool:
+    if rtol == 0.0 or not all(isinstance(v, (int, float)) for v in (x, y)):
+        return x != y
+    return abs(x - y) > rtol * max(abs(x), abs(y))
+
+
+def _first_difference(
+    recorded: list[dict], again: list[dict], rtol: dict[str, float] | None = None
+) -> str | None:
+    """The first logged value that differs (bitwise, or by more than its key's ``rtol``)."""
     a = {r["step"]: r for r in recorded}
     b = {r["step"]: r for r in again}
     if sorted(a) != sorted(b):
         return f"logged steps differ: {len(a)} recorded, {len(b)} re-run"
     for step in sorted(a):
         for key in COMPARED:
-            if a[step].get(key) != b[step].get(key):
+            if _differs(a[step].get(key), b[step].get(key), (rtol or {}).get(key, 0.0)):
                 return (
                     f"step {step}: {key} {a[step].get(key)!r} recorded, {b[step].get(key)!r} re-run"
                 )
@@ -364,7 +379,9 @@ def reproduce(
     grid_dir: str | Path, which: str, out_dir: str | Path | None = None
 ) -> tuple[bool, str]:
     """Re-run one listed run from scratch with its recorded thread count and compare its logged
-    losses, gradient norms and final validation loss bit for bit. ``(bitwise, report)``."""
+    losses, gradient norms and final validation loss: bit for bit where the code, environment and
+    CPU kernels are the recorded ones, else within :data:`CROSS_KERNEL_RTOL`.
+    ``(reproduced, report)``."""
     run = find_run(grid_dir, which)
     summary_path = Path(run.run_dir) / "summary.json"
     if not summary_path.is_file():
@@ -390,39 +407,48 @@ def reproduce(
         return False, f"{which}: the re-run failed (exit {code}; log: {target / 'train.log'})"
     new = json.loads((target / "summary.json").read_text())
 
-    diff = _first_difference(
-        read_metrics(Path(run.run_dir) / "metrics.jsonl"), read_metrics(target / "metrics.jsonl")
-    )
-    if diff is None and recorded["final_val_loss"] != new["final_val_loss"]:
-        diff = (
-            f"final val loss {recorded['final_val_loss']!r} recorded, "
-            f"{new['final_val_loss']!r} re-run"
-        )
     env = (
         differences(prov, new.get("provenance") or {})
         if prov
         else ["the run has no provenance record"]
     )
+    # bitwise is to be expected only from the same code, packages, threads and kernels
+    bitwise = not env
+    rtol = None if bitwise else CROSS_KERNEL_RTOL
+    diff = _first_difference(
+        read_metrics(Path(run.run_dir) / "metrics.jsonl"),
+        read_metrics(target / "metrics.jsonl"),
+        rtol,
+    )
+    final_rtol = CROSS_KERNEL_RTOL["val_loss"] if rtol else 0.0
+    if diff is None and _differs(recorded["final_val_loss"], new["final_val_loss"], final_rtol):
+        diff = (
+            f"final val loss {recorded['final_val_loss']!r} recorded, "
+            f"{new['final_val_loss']!r} re-run"
+        )
     lines = [
         f"{which}: re-ran in {seconds:.0f} s with {threads} thread{'' if threads == 1 else 's'} "
-        f"into {target}"
+        f"into {target}",
+        "made with the same code, environment and CPU kernels: bitwise equality expected"
+        if bitwise
+        else "differs from the recorded code, environment or CPU kernels ("
+        + "; ".join(env)
+        + "): bitwise equality is not to be expected; compared within "
+        + ", ".join(f"{v:g} on {k}" for k, v in CROSS_KERNEL_RTOL.items())
+        + " (relative)",
     ]
+    agreement = "bitwise" if bitwise else "within tolerance"
     if diff is None:
         lines.append(
-            "reproduces bitwise: every logged loss and gradient norm, final val loss "
+            f"reproduces {agreement}: every logged loss and gradient norm, final val loss "
             f"{new['final_val_loss']!r}"
         )
     else:
         lines.append(
-            f"does NOT reproduce: {diff} (final val loss {recorded['final_val_loss']!r} recorded, "
-            f"{new['final_val_loss']!r} re-run, difference "
-            f"{new['final_val_loss'] - recorded['final_val_loss']:+.3g})"
+            f"does NOT reproduce {agreement}: {diff} (final val loss "
+            f"{recorded['final_val_loss']!r} recorded, {new['final_val_loss']!r} re-run, "
+            f"difference {new['final_val_loss'] - recorded['final_val_loss']:+.3g})"
         )
-    lines.append(
-        "made with the same code and environment"
-        if not env
-        else "differs from the recorded code or environment: " + "; ".join(env)
-    )
     if not prov and provenance().get("commit") is None:
         lines.append("(no git checkout here either: compare package versions by hand)")
     return diff is None, "\n".join(lines)

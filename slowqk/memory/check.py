@@ -15,8 +15,12 @@ import json
 import sys
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from slowqk.config import Recipe, load_recipe
+from slowqk.distributed import init_distributed
+from slowqk.engines import build_engine
 from slowqk.memory.measure import allocated_state_bytes, count_saved_for_backward
 from slowqk.memory.predict import (
     CPU,
@@ -26,16 +30,11 @@ from slowqk.memory.predict import (
     output_edge_bytes,
     state_bytes,
 )
+from slowqk.models import unwrap_model
 
 
 def measure(recipe: Recipe, vocab_size: int) -> dict:
     """This rank's allocated and saved bytes, and the prediction for its stage."""
-    from megatron.core import parallel_state
-
-    from slowqk.distributed import init_distributed
-    from slowqk.engines import build_engine
-    from slowqk.models import unwrap_model
-
     layout = init_distributed(recipe.parallel, recipe.seed)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -78,8 +77,6 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    import torch.distributed as dist
-
     recipe = load_recipe(argv[0], argv[1:])
     vocab = recipe.model.vocab_size or recipe.data.tokenizer_vocab_size
     result = measure(recipe, vocab)
