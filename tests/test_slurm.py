@@ -271,7 +271,7 @@ def test_a_job_in_the_image_trains_is_requeued_and_resumes(
         cluster,
         tmp_path,
         "img",
-        60,
+        40,
         small_dataset,
         env_extra={
             "CONTAINERS_CONF": cpu_image["env"]["CONTAINERS_CONF"],
@@ -291,6 +291,6 @@ def test_a_job_in_the_image_trains_is_requeued_and_resumes(
     assert f"ranks in the image {cpu_image['tag']} (podman)" in log
     assert "requeueing" in log and f"job {job} (restart 1)" in log
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["resumed"] is True
+    assert summary["steps"] == 40 and summary["resumed"] is True
     # the image's slowqk, an installed package with no git checkout, not the host's
     assert summary["provenance"]["commit"] is None, summary["provenance"]
