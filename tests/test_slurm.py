@@ -227,6 +227,18 @@ def _wait(cluster, job: int, timeout: float = 600) -> dict[str, str]:
     raise AssertionError(f"job {job} still {info.get('JobState')} after {timeout} s")
 
 
+def _stop_once_checkpointed(cluster, job: int, run: Path, log: Path) -> tuple[dict, str]:
+    """Once the job has a checkpoint, what Slurm's --signal=USR1@N does before the time limit
+    (every process of the step gets SIGUSR1); then wait for the job to end. (state, job log)"""
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "latest").is_file():  # let it get going
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster["env"], check=True)
+    info = _wait(cluster, job)
+    return info, log.read_text()
+
+
 def test_sbatch_job_trains_with_two_tasks(cluster, small_dataset, tmp_path) -> None:
     job = _submit(cluster, tmp_path, "sq", 20, small_dataset)
     info = _wait(cluster, job)
@@ -242,14 +254,7 @@ def test_sbatch_job_trains_with_two_tasks(cluster, small_dataset, tmp_path) -> N
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, small_dataset, tmp_path) -> None:
     job = _submit(cluster, tmp_path, "pre", 100, small_dataset)
     run = tmp_path / "runs" / f"pre-{job}"
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "latest").is_file():  # let it get going
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(1)
-    # what Slurm's --signal=USR1@N does before the time limit: every process of the step gets it
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster["env"], check=True)
-    info = _wait(cluster, job)
-    log = (tmp_path / "logs" / f"pre-{job}.out").read_text()
+    info, log = _stop_once_checkpointed(cluster, job, run, tmp_path / "logs" / f"pre-{job}.out")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert (
         "ranks checkpointed on a stop signal; requeueing" in log and f"job {job} (restart 1)" in log
@@ -280,13 +285,7 @@ def test_a_job_in_the_image_trains_is_requeued_and_resumes(
         flags=("--container-image", cpu_image["tag"]),
     )
     run = tmp_path / "runs" / f"img-{job}"
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "latest").is_file():
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(1)
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster["env"], check=True)
-    info = _wait(cluster, job)
-    log = (tmp_path / "logs" / f"img-{job}.out").read_text()
+    info, log = _stop_once_checkpointed(cluster, job, run, tmp_path / "logs" / f"img-{job}.out")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert f"ranks in the image {cpu_image['tag']} (podman)" in log
     assert "requeueing" in log and f"job {job} (restart 1)" in log
