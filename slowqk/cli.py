@@ -57,7 +57,7 @@ def _print_memory(recipe, gpus: int | None, device_gb: float) -> int:
         check_world(recipe, gpus, what="--gpus")
     except LayoutError as exc:
         raise RecipeError(f"print-recipe --memory --gpus {gpus}: {exc}") from None
-    vocab = recipe.model.vocab_size or recipe.data.tokenizer_vocab_size
+    vocab = recipe.declared_vocab_size
     sys.stdout.write(format_report(recipe, gpus, vocab, device_gb))
     return 0
 
@@ -68,7 +68,7 @@ def _group_elements_comment(recipe) -> str:
     from slowqk.config import element_counts, padded_vocab_size
 
     m = recipe.model
-    vocab = m.vocab_size or recipe.data.tokenizer_vocab_size
+    vocab = recipe.declared_vocab_size
     counts = element_counts(
         recipe, padded_vocab_size(vocab, m.make_vocab_size_divisible_by, recipe.parallel.tensor)
     )

@@ -270,3 +270,33 @@ def build_gpt_model(
         rotary_base=int(model.rotary_base),
         vp_stage=vp_stage,
     )
+
+
+def build_model_chunks(
+    model: ModelConfig, config: TransformerConfig, vocab_size: int, *, probe: bool = False
+) -> list[GPTModel]:
+    """This rank's model chunks: one, or one per virtual stage
+    (``config.virtual_pipeline_model_parallel_size``), each drawing its initial weights as its
+    layers would at PP=1 (the seeded generators restored before every chunk after the first)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    restore_generators = generator_restorer()
+    chunks = []
+    for vp in range(vpp) if vpp else [None]:
+        if vp:
+            restore_generators()
+        chunks.append(
+            build_gpt_model(
+                model,
+                config,
+                vocab_size,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=vp is None, vp_stage=vp
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=vp is None, vp_stage=vp
+                ),
+                probe=probe,
+                vp_stage=vp,
+            )
+        )
+    return chunks

@@ -35,16 +35,10 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
     ``parallel.virtual_pipeline`` the model is the list of this rank's chunks, built as the
     engine builds them (each chunk's weights drawn as at PP=1).
     """
-    from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
     from slowqk.distributed import init_distributed
-    from slowqk.models import (
-        build_gpt_model,
-        build_transformer_config,
-        generator_restorer,
-        wrap_precision,
-    )
+    from slowqk.models import build_model_chunks, build_transformer_config, wrap_precision
     from slowqk.optim import build_lr_groups, build_optimizer, build_scheduler, wrap_ddp
 
     init_distributed(recipe.parallel, recipe.seed)
@@ -65,22 +59,7 @@ def build_stack(recipe: Recipe, with_groups: bool = True, float64: bool = False,
     if vpp:
         cfg.batch_p2p_comm = False  # as the engine does on gloo
     models = []
-    restore = generator_restorer()
-    for vp in range(vpp) if vpp else [None]:
-        if vp:
-            restore()
-        chunk = build_gpt_model(
-            recipe.model,
-            cfg,
-            VOCAB,
-            pre_process=parallel_state.is_pipeline_first_stage(
-                ignore_virtual=vp is None, vp_stage=vp
-            ),
-            post_process=parallel_state.is_pipeline_last_stage(
-                ignore_virtual=vp is None, vp_stage=vp
-            ),
-            vp_stage=vp,
-        )
+    for chunk in build_model_chunks(recipe.model, cfg, VOCAB):
         if torch.cuda.is_available():
             chunk = chunk.cuda()
         chunk = wrap_precision(chunk, cfg)

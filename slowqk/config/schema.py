@@ -370,5 +370,11 @@ class Recipe(StrictSection):
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.model.seq_length
 
+    @property
+    def declared_vocab_size(self) -> int:
+        """The vocabulary the recipe alone names, before any tokenizer is read:
+        ``model.vocab_size``, else the size the tokenizer is trained to."""
+        return self.model.vocab_size or self.data.tokenizer_vocab_size
+
 
 # ----------------------------------------------------------------------------- loading

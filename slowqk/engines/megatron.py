@@ -21,9 +21,8 @@ from slowqk.engines.common import device_batches, mean_on_device
 from slowqk.lower_drift import optimizer_is_sharded
 from slowqk.lr_groups import iter_main_params
 from slowqk.models import (
-    build_gpt_model,
+    build_model_chunks,
     build_transformer_config,
-    generator_restorer,
     unwrap_model,
     wrap_precision,
 )
@@ -57,26 +56,12 @@ class MegatronEngine(Engine):
             sequence_parallel=recipe.parallel.sequence_parallel,
         )
         vpp = recipe.parallel.virtual_pipeline
-        models = []
-        restore_generators = generator_restorer()
-        for vp in range(vpp) if vpp else [None]:
-            if vp:  # each chunk draws its weights as the layers would at PP=1
-                restore_generators()
-            models.append(
-                build_gpt_model(
-                    recipe.model,
-                    self.config,
-                    vocab_size,
-                    pre_process=parallel_state.is_pipeline_first_stage(
-                        ignore_virtual=vp is None, vp_stage=vp
-                    ),
-                    post_process=parallel_state.is_pipeline_last_stage(
-                        ignore_virtual=vp is None, vp_stage=vp
-                    ),
-                    probe=recipe.diagnostics.interval > 0,
-                    vp_stage=vp,
-                ).to(device)
+        models = [
+            chunk.to(device)
+            for chunk in build_model_chunks(
+                recipe.model, self.config, vocab_size, probe=recipe.diagnostics.interval > 0
             )
+        ]
         if init_weights is not None:  # before DDP and the optimizer copy them into their buffers
             load_model_weights(init_weights, models)
         models = [wrap_precision(m, self.config) for m in models]

@@ -78,8 +78,7 @@ def measure(recipe: Recipe, vocab_size: int) -> dict:
 
 def main(argv: list[str]) -> int:
     recipe = load_recipe(argv[0], argv[1:])
-    vocab = recipe.model.vocab_size or recipe.data.tokenizer_vocab_size
-    result = measure(recipe, vocab)
+    result = measure(recipe, recipe.declared_vocab_size)
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:

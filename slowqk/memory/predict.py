@@ -19,7 +19,7 @@ the first pipeline stage holds ``min(PP, micro-batches)`` micro-batches in fligh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from slowqk.config import Recipe, padded_vocab_size
 
@@ -52,8 +52,7 @@ class StageMemory:
     activations: int
     activations_per_layer: int
     layers: int
-    in_flight: float
-    details: dict[str, int] = field(default_factory=dict)
+    in_flight: int
 
     @property
     def total(self) -> int:
@@ -206,15 +205,11 @@ def state_bytes(recipe: Recipe, stage: int, vocab: int, data_parallel: int) -> d
     return {"parameters": parameters, "gradients": grads, "optimizer": optimizer}
 
 
-def layer_activation_terms(
-    recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None
-) -> dict[str, int]:
+def layer_activation_terms(recipe: Recipe, device: Device = CUDA) -> dict[str, int]:
     """Bytes one transformer layer saves for backward per micro-batch on one tensor rank, term by
     term, before recomputation."""
-    m, par = recipe.model, recipe.parallel
-    t = par.tensor
-    sp = t if par.sequence_parallel else 1  # what sequence parallelism splits
-    e = act_bytes or _act_bytes(recipe)
+    m, t = recipe.model, recipe.parallel.tensor
+    sp, e = _sequence_split(recipe), _act_bytes(recipe)
     mask = device.mask_bytes_per_element or e
     s, b, h = m.seq_length, recipe.train.micro_batch_size, m.hidden_size
     a, d = m.num_attention_heads, m.hidden_size // m.num_attention_heads
@@ -286,12 +281,10 @@ def _qk_norm_bytes(norm: str, rows: int, a: int, g: int, d: int, e: int, stat: i
     return upcast + heads * d * FP32 + heads * FP32
 
 
-def layer_activation_bytes(
-    recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None
-) -> int:
+def layer_activation_bytes(recipe: Recipe, device: Device = CUDA) -> int:
     """One layer's saved bytes per micro-batch, averaged over the layers, with
     ``train.recompute`` applied."""
-    terms = layer_activation_terms(recipe, device, act_bytes)
+    terms = layer_activation_terms(recipe, device)
     rc = recipe.train.recompute
     if rc.granularity == "none":
         return sum(terms.values())
@@ -305,10 +298,9 @@ def layer_activation_bytes(
     # full: a group of layers keeps its input hidden states only; block recomputes the first
     # num_layers of each stage's chunk and keeps the rest whole
     par = recipe.parallel
-    e = act_bytes or _act_bytes(recipe)
-    sp = par.tensor if par.sequence_parallel else 1
     group_input = recipe.model.seq_length * recipe.train.micro_batch_size
-    group_input = group_input * recipe.model.hidden_size // sp * e
+    group_input = group_input * recipe.model.hidden_size // _sequence_split(recipe)
+    group_input *= _act_bytes(recipe)
     n = rc.full_num_layers
     per_chunk = recipe.model.num_layers // (par.pipeline * (par.virtual_pipeline or 1))
     if rc.full_method == "uniform":
@@ -318,12 +310,10 @@ def layer_activation_bytes(
     return (group_input * recomputed + whole * (per_chunk - recomputed)) // per_chunk
 
 
-def input_edge_bytes(recipe: Recipe, device: Device = CUDA, act_bytes: int | None = None) -> int:
+def input_edge_bytes(recipe: Recipe, device: Device = CUDA) -> int:
     """The first stage's own per micro-batch: token and position ids (int64), and the
     embedding dropout's mask."""
-    m, par = recipe.model, recipe.parallel
-    e = act_bytes or _act_bytes(recipe)
-    sp = par.tensor if par.sequence_parallel else 1
+    m, e, sp = recipe.model, _act_bytes(recipe), _sequence_split(recipe)
     s, b = m.seq_length, recipe.train.micro_batch_size
     out = 2 * s * b * 8
     if m.hidden_dropout > 0:
@@ -331,14 +321,11 @@ def input_edge_bytes(recipe: Recipe, device: Device = CUDA, act_bytes: int | Non
     return out
 
 
-def output_edge_bytes(
-    recipe: Recipe, vocab: int, device: Device = CUDA, act_bytes: int | None = None
-) -> int:
+def output_edge_bytes(recipe: Recipe, vocab: int, device: Device = CUDA) -> int:
     """The last stage's own per micro-batch: the final norm, the output layer's input, the
     cross-entropy's fp32 softmax over the vocabulary and the labels."""
-    m, par = recipe.model, recipe.parallel
-    t, e = par.tensor, act_bytes or _act_bytes(recipe)
-    sp = t if par.sequence_parallel else 1
+    m, t = recipe.model, recipe.parallel.tensor
+    e, sp = _act_bytes(recipe), _sequence_split(recipe)
     s, b, h = m.seq_length, recipe.train.micro_batch_size, m.hidden_size
     vp = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, t)
     norm = _norm_bytes(m.norm, s * b // sp, h, e, _layernorm_stat_bytes(device, e))
@@ -347,6 +334,12 @@ def output_edge_bytes(
 
 def _act_bytes(recipe: Recipe) -> int:
     return 2 if recipe.train.precision == "bf16" else FP32
+
+
+def _sequence_split(recipe: Recipe) -> int:
+    """What divides the activations outside attention and the MLP: the tensor ranks under
+    sequence parallelism."""
+    return recipe.parallel.tensor if recipe.parallel.sequence_parallel else 1
 
 
 def recompute_working_set(recipe: Recipe, device: Device = CUDA) -> int:

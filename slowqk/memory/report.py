@@ -45,8 +45,7 @@ def layout_notes(recipe: Recipe, recipe_name: str, gpus: int) -> list[str]:
     """What a dry run shows beside the layout: the knobs and the predicted memory per GPU."""
     notes = [f"knobs: {', '.join(knobs(recipe))}"]
     if recipe.parallel.engine == "megatron":
-        vocab = recipe.model.vocab_size or recipe.data.tokenizer_vocab_size
-        largest = max(memory_report(recipe, gpus, vocab), key=lambda st: st.total)
+        largest = _largest(memory_report(recipe, gpus, recipe.declared_vocab_size))
         notes.append(
             f"memory per GPU, predicted: {largest.total / GIB:.1f} GiB on pipeline stage "
             f"{largest.stage} (slowqk print-recipe {recipe_name} --memory --gpus {gpus})"
@@ -69,9 +68,13 @@ def format_report(
     return "\n".join(lines) + "\n"
 
 
+def _largest(stages: list[StageMemory]) -> StageMemory:
+    return max(stages, key=lambda st: st.total)
+
+
 def _notes(stages: list[StageMemory], device_gb: float) -> list[str]:
     first = stages[0]
-    largest = max(stages, key=lambda st: st.total)
+    largest = _largest(stages)
     capacity = device_gb * 1e9
     left = capacity - largest.total
     fits = largest.total <= capacity * (1 - HEADROOM)
