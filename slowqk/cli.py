@@ -171,19 +171,39 @@ def _print_manifest(root: str, manifest: dict) -> None:
     print(f"dataset: {root} (tokenizer sha256 {manifest['tokenizer']['sha256'][:12]})")
 
 
+def _is_corpus_file(source: str) -> bool:
+    return Path(source).is_file() and Path(source).suffix not in (".yaml", ".yml")
+
+
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
     # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.data.corpus import prepare_corpus
+    from slowqk.data.shard import load_manifest
+    from slowqk.data.stage import needs_stage, prepare_stage, stage_dir
 
-    prepared = prepare_corpus(
-        args.corpus,
-        args.out,
-        valid_fraction=args.valid_fraction,
-        vocab_size=args.vocab_size,
-        tokenizer=args.tokenizer,
-        progress=True,
-    )
-    _print_manifest(str(prepared.dataset_dir), prepared.manifest)
+    if _is_corpus_file(args.source):
+        if args.out is None or args.overrides:
+            raise ValueError(
+                f"prepare-data {args.source}: a corpus file takes --out DIR and no key=value "
+                "overrides (those are for a recipe)"
+            )
+        prepared = prepare_corpus(
+            args.source,
+            args.out,
+            valid_fraction=args.valid_fraction,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            progress=True,
+        )
+        _print_manifest(str(prepared.dataset_dir), prepared.manifest)
+        return 0
+    recipe = load_recipe(args.source, args.overrides)  # the recipe's data section: its stage
+    if not needs_stage(recipe.data):
+        print(f"{recipe.name}: data.dataset / data.train_prefixes are prepared data already")
+        return 0
+    where = Path(args.out) if args.out else stage_dir(recipe)
+    dataset = prepare_stage(recipe.data, where, progress=True)
+    _print_manifest(str(dataset), load_manifest(dataset))
     return 0
 
 
@@ -389,12 +409,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
+def _slurm_job(args: argparse.Namespace):
     # deferred: subcommands import what they use, so the CLI starts fast
-    from slowqk.distributed import LayoutError
-    from slowqk.slurm import SlurmJob, submit
+    from slowqk.slurm import SlurmJob
 
-    job = SlurmJob(
+    return SlurmJob(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.tasks_per_node,
@@ -406,6 +425,50 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         signal_seconds=args.signal_seconds,
         container_image=args.container_image,
     )
+
+
+def _cmd_experiment_submit(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
+    from slowqk.distributed import LayoutError
+    from slowqk.experiments import load_grid
+    from slowqk.grid_slurm import submit_grid
+
+    only = [v for v in (args.only or "").split(",") if v] or None
+    try:
+        return submit_grid(
+            load_grid(args.grid, args.overrides),
+            _slurm_job(args),
+            max_concurrent=args.max_concurrent,
+            only=only,
+            dry_run=args.dry_run,
+        )
+    except LayoutError as exc:
+        print(f"layout error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_experiment_status(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
+    from slowqk.grid_slurm import print_status
+
+    return print_status(args.grid)
+
+
+def _cmd_experiment_prepare_data(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
+    from slowqk.experiments import prepare_recorded_grid_data
+
+    for dataset in prepare_recorded_grid_data(args.grid_dir):
+        print(f"dataset: {dataset}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    # deferred: subcommands import what they use, so the CLI starts fast
+    from slowqk.distributed import LayoutError
+    from slowqk.slurm import submit
+
+    job = _slurm_job(args)
     try:
         return submit(args.recipe, args.overrides, job, dry_run=args.dry_run)
     except LayoutError as exc:
@@ -430,6 +493,32 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--recipe", default=default, help=f"recipe (default {default})")
         sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def slurm_job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--nodes", type=int, default=1)
+        sp.add_argument(
+            "--gpus-per-node",
+            type=int,
+            default=0,
+            help="GPUs per node (one rank each); 0 = CPU ranks",
+        )
+        sp.add_argument(
+            "--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU)"
+        )
+        sp.add_argument("--cpus-per-task", type=int, default=None)
+        sp.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+        sp.add_argument("--partition", default=None)
+        sp.add_argument("--account", default=None)
+        sp.add_argument("--job-name", default=None, help="default: the recipe's name")
+        sp.add_argument(
+            "--signal-seconds",
+            type=int,
+            default=180,
+            help="SIGUSR1 this long before the time limit",
+        )
+        sp.add_argument(
+            "--container-image", default=None, help="run the ranks in this image (pyxis/enroot)"
+        )
 
     sp = sub.add_parser("print-recipe", help="print the fully resolved recipe")
     recipe_args(sp)
@@ -495,6 +584,30 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("grid_dir")
     es.add_argument("--out", default=None, help="output directory (default <grid_dir>/summary)")
     es.set_defaults(func=_cmd_experiment_summarize)
+    es = ex.add_parser(
+        "submit",
+        help="submit a grid to SLURM: a data job, one job array over the unfinished runs, a "
+        "summary job after it (see slowqk.grid_slurm)",
+    )
+    es.add_argument("grid", help="grid YAML")
+    es.add_argument("overrides", nargs="*", help="key=value for every run (as experiment run)")
+    es.add_argument(
+        "--max-concurrent", type=int, default=None, help="array tasks running at once (%%N)"
+    )
+    es.add_argument("--only", metavar="VARIANT[,VARIANT]", help="submit only these variants' runs")
+    slurm_job_args(es)
+    es.add_argument("--dry-run", action="store_true", help="print the sbatch commands and exit")
+    es.set_defaults(func=_cmd_experiment_submit)
+    es = ex.add_parser(
+        "status", help="each run of a submitted grid: pending / running / finished / failed"
+    )
+    es.add_argument("grid", help="grid YAML or grid directory")
+    es.set_defaults(func=_cmd_experiment_status)
+    es = ex.add_parser(
+        "prepare-data", help="the data stage of a grid directory (a submitted grid's data job)"
+    )
+    es.add_argument("grid_dir")
+    es.set_defaults(func=_cmd_experiment_prepare_data)
     er = ex.add_parser(
         "reproduce",
         help="re-run one run of a grid and say whether it reproduces bitwise (exit 1 if not)",
@@ -510,24 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit a recipe to SLURM (launch/slurm/slowqk.sbatch), layout checked"
     )
     recipe_args(sp)
-    sp.add_argument("--nodes", type=int, default=1)
-    sp.add_argument(
-        "--gpus-per-node", type=int, default=0, help="GPUs per node (one rank each); 0 = CPU ranks"
-    )
-    sp.add_argument(
-        "--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU)"
-    )
-    sp.add_argument("--cpus-per-task", type=int, default=None)
-    sp.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
-    sp.add_argument("--partition", default=None)
-    sp.add_argument("--account", default=None)
-    sp.add_argument("--job-name", default=None, help="default: the recipe's name")
-    sp.add_argument(
-        "--signal-seconds", type=int, default=180, help="SIGUSR1 this long before the time limit"
-    )
-    sp.add_argument(
-        "--container-image", default=None, help="run the ranks in this image (pyxis/enroot)"
-    )
+    slurm_job_args(sp)
     sp.add_argument("--dry-run", action="store_true", help="print the sbatch command and exit")
     sp.set_defaults(func=_cmd_submit)
 
@@ -670,14 +766,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "prepare-data",
-        help="one text corpus -> tokenizer + train/valid shards (the quickstart's data)",
+        help="the data stage: a recipe's corpus (or a text file) -> tokenizer + train/valid "
+        "shards + manifest",
+        description="SOURCE a recipe (its data.corpus, prepared where `slowqk train` reads it, "
+        "or in --out) or a UTF-8 text file (documents separated by blank lines; --out needed). "
+        "`slowqk train` runs this stage itself first; run it alone to prepare data once before "
+        "many jobs read it.",
     )
-    sp.add_argument("corpus", help="a UTF-8 text file; documents separated by blank lines")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--valid-fraction", type=float, default=0.1)
-    sp.add_argument("--vocab-size", type=int, default=2048)
+    sp.add_argument("source", help="recipe name or YAML (e.g. tiny/gpt), or a text corpus file")
+    sp.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    sp.add_argument("--out", default=None, help="where to prepare (default: the recipe's)")
+    sp.add_argument("--valid-fraction", type=float, default=0.1, help="corpus file only")
+    sp.add_argument("--vocab-size", type=int, default=2048, help="corpus file only")
     sp.add_argument(
-        "--tokenizer", default=None, help="use this sentencepiece model instead of training one"
+        "--tokenizer",
+        default=None,
+        help="corpus file only: use this sentencepiece model instead of training one",
     )
     sp.set_defaults(func=_cmd_prepare_data)
     return p

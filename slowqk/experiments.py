@@ -43,20 +43,32 @@ import yaml
 from pydantic import Field, ValidationError
 
 from slowqk.config import (
+    DataConfig,
     RecipeError,
     StrictSection,
     load_recipe,
     parse_override,
     resolve_recipe_path,
 )
-from slowqk.data.corpus import prepare_corpus
+from slowqk.data.corpus import DATASET_DIR
+from slowqk.data.stage import needs_stage, prepare_stage, stage_inputs
 from slowqk.distributed import single_process_env
 from slowqk.metrics import read_metrics
 from slowqk.provenance import differences, provenance
 
 
+class ClusterLayout(StrictSection):
+    """A run's share of a SLURM cluster (``experiment submit``), one rank per task; a variant's
+    layout wins over the grid's, the grid's over the command line's."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one rank each (0: CPU ranks)")
+    tasks_per_node: int | None = Field(None, ge=1, description="default: one per GPU, or 1")
+
+
 class Variant(StrictSection):
     recipe: str
+    layout: ClusterLayout | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] | None = None
     arms: list[str] | None = Field(
@@ -93,6 +105,14 @@ class Grid(StrictSection):
     correction: Literal["holm", "bonferroni", "none"] = Field(
         "holm", description="family-wise correction over `contrasts` (alpha 0.05)"
     )
+    layout: ClusterLayout | None = Field(
+        None, description="every run's layout on SLURM (experiment submit), unless its variant's"
+    )
+    one_dataset: bool = Field(
+        True,
+        description="every run reads the same data (checked before anything runs); false for a "
+        "grid whose arms compare data: each distinct preparation is still made once",
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,10 @@ class Run:
     recipe: str
     overrides: tuple[str, ...]
     run_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/{self.arm}/seed{self.seed}"
 
 
 def _as_override(key: str, value: Any) -> str:
@@ -229,31 +253,76 @@ def is_finished(run: Run) -> bool:
         return False
 
 
-def _shared_corpora(grid_dir: Path, runs: list[Run]) -> list[Run]:
-    """Prepare each distinct bundled-corpus dataset once and point the runs at it (the tokenizer
-    and shards would otherwise be rebuilt in every run directory)."""
-    prepared: dict[str, Path] = {}
-    out = []
-    for run in runs:
-        d = load_recipe(run.recipe, list(run.overrides)).data
-        if d.corpus is None:
-            out.append(run)
-            continue
-        key = json.dumps([str(d.corpus), d.valid_fraction, d.tokenizer_vocab_size, d.tokenizer])
-        if key not in prepared:
-            where = grid_dir / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
-            prepared[key] = prepare_corpus(
-                d.corpus,
-                where,
-                valid_fraction=d.valid_fraction,
-                vocab_size=d.tokenizer_vocab_size,
-                tokenizer=d.tokenizer,
-            ).dataset_dir
-        extra = ("data.corpus=null", f"data.dataset={prepared[key]}")
-        out.append(
-            Run(run.variant, run.arm, run.seed, run.recipe, run.overrides + extra, run.run_dir)
-        )
+def _data_identity(data: DataConfig) -> dict:
+    """What decides the tokens a run reads (paths resolved; ``verify`` only checks them)."""
+    out = data.model_dump(mode="json", exclude={"verify"})
+    for key in ("corpus", "tokenizer"):
+        out[key] = str(Path(out[key]).resolve()) if out[key] else None
+    if out["dataset"] is not None:
+        paths = out["dataset"] if isinstance(out["dataset"], list) else [out["dataset"]]
+        out["dataset"] = [str(Path(p).resolve()) for p in paths]
     return out
+
+
+def grid_data(grid: Grid, runs: list[Run]) -> list[DataConfig]:
+    """The distinct data sections the runs read, in order of first use. With ``one_dataset`` (the
+    default) there must be one: a grid whose runs would read different data is refused, naming
+    two of them and the key."""
+    seen: dict[str, tuple[Run, dict, DataConfig]] = {}
+    for run in runs:
+        data = load_recipe(run.recipe, list(run.overrides)).data
+        ident = _data_identity(data)
+        seen.setdefault(json.dumps(ident, sort_keys=True), (run, ident, data))
+        if grid.one_dataset and len(seen) > 1:
+            (a, first, _), (b, other, _) = list(seen.values())
+            key = next(k for k in other if other[k] != first[k])
+            raise RecipeError(
+                f"grid {grid.name!r}: runs read different data ({a.variant}/{a.arm}/seed{a.seed} "
+                f"has data.{key}={first[key]}, {b.variant}/{b.arm}/seed{b.seed} has "
+                f"data.{key}={other[key]}); a grid compares runs on one dataset unless it sets "
+                "one_dataset: false"
+            )
+    return [data for _, _, data in seen.values()]
+
+
+def grid_data_dir(grid_dir: Path, data: DataConfig) -> Path:
+    """Where a grid's corpus is prepared (one folder per distinct preparation inputs)."""
+    key = json.dumps(stage_inputs(data), sort_keys=True)
+    return grid_dir / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def with_grid_data(grid_dir: Path, runs: list[Run]) -> list[Run]:
+    """The runs pointed at the grid's prepared datasets (a corpus is never prepared per run)."""
+    out = []
+    for r in runs:
+        data = load_recipe(r.recipe, list(r.overrides)).data
+        if needs_stage(data):
+            dataset = grid_data_dir(grid_dir, data) / DATASET_DIR
+            r = Run(
+                r.variant,
+                r.arm,
+                r.seed,
+                r.recipe,
+                (*r.overrides, "data.corpus=null", f"data.dataset={dataset}"),
+                r.run_dir,
+            )
+        out.append(r)
+    return out
+
+
+def prepare_recorded_grid_data(grid_dir: str | Path) -> list[Path]:
+    """The data stage of a grid directory (the data job of ``experiment submit``)."""
+    grid, runs = read_grid_record(grid_dir)
+    return prepare_grid_data(Path(grid_dir), grid_data(grid, runs))
+
+
+def prepare_grid_data(grid_dir: Path, datas: list[DataConfig]) -> list[Path]:
+    """The data stage of a grid: each corpus its runs read prepared once."""
+    return [
+        prepare_stage(d, grid_data_dir(grid_dir, d), progress=False)
+        for d in datas
+        if needs_stage(d)
+    ]
 
 
 def _train(run: Run, threads: int) -> tuple[Run, int, float]:
@@ -277,28 +346,86 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     return run, code, time.perf_counter() - start
 
 
-def run_grid(
-    grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] | None = None
-) -> int:
-    """Run every unfinished run of ``grid`` (of the variants ``only`` names, if given; the record
-    lists them all); ``jobs`` processes at a time. Returns an exit code."""
-    runs = expand(grid)
+def check_grid_dir(grid: Grid) -> None:
+    """Refuse a grid directory whose record was written by another grid (its runs would mix)."""
+    record_path = Path(grid.out_dir) / "grid.json"
+    if not record_path.is_file():
+        return
+    try:
+        recorded = json.loads(record_path.read_text())["grid"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RecipeError(f"{record_path}: not a grid record (damaged?)") from None
+    mine = grid.model_dump(mode="json")
+    try:  # the record as this version reads it (keys added since take their defaults)
+        recorded = Grid.model_validate(recorded).model_dump(mode="json")
+    except ValidationError:
+        raise RecipeError(f"{record_path}: written by another grid (not valid here)") from None
+    recorded["out_dir"] = mine["out_dir"]  # the same folder, however it was named
+    if recorded != mine:
+        key = next(k for k in mine if recorded.get(k) != mine[k])
+        raise RecipeError(
+            f"{record_path}: written by another grid (key {key!r}: {recorded.get(key)!r} there, "
+            f"{mine[key]!r} here); use another out_dir"
+        )
+
+
+def read_grid_record(grid_dir: str | Path) -> tuple[Grid, list[Run]]:
+    """The grid and its runs as ``experiment run`` / ``submit`` recorded them."""
+    record_path = Path(grid_dir) / "grid.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(
+            f"{record_path}: not a grid directory (run `slowqk experiment run` or `submit` first)"
+        )
+    record = json.loads(record_path.read_text())
+    runs = [Run(**{**r, "overrides": tuple(r["overrides"])}) for r in record["runs"]]
+    return Grid.model_validate(record["grid"]), runs
+
+
+def write_grid_record(grid: Grid, runs: list[Run]) -> None:
     grid_dir = Path(grid.out_dir)
-    todo = [r for r in expand(grid, only) if not is_finished(r)]
-    print(
-        f"grid {grid.name}: {len(runs)} runs, {sum(map(is_finished, runs))} finished, {len(todo)} "
-        f"to run{' (variants ' + ', '.join(only) + ')' if only else ''}, {jobs} at a time"
-    )
-    if dry_run:
-        for r in todo:
-            print("  slowqk train", r.recipe, " ".join(r.overrides))
-        return 0
     grid_dir.mkdir(parents=True, exist_ok=True)
     record = {"grid": grid.model_dump(mode="json"), "runs": [asdict(r) for r in runs]}
     tmp = grid_dir / "grid.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(grid_dir / "grid.json")
-    todo = _shared_corpora(grid_dir, todo)
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    runs: list[Run]  # every run of the grid
+    todo: list[Run]  # the unfinished runs asked for
+    data: list[DataConfig]  # the distinct data the runs read (one unless one_dataset is false)
+
+
+def plan_grid(grid: Grid, only: list[str] | None = None) -> GridPlan:
+    """Every check before anything runs or is submitted: each run a valid recipe, one dataset
+    for the grid, a grid directory of this grid only."""
+    runs = expand(grid)
+    data = grid_data(grid, runs)
+    check_grid_dir(grid)
+    todo = [r for r in expand(grid, only) if not is_finished(r)]
+    return GridPlan(runs, todo, data)
+
+
+def run_grid(
+    grid: Grid, jobs: int = 1, dry_run: bool = False, only: list[str] | None = None
+) -> int:
+    """Run every unfinished run of ``grid`` (of the variants ``only`` names, if given; the record
+    lists them all); ``jobs`` processes at a time. Returns an exit code."""
+    plan = plan_grid(grid, only)
+    grid_dir = Path(grid.out_dir)
+    print(
+        f"grid {grid.name}: {len(plan.runs)} runs, {sum(map(is_finished, plan.runs))} finished, "
+        f"{len(plan.todo)} to run{' (variants ' + ', '.join(only) + ')' if only else ''}, "
+        f"{jobs} at a time"
+    )
+    if dry_run:
+        for r in plan.todo:
+            print("  slowqk train", r.recipe, " ".join(r.overrides))
+        return 0
+    write_grid_record(grid, plan.runs)
+    prepare_grid_data(grid_dir, plan.data)
+    todo = with_grid_data(grid_dir, plan.todo)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     failed = []
     start = time.perf_counter()
@@ -309,9 +436,7 @@ def run_grid(
                 if code == 0
                 else f"FAILED (exit {code}; log: {Path(run.run_dir) / 'train.log'})"
             )
-            print(
-                f"  {run.variant}/{run.arm}/seed{run.seed}: {status} in {seconds:.0f} s", flush=True
-            )
+            print(f"  {run.name}: {status} in {seconds:.0f} s", flush=True)
             if code != 0:
                 failed.append(run)
     print(
@@ -333,17 +458,8 @@ CROSS_KERNEL_RTOL = {"loss": 1e-4, "val_loss": 1e-4, "grad_norm": 1e-2, "lower_d
 
 def find_run(grid_dir: str | Path, which: str) -> Run:
     """The run ``variant/arm/seedK`` of a grid directory (as ``experiment run`` listed it)."""
-    grid_dir = Path(grid_dir)
-    record_path = grid_dir / "grid.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(
-            f"{record_path}: not a grid directory (run `slowqk experiment run` first)"
-        )
-    runs = [
-        Run(**{**r, "overrides": tuple(r["overrides"])})
-        for r in json.loads(record_path.read_text())["runs"]
-    ]
-    names = {f"{r.variant}/{r.arm}/seed{r.seed}": r for r in runs}
+    _, runs = read_grid_record(grid_dir)
+    names = {r.name: r for r in runs}
     if which not in names:
         raise ValueError(
             f"{grid_dir}: no run {which!r}; runs are named variant/arm/seedK, e.g. "
@@ -401,7 +517,8 @@ def reproduce(
         tuple(o for o in run.overrides if not o.startswith("out_dir=")) + (f"out_dir={target}",),
         str(target),
     )
-    again = _shared_corpora(Path(grid_dir), [again])[0]
+    again = with_grid_data(Path(grid_dir), [again])[0]
+    prepare_grid_data(Path(grid_dir), [load_recipe(run.recipe, list(run.overrides)).data])
     _, code, seconds = _train(again, threads)
     if code != 0:
         return False, f"{which}: the re-run failed (exit {code}; log: {target / 'train.log'})"

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from slowqk.config import load_recipe
+from slowqk.config import Recipe, load_recipe
 from slowqk.launch import check_world
 from slowqk.memory.report import layout_notes
 
@@ -36,29 +36,26 @@ class SlurmJob:
     extra: tuple[str, ...] = ()
 
 
-def sbatch_command(
-    recipe: str, overrides: list[str], job: SlurmJob, workdir: Path
-) -> tuple[list[str], dict[str, str], str]:
-    """``(argv, extra environment, layout description)``; raises LayoutError / RecipeError."""
-    r = load_recipe(recipe, overrides)
+def tasks_per_node(job: SlurmJob) -> int:
+    """Ranks per node: one per GPU (checked), or ``job.tasks_per_node``, or 1."""
     tasks = job.tasks_per_node or max(1, job.gpus_per_node)
     if job.gpus_per_node and tasks != job.gpus_per_node:
         raise ValueError(
             f"--tasks-per-node {tasks} must equal --gpus-per-node {job.gpus_per_node} (one rank "
             "per GPU)"
         )
-    world = job.nodes * tasks
-    data = check_world(r, world, what="--nodes x --tasks-per-node")
-    cmd = [
-        "sbatch",
-        f"--chdir={workdir}",
-        f"--job-name={job.job_name or r.name}",
+    return tasks
+
+
+def job_flags(job: SlurmJob) -> list[str]:
+    """sbatch's options for ``job``'s layout, limits and placement."""
+    flags = [
         f"--nodes={job.nodes}",
-        f"--ntasks-per-node={tasks}",
+        f"--ntasks-per-node={tasks_per_node(job)}",
         f"--signal=USR1@{job.signal_seconds}",
     ]
     if job.gpus_per_node:
-        cmd.append(f"--gpus-per-node={job.gpus_per_node}")
+        flags.append(f"--gpus-per-node={job.gpus_per_node}")
     for flag, value in (
         ("--cpus-per-task", job.cpus_per_task),
         ("--time", job.time),
@@ -66,13 +63,30 @@ def sbatch_command(
         ("--account", job.account),
     ):
         if value is not None:
-            cmd.append(f"{flag}={value}")
-    cmd += [*job.extra, str(SBATCH_SCRIPT), recipe, *overrides]
-    env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
-    layout = (
-        f"{world} ranks = {job.nodes} nodes x {tasks} = TP {r.parallel.tensor} "
-        f"x PP {r.parallel.pipeline} x DP {data}"
+            flags.append(f"{flag}={value}")
+    return [*flags, *job.extra]
+
+
+def check_job_layout(recipe: Recipe, job: SlurmJob) -> str:
+    """The layout of ``recipe`` on ``job``'s ranks, described; LayoutError where it cannot fit."""
+    tasks = tasks_per_node(job)
+    world = job.nodes * tasks
+    data = check_world(recipe, world, what="--nodes x --tasks-per-node")
+    return (
+        f"{world} ranks = {job.nodes} nodes x {tasks} = TP {recipe.parallel.tensor} "
+        f"x PP {recipe.parallel.pipeline} x DP {data}"
     )
+
+
+def sbatch_command(
+    recipe: str, overrides: list[str], job: SlurmJob, workdir: Path
+) -> tuple[list[str], dict[str, str], str]:
+    """``(argv, extra environment, layout description)``; raises LayoutError / RecipeError."""
+    r = load_recipe(recipe, overrides)
+    layout = check_job_layout(r, job)
+    cmd = ["sbatch", f"--chdir={workdir}", f"--job-name={job.job_name or r.name}"]
+    cmd += [*job_flags(job), str(SBATCH_SCRIPT), recipe, *overrides]
+    env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
     return cmd, env, layout
 
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from slowqk.callbacks import Callback, callback_classes
 from slowqk.checkpoint import prune_checkpoints, remove_leftovers, write_atomic
 from slowqk.config import Recipe, RecipeChangedError, recipe_to_yaml
-from slowqk.data.run_data import build_run_data
+from slowqk.data.run_data import build_run_data, check_out_dir
+from slowqk.data.stage import needs_stage, prepare_stage, stage_dir
 from slowqk.distributed import PeerTimeout, init_distributed, is_peer_timeout, shutdown
 from slowqk.engines import build_engine
 from slowqk.metrics import MetricsWriter
@@ -122,7 +123,7 @@ class Trainer:
             else None
         )
         self._resolve_attention_backend()
-        # rank 0 prepares a corpus and the index caches; the others wait and read them
+        # prepared data only (train() ran the data stage); rank 0 builds the index caches
         data = build_run_data(recipe, self.rank, self.run_dir)
         self.tokenizer, self.vocab_size = data.tokenizer, data.vocab_size
         self.train_ds, self.valid_ds = data.train, data.valid
@@ -388,6 +389,11 @@ def _peer_timeout(recipe: Recipe, where: str) -> PeerTimeout:
 def train(
     recipe: Recipe, resume: bool = True, quiet: bool = False, allow_recipe_change: bool = False
 ) -> dict:
+    """Train ``recipe``: the data stage first (a corpus is prepared once, whichever rank comes
+    first), then the trainer, which only reads prepared data."""
+    check_out_dir(recipe.run_dir)
+    if needs_stage(recipe.data):
+        prepare_stage(recipe.data, stage_dir(recipe))
     try:
         trainer = Trainer(
             recipe, quiet=quiet, resume=resume, allow_recipe_change=allow_recipe_change

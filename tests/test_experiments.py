@@ -198,6 +198,37 @@ def test_the_specificity_grid_is_what_its_comments_say() -> None:
     assert families == {"confirmatory": 8, "descriptive": 3} and grid.correction == "holm"
 
 
+def test_a_grid_reads_one_dataset_unless_it_says_otherwise(tmp_path, capsys) -> None:
+    variants = {
+        "gpt": {"recipe": "tiny/gpt"},
+        "big": {"recipe": "tiny/gpt", "overrides": {"data.tokenizer_vocab_size": 1024}},
+    }
+    path = _grid_file(tmp_path, variants=variants)
+    for command in ("run", "submit"):  # refused before anything runs or is submitted
+        assert reproduce_main(["experiment", command, str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "runs read different data" in err, err
+        assert "gpt/control/seed1 has data.tokenizer_vocab_size=2048" in err
+        assert "big/control/seed1 has data.tokenizer_vocab_size=1024" in err
+    assert not (tmp_path / "out").exists()
+    path = _grid_file(tmp_path, variants=variants, one_dataset=False)  # a grid comparing data
+    assert reproduce_main(["experiment", "run", str(path), "--dry-run"]) == 0
+
+
+def test_a_grid_directory_written_by_another_grid_is_refused(tmp_path, capsys) -> None:
+    from slowqk.experiments import write_grid_record
+
+    first = load_grid(_grid_file(tmp_path))
+    write_grid_record(first, expand(first))
+    other = _grid_file(tmp_path, seeds=[1, 2, 3])  # same out_dir, another grid
+    for command in ("run", "submit"):
+        assert reproduce_main(["experiment", command, str(other), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "grid.json: written by another grid (key 'seeds': [1, 2] there, [1, 2, 3]" in err
+    same = _grid_file(tmp_path)  # the grid that wrote it goes on
+    assert reproduce_main(["experiment", "run", str(same), "--dry-run"]) == 0
+
+
 @pytest.mark.slow
 def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys, monkeypatch) -> None:
     from conftest import SHARED
@@ -249,6 +280,8 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys, monkeypa
             assert json.loads((run / "summary.json").read_text())["steps"] == 4
             assert (run / "recipe.yaml").is_file() and (run / "diagnostics.jsonl").is_file()
     assert len(list((out / "data").iterdir())) == 1  # the corpus was prepared once for all runs
+    # and no run prepared data of its own (training only reads the grid's dataset)
+    assert not list(out.glob("gpt/*/seed*/data/stage.json"))
     capsys.readouterr()
     assert run_grid(load_grid(path), jobs=2) == 0
     assert "8 finished, 0 to run" in capsys.readouterr().out

@@ -12,10 +12,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SHARED
 from test_faults import launch
 from test_slurm import (
     _find,
@@ -256,3 +258,174 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_bitwise(
 
 def _logs(run: Path) -> str:
     return "\n".join(p.read_text()[-1500:] for p in sorted((run / "logs").glob("*.log")))
+
+
+# ---- a grid on the cluster: `slowqk experiment submit` / `status` -------------------------------
+
+
+def _grid_cli(cluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**cluster["env"], "SLOWQK_PYTHON": sys.executable, "SLOWQK_REPO": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "slowqk.cli", "experiment", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _grid_file(tmp_path: Path, out: Path, steps: int, **extra) -> Path:
+    """2 arms x 2 seeds of the small tiny/gpt, reading a corpus (so the data job has work)."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.is_file():
+        lines = (SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)
+        corpus.write_text("".join(lines[:3000]))
+    grid = {
+        "name": "g2",
+        "out_dir": str(out),
+        "seeds": [1, 2],
+        "arms": {"control": {"qk.enabled": False}, "slowqk": {"qk.enabled": True}},
+        "variants": {"gpt": {"recipe": "tiny/gpt"}},
+        "overrides": {
+            "train.steps": steps,
+            "data.corpus": str(corpus),
+            "data.tokenizer_vocab_size": 400,
+            "model.num_layers": 2,
+            "model.hidden_size": 64,
+            "model.seq_length": 64,
+            "train.save_interval": 20,
+            "train.eval_interval": 100,
+            "train.eval_iters": 1,
+            "train.log_interval": 1,
+            "train.tensorboard": False,
+            "train.dist_timeout": 60,
+        },
+        **extra,
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(json.dumps(grid))  # JSON is YAML
+    return path
+
+
+def _queue(env: dict) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i %j %T %N"], env=env, capture_output=True, text=True
+    ).stdout
+
+
+def test_a_bad_grid_submission_is_refused_before_anything_is_submitted(two_nodes, tmp_path) -> None:
+    env = two_nodes["env"]
+    grid = _grid_file(tmp_path, tmp_path / "bad", 5)
+    cases = [
+        (["--nodes", "3"], "needs 3 nodes (3 nodes x 1 tasks); partition debug has 2"),
+        (
+            ["--tasks-per-node", "3"],
+            "needs 3 CPUs per node (1 nodes x 3 tasks); partition debug has 2",
+        ),
+        (["--only", "llama"], "--only ['llama']: not among variants ['gpt']"),
+        (["--partition", "gpu"], "--partition gpu: no such partition (there are debug)"),
+    ]
+    for flags, message in cases:
+        proc = _grid_cli(two_nodes, tmp_path, "submit", str(grid), *flags)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, (flags, err)
+        assert message in err, (flags, err)
+    unknown_arm = _grid_file(
+        tmp_path, tmp_path / "bad", 5, variants={"gpt": {"recipe": "tiny/gpt", "arms": ["fast"]}}
+    )
+    proc = _grid_cli(two_nodes, tmp_path, "submit", str(unknown_arm))
+    assert (
+        proc.returncode == 2 and "key 'variants.gpt.arms': ['fast'] not among arms" in proc.stderr
+    )
+    assert _queue(env) == ""  # nothing was submitted
+    assert not (tmp_path / "bad" / "slurm").exists()
+
+
+def test_a_grid_runs_as_a_job_array_survives_a_lost_node_and_matches_a_local_run(
+    two_nodes, tmp_path
+) -> None:
+    """A data job, one array of 4 tasks (at most 3 at once), a summary job; one task's node is
+    killed while it trains. Every run ends with all its steps, its losses equal the same grid run
+    locally with `experiment run` (bitwise), and the summary job's table equals `summarize`'s."""
+    from slowqk.metrics import read_metrics
+
+    env, steps = two_nodes["env"], 300
+    out = tmp_path / "cluster"
+    grid = _grid_file(tmp_path, out, steps)
+    proc = _grid_cli(
+        two_nodes,
+        tmp_path,
+        "submit",
+        str(grid),
+        "--max-concurrent",
+        "3",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "15",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 runs, 0 finished, 0 queued or running, 4 to submit" in proc.stdout, proc.stdout
+    (record,) = [
+        json.loads(x) for x in (out / "slurm" / "submissions.jsonl").read_text().splitlines()
+    ]
+    (array,) = record["arrays"]
+    assert sorted(array["runs"]) == [
+        f"gpt/{a}/seed{s}" for a in ("control", "slowqk") for s in (1, 2)
+    ]
+
+    # a task on the second node, once its run has a checkpoint: the node goes (every process -9)
+    def task_on_second_node() -> str | None:
+        for line in _queue(env).splitlines():
+            job, name, state, node = (line.split() + [""])[:4]
+            if name == "g2" and state == "RUNNING" and node == NODES[1]:
+                return job
+        return None
+
+    _until("a task running on sqnode2", lambda: task_on_second_node() is not None)
+    victim = task_on_second_node()
+    run_dir = out / "gpt" / array["runs"][int(victim.split("_")[1])].split("/", 1)[1]
+    latest = run_dir / "checkpoints" / "latest"
+    _until(
+        "the task's first checkpoint",
+        lambda: latest.is_file() and latest.read_text().strip() >= "iter_0000020",
+    )
+    status = _grid_cli(two_nodes, tmp_path, "status", str(grid))
+    assert status.returncode == 0 and f"running       {victim}" in status.stdout, status.stdout
+    for pid in _pids_in(two_nodes["namespaces"][1]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), 9)
+    _until(
+        "the task requeued", lambda: int(_job_state(two_nodes, victim).get("Restarts", "0")) >= 1
+    )
+    _until("sqnode2 marked down", lambda: "down" in _node_state(env, NODES[1]))
+    two_nodes["start_node"](1)
+    summary_job = int(record["summary_job"])
+    info = _wait(two_nodes, summary_job, timeout=900)
+    assert info["JobState"] == "COMPLETED", (info, _queue(env))
+
+    status = _grid_cli(two_nodes, tmp_path, "status", str(out))
+    assert status.returncode == 0 and "4 finished" in status.stdout, status.stdout
+    assert f"finished      {victim}" in status.stdout
+
+    local = tmp_path / "local"
+    local_grid = _grid_file(tmp_path, local, steps)
+    ran = _grid_cli(two_nodes, tmp_path, "run", str(local_grid), "--jobs", "2")
+    assert ran.returncode == 0, ran.stdout[-2000:]
+    for name in array["runs"]:
+        sub = name.split("/", 1)[1]
+        mine, theirs = out / "gpt" / sub, local / "gpt" / sub
+        got = {r["step"]: r["loss"] for r in read_metrics(mine / "metrics.jsonl")}
+        want = {r["step"]: r["loss"] for r in read_metrics(theirs / "metrics.jsonl")}
+        assert sorted(got) == list(range(1, steps + 1)) and got == want, name
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (mine, theirs))
+        assert a["final_val_loss"] == b["final_val_loss"] and a["steps"] == steps
+        assert a["resumed"] is (mine == run_dir), name  # only the lost node's run resumed
+    # the summary job's table is `experiment summarize`'s on the local runs
+    assert _grid_cli(two_nodes, tmp_path, "summarize", str(local)).returncode == 0
+    table = (out / "summary" / "summary.md").read_text()
+    assert table == (local / "summary" / "summary.md").read_text()
+
+    again = _grid_cli(two_nodes, tmp_path, "submit", str(grid))
+    assert again.returncode == 0 and "4 finished, 0 queued or running, 0 to submit" in again.stdout
+    assert len((out / "slurm" / "submissions.jsonl").read_text().splitlines()) == 1

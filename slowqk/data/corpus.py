@@ -14,6 +14,8 @@ from slowqk.data.shard import ShardOptions, build_shards
 from slowqk.data.sources import InputError, first_bad_utf8
 from slowqk.data.tokenizer import train_sentencepiece
 
+DATASET_DIR = "dataset"  # the shards' folder inside a preparation
+
 
 @dataclass(frozen=True)
 class PreparedCorpus:
@@ -87,7 +89,7 @@ def prepare_corpus(
             train_sentencepiece(train_docs, tok_path, vocab_size)
     else:
         tok_path = Path(tokenizer)
-    dataset_dir = out_dir / "dataset"
+    dataset_dir = out_dir / DATASET_DIR
     manifest = build_shards(
         [train_txt, valid_txt],
         dataset_dir,

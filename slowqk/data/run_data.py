@@ -11,9 +11,9 @@ from typing import Any
 import torch.distributed as dist
 
 from slowqk.config import Recipe
-from slowqk.data.corpus import prepare_corpus
 from slowqk.data.loader import build_datasets
 from slowqk.data.shard import blend, check_tokenizer, load_manifest
+from slowqk.data.stage import prepared_dataset, stage_dir
 from slowqk.data.tokenizer import load_tokenizer
 from slowqk.data.verify import check_dataset_on_open
 from slowqk.models import padded_vocab_size
@@ -27,11 +27,9 @@ class RunData:
     valid: Any
 
 
-def resolve_sources(
-    recipe: Recipe, rank: int, run_dir: Path
-) -> tuple[Path, list[str], list[str], list[float] | None]:
-    """Tokenizer, train prefixes, validation prefixes and train blend weights (rank 0 prepares a
-    bundled corpus; the others wait and read it)."""
+def resolve_sources(recipe: Recipe) -> tuple[Path, list[str], list[str], list[float] | None]:
+    """Tokenizer, train prefixes, validation prefixes and train blend weights (a corpus as the
+    data stage prepared it)."""
     d = recipe.data
     if d.train_prefixes:
         if d.tokenizer is None:
@@ -42,16 +40,8 @@ def resolve_sources(
             list(d.valid_prefixes) or list(d.train_prefixes),
             d.train_weights,
         )
-    if d.corpus is not None:
-        kwargs = dict(
-            valid_fraction=d.valid_fraction,
-            vocab_size=d.tokenizer_vocab_size,
-            tokenizer=d.tokenizer,
-        )
-        if rank == 0:
-            prepare_corpus(d.corpus, run_dir / "data", **kwargs)
-        dist.barrier()
-        roots = [prepare_corpus(d.corpus, run_dir / "data", **kwargs).dataset_dir]
+    if d.corpus is not None:  # prepared by the data stage before training started
+        roots = [prepared_dataset(d, stage_dir(recipe))]
     else:
         roots = [Path(x) for x in (d.dataset if isinstance(d.dataset, list) else [d.dataset])]
     manifests = [load_manifest(r) for r in roots]
@@ -83,7 +73,7 @@ def check_out_dir(run_dir: Path) -> None:
 def build_run_data(recipe: Recipe, rank: int, run_dir: Path) -> RunData:
     check_out_dir(run_dir)
     t = recipe.train
-    tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe, rank, run_dir)
+    tok_path, train_prefixes, valid_prefixes, train_weights = resolve_sources(recipe)
     tokenizer = load_tokenizer(tok_path)
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(
