@@ -431,7 +431,7 @@ def _cmd_experiment_submit(args: argparse.Namespace) -> int:
     # deferred: subcommands import what they use, so the CLI starts fast
     from slowqk.distributed import LayoutError
     from slowqk.experiments import load_grid
-    from slowqk.grid_slurm import submit_grid
+    from slowqk.grid_slurm import SlurmUnavailable, submit_grid
 
     only = [v for v in (args.only or "").split(",") if v] or None
     try:
@@ -445,13 +445,20 @@ def _cmd_experiment_submit(args: argparse.Namespace) -> int:
     except LayoutError as exc:
         print(f"layout error: {exc}", file=sys.stderr)
         return 2
+    except SlurmUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_experiment_status(args: argparse.Namespace) -> int:
     # deferred: subcommands import what they use, so the CLI starts fast
-    from slowqk.grid_slurm import print_status
+    from slowqk.grid_slurm import SlurmUnavailable, print_status
 
-    return print_status(args.grid)
+    try:
+        return print_status(args.grid)
+    except SlurmUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_experiment_prepare_data(args: argparse.Namespace) -> int:

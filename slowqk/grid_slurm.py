@@ -44,10 +44,30 @@ WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "R
 RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
 
 
+class SlurmUnavailable(RuntimeError):
+    """A SLURM command is missing or failed (not the grid's fault)."""
+
+
+def _slurm(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
+    except FileNotFoundError:
+        raise SlurmUnavailable(
+            f"{argv[0]} not found: run this where SLURM's commands are (a login node)"
+        ) from None
+
+
+def _last(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(no message)"
+
+
 def _sbatch(argv: list[str], env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = _slurm(argv, env)
     if proc.returncode:
-        raise OSError(f"sbatch refused: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise SlurmUnavailable(f"sbatch refused: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
 
 
@@ -72,10 +92,9 @@ def _gpus(gres: str) -> int:
 def partition_limits(partition: str | None) -> Partition:
     """The partition's node count and the smallest node (``sinfo``; the default partition when
     ``partition`` is None)."""
-    argv = ["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G"]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = _slurm(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G"])
     if proc.returncode:
-        raise OSError(f"sinfo failed: {proc.stderr.strip()} (is this a SLURM login node?)")
+        raise SlurmUnavailable(f"sinfo failed: {_last(proc.stderr)}")
     rows = [line.split("|") for line in proc.stdout.split("\n") if line.strip()]
     default = next((p.rstrip("*") for _, p, _, _ in rows if p.endswith("*")), None)
     name = partition or default
@@ -138,10 +157,9 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """``{job id: (state, reason)}`` of the jobs SLURM still holds (array tasks one by one)."""
     if not job_ids:
         return {}
-    argv = ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(job_ids)))]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = _slurm(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(job_ids)))])
     if proc.returncode and "Invalid job id" not in proc.stderr:
-        raise OSError(f"squeue failed: {proc.stderr.strip()}")
+        raise SlurmUnavailable(f"squeue failed: {_last(proc.stderr)}")
     out = {}
     for line in proc.stdout.splitlines():
         job, state, reason = line.split("|", 2)
@@ -218,11 +236,28 @@ def submit_grid(
             *args,
         ]
 
+    def array(key: tuple, n: int, task_dir: Path, data_job: str) -> list[str]:
+        limit = f"%{max_concurrent}" if max_concurrent else ""
+        return [
+            "sbatch",
+            "--parsable",
+            f"--chdir={workdir}",
+            f"--job-name={grid.name}",
+            f"--array=0-{n - 1}{limit}",
+            f"--output={logs}/%x-%A_%a.out",
+            f"--dependency=afterok:{data_job}",
+            f"--export=ALL,SLOWQK_TASK_DIR={task_dir}",
+            *job_flags(jobs[key]),
+            str(SBATCH_SCRIPT),
+        ]
+
+    tasks = grid_dir / "slurm" / "tasks"
     if dry_run:
         print("  " + shlex.join(step("data", None, ["prepare-data", str(grid_dir)])))
-        for key, runs in groups.items():
+        for n, (key, runs) in enumerate(groups.items()):
             print(f"  array of {len(runs)} ({', '.join(r.name for r in runs)}):")
-            print("    " + shlex.join(["sbatch", *job_flags(jobs[key]), str(SBATCH_SCRIPT)]))
+            argv = array(key, len(runs), tasks / f"{stamp}-{n}", "<data job>")
+            print("    " + shlex.join(argv))
         print("  " + shlex.join(step("summary", "afterany:<arrays>", ["summarize", str(grid_dir)])))
         return 0
     write_grid_record(grid, plan.runs)
@@ -231,24 +266,12 @@ def submit_grid(
     arrays = []
     env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
     for n, (key, runs) in enumerate(groups.items()):
-        task_dir = grid_dir / "slurm" / "tasks" / f"{stamp}-{n}"
+        task_dir = tasks / f"{stamp}-{n}"
         task_dir.mkdir(parents=True, exist_ok=True)
         for i, run in enumerate(with_grid_data(grid_dir, runs)):
             _write_task(task_dir / str(i), run)
-        limit = f"%{max_concurrent}" if max_concurrent else ""
-        argv = [
-            "sbatch",
-            "--parsable",
-            f"--chdir={workdir}",
-            f"--job-name={grid.name}",
-            f"--array=0-{len(runs) - 1}{limit}",
-            f"--output={logs}/%x-%A_%a.out",
-            f"--dependency=afterok:{data_job}",
-            f"--export=ALL,SLOWQK_TASK_DIR={task_dir}",
-            *job_flags(jobs[key]),
-            str(SBATCH_SCRIPT),
-        ]
-        arrays.append({"job": _sbatch(argv, env), "runs": [r.name for r in runs]})
+        job_id = _sbatch(array(key, len(runs), task_dir, data_job), env)
+        arrays.append({"job": job_id, "runs": [r.name for r in runs]})
     after = ":".join(a["job"] for a in arrays)
     summary_job = _sbatch(step("summary", f"afterany:{after}", ["summarize", str(grid_dir)]))
     record = {

@@ -331,12 +331,19 @@ def test_a_bad_grid_submission_is_refused_before_anything_is_submitted(two_nodes
         assert proc.returncode == 2 and len(err.splitlines()) == 1, (flags, err)
         assert message in err, (flags, err)
     unknown_arm = _grid_file(
-        tmp_path, tmp_path / "bad", 5, variants={"gpt": {"recipe": "tiny/gpt", "arms": ["fast"]}}
+        tmp_path,
+        tmp_path / "bad-arm",
+        5,
+        variants={"gpt": {"recipe": "tiny/gpt", "arms": ["fast"]}},
     )
     proc = _grid_cli(two_nodes, tmp_path, "submit", str(unknown_arm))
     assert (
         proc.returncode == 2 and "key 'variants.gpt.arms': ['fast'] not among arms" in proc.stderr
     )
+    dry = _grid_cli(two_nodes, tmp_path, "submit", str(grid), "--dry-run", "--max-concurrent", "2")
+    assert dry.returncode == 0, dry.stderr
+    assert "array of 4 (gpt/control/seed1, gpt/control/seed2, gpt/slowqk/seed1" in dry.stdout
+    assert "grid_step.sbatch prepare-data" in dry.stdout and "afterany" in dry.stdout, dry.stdout
     assert _queue(env) == ""  # nothing was submitted
     assert not (tmp_path / "bad" / "slurm").exists()
 
@@ -429,3 +436,21 @@ def test_a_grid_runs_as_a_job_array_survives_a_lost_node_and_matches_a_local_run
     again = _grid_cli(two_nodes, tmp_path, "submit", str(grid))
     assert again.returncode == 0 and "4 finished, 0 queued or running, 0 to submit" in again.stdout
     assert len((out / "slurm" / "submissions.jsonl").read_text().splitlines()) == 1
+
+
+def test_status_shows_a_failed_run_with_the_last_line_of_its_log(two_nodes, tmp_path) -> None:
+    out = tmp_path / "fails"
+    grid = _grid_file(tmp_path, out, 5, seeds=[1], arms={"control": {}})
+    missing = tmp_path / "no-such-checkpoint"
+    proc = _grid_cli(two_nodes, tmp_path, "submit", str(grid), f"train.init_from={missing}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = [
+        json.loads(x) for x in (out / "slurm" / "submissions.jsonl").read_text().splitlines()
+    ]
+    _wait(two_nodes, int(record["summary_job"]))  # after the task, however it ended
+    status = _grid_cli(two_nodes, tmp_path, "status", str(out))
+    assert status.returncode == 0, status.stderr
+    (line,) = [x for x in status.stdout.splitlines() if x.startswith("gpt/control/seed1")]
+    task = f"{record['arrays'][0]['job']}_0"
+    assert f"failed        {task}" in line and str(missing) in line, status.stdout
+    assert status.stdout.strip().endswith("1 failed")
