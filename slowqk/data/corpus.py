@@ -51,6 +51,18 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def read_corpus(corpus: Path) -> str:
+    """The corpus's text; a missing or non-UTF-8 file refused in one line."""
+    if not corpus.is_file():
+        raise FileNotFoundError(f"corpus file not found: {corpus}")
+    try:
+        return corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file"
+        ) from None
+
+
 def prepare_corpus(
     corpus: str | Path,
     out_dir: str | Path,
@@ -65,14 +77,7 @@ def prepare_corpus(
     Reuses what is there when inputs and options are unchanged.
     """
     corpus, out_dir = Path(corpus), Path(out_dir)
-    if not corpus.is_file():
-        raise FileNotFoundError(f"corpus file not found: {corpus}")
-    try:  # read (and refuse) the corpus before anything is written
-        text = corpus.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(
-            f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file"
-        ) from None
+    text = read_corpus(corpus)  # read (and refuse) the corpus before anything is written
     train_docs, valid_docs = split_corpus(text, valid_fraction)
     if not train_docs or not valid_docs:
         raise ValueError(

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from slowqk.config import DataConfig, Recipe
-from slowqk.data.corpus import prepare_corpus
+from slowqk.data.corpus import prepare_corpus, read_corpus
 
 RECORD = "stage.json"  # what the preparation was made from (read by the training side)
 
@@ -70,16 +70,25 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
     inputs = stage_inputs(data)
     if not Path(inputs["corpus"]).is_file():
         raise FileNotFoundError(f"data.corpus={data.corpus}: corpus file not found")
-    with _exclusive(where):
+
+    def done() -> Path | None:  # the record is written last: one that matches is complete
         record = _read_record(where)
-        stat = _corpus_stat(inputs["corpus"])
-        if record and record["inputs"] == inputs and record["corpus_stat"] == stat:
-            return where / record["dataset"]  # prepared by an earlier process: nothing to do
         if record and record["inputs"] != inputs:  # a run's data are never replaced under it
             raise ValueError(
                 f"data.corpus={data.corpus}: {where} holds a preparation from other inputs "
                 f"({record['inputs']}); use another out_dir, or remove {where} to prepare again"
             )
+        if record and record["corpus_stat"] == _corpus_stat(inputs["corpus"]):
+            return where / record["dataset"]
+        return None
+
+    if (dataset := done()) is not None:
+        return dataset  # prepared by an earlier process: nothing to do
+    read_corpus(Path(inputs["corpus"]))  # a bad corpus is refused before anything is written
+    with _exclusive(where):
+        if (dataset := done()) is not None:
+            return dataset  # prepared while this process waited for the lock
+        stat = _corpus_stat(inputs["corpus"])
         prepared = prepare_corpus(
             inputs["corpus"],
             where,
