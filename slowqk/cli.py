@@ -13,17 +13,15 @@ import warnings
 from itertools import islice
 from pathlib import Path
 
-from slowqk.config import RecipeError, load_recipe, recipe_to_yaml
+from slowqk.config import RecipeError, load_recipe, recipe_to_yaml, shared_dir
+from slowqk.logs import ENV as LOG_ENV
+from slowqk.logs import LEVELS, configure_logging
 
 
 def _default_shared(rel: str) -> str:
-    """A path under the shared data directory beside the repository, if it is there."""
-    root = Path(
-        os.environ.get(
-            "SLOWQK_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"
-        )
-    )
-    return str(root / rel) if (root / rel).exists() else ""
+    """A path under the shared data folder, if it is there."""
+    path = shared_dir() / rel
+    return str(path) if path.exists() else ""
 
 
 def _quiet_dependencies() -> None:
@@ -492,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Recipes: `slowqk print-recipe NAME` (e.g. tiny/gpt, llama-350m). Overrides: "
         "key.sub=value.",
     )
+    p.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        help="slowqk's log lines on stderr (default INFO on rank 0, WARNING on the others; "
+        "--quiet: WARNING); may also follow the command",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def recipe_args(sp: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -548,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipe_args(sp)
     sp.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar and no INFO lines")
     sp.add_argument(
         "--allow-recipe-change",
         action="store_true",
@@ -794,10 +798,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_level_option(argv: list[str]) -> tuple[list[str], str | None]:
+    """``--log-level X`` taken out of ``argv`` wherever it stands (before or after the command)."""
+    out, level, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--log-level" and i + 1 < len(argv):
+            level, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return out, level
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_dependencies()
     parser = build_parser()
+    argv, level = _log_level_option(list(sys.argv[1:] if argv is None else argv))
+    if level is not None and level.upper() not in LEVELS:
+        parser.error(f"--log-level: got {level!r}; expected one of {', '.join(LEVELS)}")
+    if level is not None:
+        os.environ[LOG_ENV] = level.upper()  # the ranks and runs this command starts log alike
     args, extra = parser.parse_known_args(argv)
+    configure_logging(level.upper() if level else None, quiet=getattr(args, "quiet", False))
     # overrides may also follow options (`... --jobs 2 key=value`)
     if (
         extra

@@ -93,3 +93,50 @@ def test_evaluate_table_labels_columns_by_model() -> None:
     )
     head = table.splitlines()[0]
     assert "a/hf" in head and head.rstrip().endswith("b") and "eval_results" not in head
+
+
+@pytest.mark.slow
+def test_log_lines_reach_the_terminal_ranked_and_leveled(small_dataset, tmp_path) -> None:
+    """INFO lines (the adaptive release among them) on stderr by default in one format; --quiet
+    keeps only warnings; --log-level sets the level wherever it stands; with several ranks each
+    line names its rank, and only rank 0 says what every rank would repeat."""
+    base = [
+        "tiny/gpt",
+        "data.corpus=null",
+        f"data.dataset={small_dataset}",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.seq_length=32",
+        "train.steps=6",
+        "train.eval_interval=6",
+        "train.eval_iters=1",
+        "train.tensorboard=false",
+        "train.progress_bar=false",
+        "qk.enabled=true",
+        "qk.release=adaptive",
+        "qk.unit=steps",
+        "qk.ramp=1",
+        "qk.adaptive.min_hold=1",
+        "qk.adaptive.max_hold=2",
+    ]
+
+    def train(*args: str, launcher: tuple[str, ...] = ("train",)) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "slowqk.cli", *launcher, *args],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr
+
+    err = train(*base, f"out_dir={tmp_path / 'a'}")
+    release = [x for x in err.splitlines() if "qk: release at step" in x]
+    assert len(release) == 1 and " INFO qk: release at step 2: " in release[0], err
+    assert "[rank" not in err
+    assert " INFO " not in train(*base, f"out_dir={tmp_path / 'b'}", "--quiet")
+    debug = train("--log-level", "WARNING", *base, f"out_dir={tmp_path / 'c'}")
+    assert " INFO " not in debug
+    err = train(*base, f"out_dir={tmp_path / 'd'}", launcher=("launch", "--nproc", "2"))
+    release = [x for x in err.splitlines() if "qk: release at step" in x]
+    assert len(release) == 1 and " INFO [rank 0] qk: release at step 2: " in release[0], err
+    assert " INFO [rank 1]" not in err

@@ -133,3 +133,28 @@ def test_print_recipe_subprocess_exit_code() -> None:
         text=True,
     )
     assert ok.returncode == 0 and "enabled: true" in ok.stdout
+
+
+def test_a_data_source_override_replaces_the_recipe_s_source_and_its_tokenizer() -> None:
+    r = load_recipe("gpt-125m", ["data.dataset=data/web"])
+    assert r.data.dataset == "data/web" and r.data.train_prefixes == []
+    assert r.data.tokenizer is None and r.data.valid_prefixes == []  # the dataset's own tokenizer
+    r = load_recipe(
+        "gpt-125m", ["data.dataset=[data/web, data/books]", "data.train_weights=[3, 1]"]
+    )
+    assert r.data.dataset == ["data/web", "data/books"] and r.data.train_weights == [3.0, 1.0]
+    r = load_recipe("gpt-125m", ["data.tokenizer=t.model", "data.dataset=data/web"])
+    assert r.data.tokenizer == "t.model"  # named alongside: kept, whatever the order
+    r = load_recipe("tiny/gpt", ["data.dataset=d"])
+    assert r.data.corpus is None and r.data.tokenizer_vocab_size == 2048
+    assert load_recipe("gpt-125m", ["data.tokenizer=t.model"]).data.train_prefixes == ["data/train"]
+
+
+def test_the_bundled_corpus_is_found_from_any_directory(tmp_path, monkeypatch) -> None:
+    from conftest import SHARED
+
+    monkeypatch.chdir(tmp_path)
+    corpus = load_recipe("tiny/gpt").data.corpus
+    assert corpus == str((SHARED / "data" / "tinyshakespeare" / "input.txt").resolve())
+    monkeypatch.setenv("SLOWQK_SHARED_DIR", str(tmp_path))
+    assert load_recipe("tiny/gpt").data.corpus == str(tmp_path / "data/tinyshakespeare/input.txt")

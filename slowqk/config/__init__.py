@@ -21,6 +21,7 @@ from slowqk.config.loading import (
     parse_override,
     recipe_to_yaml,
     resolve_recipe_path,
+    shared_dir,
 )
 from slowqk.config.schema import (
     AdaptiveReleaseConfig,
@@ -75,5 +76,6 @@ __all__ = [
     "recipe_to_yaml",
     "resolve_layers",
     "resolve_recipe_path",
+    "shared_dir",
     "run_altering_changes",
 ]

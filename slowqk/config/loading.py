@@ -5,6 +5,7 @@ came from (the file or the override), raised as :class:`RecipeError` so the CLI 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,27 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 RECIPES_DIR = (
     _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
 )
+
+
+SHARED = "${shared}"  # in a recipe or override: the shared data folder
+
+
+def shared_dir() -> Path:
+    """The shared data folder: ``SLOWQK_SHARED_DIR``, else ``shared/`` beside the checkout."""
+    default = _PACKAGE.parent.parent / "shared"
+    return Path(os.environ.get("SLOWQK_SHARED_DIR", default)).resolve()
+
+
+def _expand_shared(value: Any) -> Any:
+    """``${shared}`` replaced in every string of a recipe (so a bundled corpus is found from
+    any directory); other relative paths stay relative to the working directory."""
+    if isinstance(value, str) and SHARED in value:
+        return value.replace(SHARED, str(shared_dir()))
+    if isinstance(value, dict):
+        return {k: _expand_shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_shared(v) for v in value]
+    return value
 
 
 def _origin(source: str, overrides: list[str]) -> Callable[[str], str]:
@@ -91,7 +113,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# A recipe reads one data source; what comes with a source (its tokenizer, validation prefixes,
+# blend weights) goes with it when a later layer (a child recipe, an override) names another.
+DATA_SOURCES = ("dataset", "corpus", "train_prefixes")
+DATA_WITH_SOURCE = ("tokenizer", "valid_prefixes", "train_weights")
+
+
+def replace_data_source(section: dict, named: set[str]) -> dict:
+    """``section`` (a recipe's ``data``) without the source keys and their companions that
+    ``named`` (the keys a later layer sets) does not name, when ``named`` names a source."""
+    if not named & set(DATA_SOURCES):
+        return section
+    return {
+        k: v for k, v in section.items() if k in named or k not in DATA_SOURCES + DATA_WITH_SOURCE
+    }
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    named = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        if len(parts) == 2 and parts[0] == "data" and value not in (None, []):
+            named.add(parts[1])
+    if named & set(DATA_SOURCES) and isinstance(data.get("data"), dict):
+        data["data"] = replace_data_source(data["data"], named)
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -146,6 +191,9 @@ def load_recipe_dict(name_or_path: str) -> tuple[dict, str]:
 
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
+    if isinstance(top.get("data"), dict) and isinstance(out.get("data"), dict):
+        named = {k for k, v in top["data"].items() if v not in (None, [])}
+        out["data"] = replace_data_source(out["data"], named)
     for k, v in top.items():
         out[k] = (
             _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -160,7 +208,7 @@ def build_recipe(
     override among ``overrides`` that set it)."""
     origin = _origin(source, list(overrides or []))
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(_expand_shared(data))
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, origin)) from None
     problems = recipe_problems(recipe)

@@ -59,7 +59,7 @@ def read_corpus(corpus: Path) -> str:
         return corpus.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(
-            f"data.corpus={corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file"
+            f"{corpus}: {first_bad_utf8(corpus)}; expected a UTF-8 text file"
         ) from None
 
 

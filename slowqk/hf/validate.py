@@ -19,7 +19,9 @@ def hf_loss_on_batches(hf_dir: str | Path, batches: list[list[dict]]) -> float:
     reduction the training loop's ``evaluate`` uses."""
     # deferred: transformers is an optional extra, imported only where used
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would sit among our lines
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     per_batch = []
     with torch.no_grad():
