@@ -282,9 +282,10 @@ def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from slowqk.experiments import load_grid, run_grid
 
     only = [v for v in (args.only or "").split(",") if v] or None
-    return run_grid(
-        load_grid(args.grid, args.overrides), jobs=args.jobs, dry_run=args.dry_run, only=only
-    )
+    grid = load_grid(args.grid, args.overrides)
+    if args.out_dir:
+        grid = grid.model_copy(update={"out_dir": args.out_dir})
+    return run_grid(grid, jobs=args.jobs, dry_run=args.dry_run, only=only)
 
 
 def _cmd_experiment_summarize(args: argparse.Namespace) -> int:
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value for every run; key=[a,b] adds a sweep axis"
     )
     ep.add_argument("--jobs", type=int, default=1, help="runs at a time (local processes)")
+    ep.add_argument(
+        "--out-dir", default=None, help="the grid's directory (default: the grid file's out_dir)"
+    )
     ep.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
     ep.add_argument(
         "--only", metavar="VARIANT[,VARIANT]", help="run only these variants (a grid in phases)"

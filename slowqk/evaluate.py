@@ -299,7 +299,7 @@ def _failed_line(exc: BaseException) -> str:
 def _quiet_git_probe():
     """lm-eval records the working directory's git commit, letting git print "fatal: not a git
     repository" to the terminal outside a checkout: the same probe, with git's stderr kept."""
-    import lm_eval.evaluator as evaluator  # deferred: an optional extra
+    import lm_eval.evaluator as evaluator  # deferred: lm_eval is an optional extra
 
     def probe() -> str | None:
         try:
@@ -336,6 +336,8 @@ def evaluate(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    # deferred: transformers is an optional extra
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would sit among our lines

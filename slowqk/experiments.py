@@ -403,7 +403,12 @@ def plan_grid(grid: Grid, only: list[str] | None = None) -> GridPlan:
     runs = expand(grid)
     data = grid_data(grid, runs)
     check_grid_dir(grid)
-    todo = [r for r in expand(grid, only) if not is_finished(r)]
+    # seed by seed (every cell's seed 1, then seed 2, ...): a grid cut short by a time limit
+    # leaves complete pairs
+    seeds = sorted({r.seed for r in runs}, key=[r.seed for r in runs].index)
+    todo = sorted(
+        (r for r in expand(grid, only) if not is_finished(r)), key=lambda r: seeds.index(r.seed)
+    )
     return GridPlan(runs, todo, data)
 
 

@@ -220,3 +220,34 @@ def test_compile_scope_bench_compares_the_same_model_under_each_scope(tmp_path) 
     assert rows["model"]["loss"] == pytest.approx(rows["eager"]["loss"], abs=1e-5)
     assert rows["eager"]["loss"] != rows["plain"]["loss"]
     assert "plain/this" in proc.stdout
+
+
+def test_gpu_targets_are_stated_met_or_missed_from_bench_records() -> None:
+    from gpu_targets import targets
+
+    def rec(recipe, case, tps, mem=None, mfu=None):
+        return {
+            "recipe": recipe,
+            "case": case,
+            "tokens_per_s": tps,
+            "peak_mem_gib": mem,
+            "mfu": mfu,
+        }
+
+    records = [
+        rec("big", "off", 1000.0, 30.0, 0.46),
+        rec("big", "hold", 995.0, 30.0),
+        rec("big", "plain", 1100.0, 24.0),
+        rec("mid", "off", 3000.0, 10.0, 0.3),
+        rec("mid", "hold", 2900.0, 10.0),
+        rec("mid", "plain", 2950.0, 9.0),
+    ]
+    got = {t["target"]: (round(t["value"], 4), t["met"]) for t in targets(records, "big", "mid")}
+    assert got["MFU, big"] == (0.46, True)
+    assert got["tokens/s vs plain eager, big"] == (round(1000 / 1100, 4), False)
+    assert got["tokens/s vs plain eager, mid"] == (round(3000 / 2950, 4), True)
+    assert got["peak memory vs plain, big"] == (1.25, False)
+    assert got["Q/K hold cost per step, big"] == (round(1000 / 995 - 1, 4), True)
+    assert got["Q/K hold cost per step, mid"] == (round(3000 / 2900 - 1, 4), False)
+    none = {t["target"]: t["met"] for t in targets([], "big", "mid")}
+    assert set(none.values()) == {None}  # not measured is said, not guessed

@@ -353,3 +353,14 @@ def test_every_figure_names_the_commit_of_its_runs() -> None:
     }
     assert _commits(mixed) == "runs of commit 1234567 (uncommitted changes), cd9bedc"
     assert _commits({"provenance": {"records": []}}) == "runs without a code record"
+
+
+def test_a_grid_runs_seed_by_seed_into_the_folder_asked_for(tmp_path, capsys) -> None:
+    path = _grid_file(tmp_path, seeds=[3, 1], variants={"gpt": {"recipe": "tiny/gpt"}})
+    out = tmp_path / "elsewhere"
+    assert reproduce_main(["experiment", "run", str(path), "--dry-run", "--out-dir", str(out)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "slowqk train" in x]
+    order = [(x.split("seed=")[1].split()[0], "qk.enabled=true" in x) for x in lines]
+    # both arms of the first seed before the next seed: a time limit leaves complete pairs
+    assert order == [("3", False), ("3", True), ("1", False), ("1", True)]
+    assert all(f"out_dir={out}/gpt/" in x for x in lines)

@@ -342,7 +342,7 @@ def test_a_bad_grid_submission_is_refused_before_anything_is_submitted(two_nodes
     )
     dry = _grid_cli(two_nodes, tmp_path, "submit", str(grid), "--dry-run", "--max-concurrent", "2")
     assert dry.returncode == 0, dry.stderr
-    assert "array of 4 (gpt/control/seed1, gpt/control/seed2, gpt/slowqk/seed1" in dry.stdout
+    assert "array of 4 (gpt/control/seed1, gpt/slowqk/seed1, gpt/control/seed2" in dry.stdout
     assert "grid_step.sbatch prepare-data" in dry.stdout and "afterany" in dry.stdout, dry.stdout
     assert _queue(env) == ""  # nothing was submitted
     assert not (tmp_path / "bad" / "slurm").exists()
