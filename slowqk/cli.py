@@ -850,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:  # InputError, VerifyError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input (a folder that cannot be locked, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

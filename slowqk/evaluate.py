@@ -386,7 +386,7 @@ def evaluate(
                         model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False
                     )
             except AssertionError as exc:  # lm-eval's check that an answer fits the context
-                if "continuation" not in _failed_line(exc):
+                if "max_length" not in _failed_line(exc):
                     raise
                 skipped[task] = (
                     f"an answer is longer than the model's context of {lm.max_length} tokens"
@@ -396,6 +396,11 @@ def evaluate(
                 raw[key].update(one.get(key, {}))
     finally:
         lm_eval_log.setLevel(level)
+    if not raw["results"]:
+        raise ValueError(
+            f"{model_dir}: no task could be scored ({'; '.join(skipped.values())}); set "
+            "--max-length or choose other --tasks"
+        )
     for task, why in skipped.items():
         log.warning(
             "%s: skipped: %s (--max-length N sets a longer one; a model with learned positions "

@@ -346,6 +346,19 @@ def _train(run: Run, threads: int) -> tuple[Run, int, float]:
     return run, code, time.perf_counter() - start
 
 
+# what a grid may change in its directory: how its runs are read and laid out, not what they are
+NOT_RUN_DECIDING = ("contrasts", "correction", "layout", "one_dataset")
+
+
+def _run_deciding(dump: dict) -> dict:
+    out = {k: v for k, v in dump.items() if k not in NOT_RUN_DECIDING}
+    out["variants"] = {
+        name: {k: v for k, v in variant.items() if k != "layout"}
+        for name, variant in dump["variants"].items()
+    }
+    return out
+
+
 def check_grid_dir(grid: Grid) -> None:
     """Refuse a grid directory whose record was written by another grid (its runs would mix)."""
     record_path = Path(grid.out_dir) / "grid.json"
@@ -355,9 +368,9 @@ def check_grid_dir(grid: Grid) -> None:
         recorded = json.loads(record_path.read_text())["grid"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RecipeError(f"{record_path}: not a grid record (damaged?)") from None
-    mine = grid.model_dump(mode="json")
+    mine = _run_deciding(grid.model_dump(mode="json"))
     try:  # the record as this version reads it (keys added since take their defaults)
-        recorded = Grid.model_validate(recorded).model_dump(mode="json")
+        recorded = _run_deciding(Grid.model_validate(recorded).model_dump(mode="json"))
     except ValidationError:
         raise RecipeError(f"{record_path}: written by another grid (not valid here)") from None
     recorded["out_dir"] = mine["out_dir"]  # the same folder, however it was named

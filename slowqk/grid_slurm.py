@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -198,10 +199,18 @@ def submit_grid(
     todo = [r for r in plan.todo if r.name not in active]
     groups: dict[tuple, list[Run]] = {}
     jobs: dict[tuple, SlurmJob] = {}
-    part = partition_limits(job.partition) if todo else None
+    part = None
+    if todo:
+        try:
+            part = partition_limits(job.partition)
+        except SlurmUnavailable:
+            if not dry_run:
+                raise
+            print("  (partition not checked: no SLURM here)")
     for run in todo:
         rj = run_job(grid, run, job)
-        check_fits(rj, part, f"run {run.name}")
+        if part is not None:
+            check_fits(rj, part, f"run {run.name}")
         check_job_layout(load_recipe(run.recipe, list(run.overrides)), rj)
         key = (rj.nodes, rj.gpus_per_node, tasks_per_node(rj))
         groups.setdefault(key, []).append(run)
@@ -214,7 +223,9 @@ def submit_grid(
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = grid_dir / "slurm" / "logs"
-    common = [f"--chdir={workdir}"] + [
+    # the jobs find this checkout (its venv and scripts) wherever `submit` was started
+    repo = os.environ.get("SLOWQK_REPO", str(SBATCH_SCRIPT.parent.parent.parent))
+    common = [f"--chdir={workdir}", f"--export=ALL,SLOWQK_REPO={repo}"] + [
         f"{flag}={value}"
         for flag, value in (
             ("--time", job.time),
@@ -246,7 +257,8 @@ def submit_grid(
             f"--array=0-{n - 1}{limit}",
             f"--output={logs}/%x-%A_%a.out",
             f"--dependency=afterok:{data_job}",
-            f"--export=ALL,SLOWQK_TASK_DIR={task_dir}",
+            "--kill-on-invalid-dep=yes",  # a failed data job cancels the array, not a hang
+            f"--export=ALL,SLOWQK_REPO={repo},SLOWQK_TASK_DIR={task_dir}",
             *job_flags(jobs[key]),
             str(SBATCH_SCRIPT),
         ]
@@ -254,26 +266,34 @@ def submit_grid(
     tasks = grid_dir / "slurm" / "tasks"
     if dry_run:
         print("  " + shlex.join(step("data", None, ["prepare-data", str(grid_dir)])))
-        for n, (key, runs) in enumerate(groups.items()):
+        for key, runs in groups.items():
             print(f"  array of {len(runs)} ({', '.join(r.name for r in runs)}):")
-            argv = array(key, len(runs), tasks / f"{stamp}-{n}", "<data job>")
+            argv = array(key, len(runs), tasks / f"{stamp}-XXXX", "<data job>")
             print("    " + shlex.join(argv))
         print("  " + shlex.join(step("summary", "afterany:<arrays>", ["summarize", str(grid_dir)])))
         return 0
     write_grid_record(grid, plan.runs)
     logs.mkdir(parents=True, exist_ok=True)
-    data_job = _sbatch(step("data", None, ["prepare-data", str(grid_dir)]))
-    arrays = []
-    env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
-    for n, (key, runs) in enumerate(groups.items()):
-        task_dir = tasks / f"{stamp}-{n}"
-        task_dir.mkdir(parents=True, exist_ok=True)
-        for i, run in enumerate(with_grid_data(grid_dir, runs)):
-            _write_task(task_dir / str(i), run)
-        job_id = _sbatch(array(key, len(runs), task_dir, data_job), env)
-        arrays.append({"job": job_id, "runs": [r.name for r in runs]})
-    after = ":".join(a["job"] for a in arrays)
-    summary_job = _sbatch(step("summary", f"afterany:{after}", ["summarize", str(grid_dir)]))
+    tasks.mkdir(parents=True, exist_ok=True)
+    submitted: list[str] = []
+    try:  # all or nothing: a refused sbatch cancels the jobs this submission made
+        data_job = _sbatch(step("data", None, ["prepare-data", str(grid_dir)]))
+        submitted.append(data_job)
+        arrays = []
+        env = {"SLOWQK_CONTAINER_IMAGE": job.container_image} if job.container_image else {}
+        for key, runs in groups.items():
+            task_dir = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=tasks))  # never shared
+            for i, run in enumerate(with_grid_data(grid_dir, runs)):
+                _write_task(task_dir / str(i), run)
+            job_id = _sbatch(array(key, len(runs), task_dir, data_job), env)
+            submitted.append(job_id)
+            arrays.append({"job": job_id, "runs": [r.name for r in runs]})
+        after = ":".join(a["job"] for a in arrays)
+        summary_job = _sbatch(step("summary", f"afterany:{after}", ["summarize", str(grid_dir)]))
+    except SlurmUnavailable:
+        if submitted:
+            _slurm(["scancel", *submitted])
+        raise
     record = {
         "submitted": stamp,
         "data_job": data_job,

@@ -16,7 +16,12 @@ ENV = "SLOWQK_LOG_LEVEL"
 def configure_logging(level: str | None = None, quiet: bool = False) -> str:
     """Set up the ``slowqk`` logger for this process; the level it got."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    level = level or os.environ.get(ENV) or ("WARNING" if quiet or rank != 0 else "INFO")
+    inherited = os.environ.get(ENV, "").upper()  # a parent's --log-level
+    level = (
+        level
+        or (inherited if inherited in LEVELS else None)
+        or ("WARNING" if quiet or rank != 0 else "INFO")
+    )
     prefix = f"[rank {rank}] " if world > 1 else ""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

@@ -89,12 +89,14 @@ class Monitor:
         path: Path,
         write: bool,
         tensorboard=None,
+        extra_steps: frozenset[int] = frozenset(),
     ) -> None:
         """``engine`` (:mod:`slowqk.engines`): the model chunks this rank holds (one, or one per
         virtual pipeline stage), their forward-only pass of the probe batch, the reduced
         gradients and (ZeRO-3) the gathered weights;
         ``write``: this rank writes ``path`` and ``tensorboard`` (a SummaryWriter or None)."""
         self.interval, self.num_layers = interval, num_layers
+        self.extra_steps = extra_steps  # probed besides every interval-th step
         self.engine, self.device = engine, device
         chunks = [getattr(c, "module", c) for c in engine.chunks]
         # every chunk's layers in one module to walk (a view: nothing is copied or re-registered)
@@ -120,7 +122,8 @@ class Monitor:
             self.seconds += time.perf_counter() - start
 
     def due(self, step: int) -> bool:
-        return self.interval > 0 and step % self.interval == 0
+        # ``step`` steps are done; the probe runs around the next one and is recorded as step + 1
+        return step + 1 in self.extra_steps or (self.interval > 0 and step % self.interval == 0)
 
     # -- reductions over the model-parallel ranks that split a layer or hold other layers
     def _reduce_model_parallel(self, t: torch.Tensor) -> torch.Tensor:

@@ -158,3 +158,17 @@ def test_the_bundled_corpus_is_found_from_any_directory(tmp_path, monkeypatch) -
     assert corpus == str((SHARED / "data" / "tinyshakespeare" / "input.txt").resolve())
     monkeypatch.setenv("SLOWQK_SHARED_DIR", str(tmp_path))
     assert load_recipe("tiny/gpt").data.corpus == str(tmp_path / "data/tinyshakespeare/input.txt")
+
+
+def test_a_data_path_named_another_way_is_not_a_recipe_change(tmp_path, monkeypatch) -> None:
+    from slowqk.config.changes import run_altering_changes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared").mkdir()
+    saved = {"data": {"corpus": "shared/input.txt", "dataset": None}}
+    same = {"data": {"corpus": str(tmp_path / "shared" / "input.txt"), "dataset": None}}
+    other = {"data": {"corpus": str(tmp_path / "other.txt"), "dataset": None}}
+    assert run_altering_changes(saved, same) == []
+    assert run_altering_changes(saved, other) == [
+        f"data.corpus: 'shared/input.txt' -> {str(tmp_path / 'other.txt')!r}"
+    ]

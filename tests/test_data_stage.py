@@ -69,3 +69,23 @@ def test_training_reads_the_prepared_data_and_never_tokenizes(tmp_path, capsys) 
     err = capsys.readouterr().err
     assert "holds a preparation from other inputs" in err and "use another out_dir" in err
     assert _file_stamps(out / "data") == before
+
+
+def test_a_touched_corpus_is_reused_and_a_changed_one_refused(tmp_path) -> None:
+    import os
+
+    from slowqk.data.stage import prepare_stage
+
+    corpus = tmp_path / "corpus.txt"
+    lines = (SHARED / "data" / "tinyshakespeare" / "input.txt").read_text().splitlines(True)
+    corpus.write_text("".join(lines[:1500]))
+    data = load_recipe("tiny/gpt", [f"data.corpus={corpus}", "data.tokenizer_vocab_size=384"]).data
+    where = tmp_path / "prepared"
+    dataset = prepare_stage(data, where)
+    before = _file_stamps(where)
+    os.utime(corpus, ns=(1, 1))  # touched (copied, checked out), the same bytes
+    assert prepare_stage(data, where) == dataset and _file_stamps(where) == before
+    corpus.write_text("".join(lines[:1400]))  # other bytes: runs may be reading the old data
+    with pytest.raises(ValueError, match="the file changed since it was prepared"):
+        prepare_stage(data, where)
+    assert _file_stamps(where) == before

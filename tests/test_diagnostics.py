@@ -319,3 +319,47 @@ def test_pathway_energy_ratio_by_hand() -> None:
     # FFN writes of RMS 1, 2, 3 into a stream of RMS 1, 2, 4, 5 entering layers 0..3
     got = pathway_energy_ratio({0: 1.0, 1: 2.0, 2: 3.0, 3: 9.0}, {0: 1.0, 1: 2.0, 2: 4.0, 3: 5.0})
     assert got == pytest.approx({0: 0.0, 1: 1 / 4, 2: 5 / 16, 3: 14 / 25})
+
+
+def test_probe_steps_and_specialization_steps_by_hand() -> None:
+    from slowqk.qk.specialization import SpecializationSteps, probe_steps
+
+    assert sorted(probe_steps(50, True, [3])) == [1, 2, 3, 4, 8, 16, 32]
+    assert probe_steps(50, False, []) == frozenset()
+    spec = SpecializationSteps([0.9, 0.5], upper=[2, 3], lower=[0, 1])
+    spec.update(1, {0: 0.99, 1: 0.97, 2: 0.89, 3: 0.95})
+    spec.update(2, {0: 0.95, 1: 0.93, 2: 0.7, 3: 0.85})
+    assert spec.gap(0.9) is None  # the lower layers have not crossed yet
+    spec.update(4, {0: 0.88, 1: 0.6, 2: 0.4, 3: 0.8})
+    rec = spec.record(4)
+    assert rec["steps"]["0.9"] == [4, 4, 1, 2] and rec["steps"]["0.5"] == [None, None, 4, None]
+    assert rec["upper_minus_lower"]["0.9"] == 1.5 - 4.0  # the upper layers first, by 2.5 steps
+    again = SpecializationSteps([0.9, 0.5], upper=[2, 3], lower=[0, 1])
+    again.load_state_dict(spec.state_dict())
+    assert again.record(4) == rec
+
+
+@pytest.mark.slow
+def test_log_spaced_probes_record_each_layer_s_specialization_step(small_dataset, tmp_path) -> None:
+    from multiproc import run_ranks
+    from test_release import _overrides, _train
+
+    from slowqk.metrics import read_metrics
+
+    out = tmp_path / "run"
+    extra = {
+        "diagnostics.interval": 6,
+        "diagnostics.log_spaced": "true",
+        "diagnostics.steps": "[5]",
+        "diagnostics.specialization_thresholds": "[0.999, 0.99]",
+        "train.steps": 12,
+    }
+    run_ranks(_train, 1, _overrides(small_dataset, out, **extra))
+    probed = [r["step"] for r in read_metrics(out / "diagnostics.jsonl")]
+    assert probed == [1, 2, 4, 5, 7]  # every 6th (1, 7) besides the early and named ones
+    spec = json.loads((out / "summary.json").read_text())["specialization"]
+    entropy = {r["step"]: r["layers"] for r in read_metrics(out / "diagnostics.jsonl")}
+    for t in ("0.999", "0.99"):
+        for layer, step in enumerate(spec["steps"][t]):  # the first probe below t, from the records
+            below = [s for s in probed if entropy[s][str(layer)]["entropy"] < float(t)]
+            assert step == (below[0] if below else None), (t, layer)

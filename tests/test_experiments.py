@@ -227,6 +227,13 @@ def test_a_grid_directory_written_by_another_grid_is_refused(tmp_path, capsys) -
         assert "grid.json: written by another grid (key 'seeds': [1, 2] there, [1, 2, 3]" in err
     same = _grid_file(tmp_path)  # the grid that wrote it goes on
     assert reproduce_main(["experiment", "run", str(same), "--dry-run"]) == 0
+    # so does one that reads or lays out the same runs otherwise (contrasts, layout)
+    relaid = _grid_file(
+        tmp_path,
+        layout={"nodes": 2},
+        contrasts=[{"name": "c", "arm": "gpt/slowqk", "minus": "gpt/control"}],
+    )
+    assert reproduce_main(["experiment", "run", str(relaid), "--dry-run"]) == 0
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from slowqk.early_warning import SpecializationWarning
 from slowqk.metrics import truncate_after
 from slowqk.monitor import Monitor
 from slowqk.optim import lower_layers, selected_layers
+from slowqk.qk.specialization import SpecializationSteps, probe_steps
 
 log = logging.getLogger("slowqk.monitor")
 
@@ -22,13 +23,21 @@ class Diagnostics(Callback):
 
     name = "diagnostics"
 
-    def __init__(self, monitor: Monitor, warning: SpecializationWarning | None, tracker) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        warning: SpecializationWarning | None,
+        tracker,
+        specialization: SpecializationSteps,
+    ) -> None:
         self.monitor, self.warning, self.tracker = monitor, warning, tracker
+        self.specialization = specialization
 
     @classmethod
     def build(cls, trainer) -> Diagnostics | None:
         r = trainer.recipe
-        if r.diagnostics.interval <= 0:
+        d = r.diagnostics
+        if d.interval <= 0 and not d.steps:
             return None
         engine = trainer.engine
         n = r.diagnostics.probe_samples
@@ -44,6 +53,10 @@ class Diagnostics(Callback):
             trainer.run_dir / "diagnostics.jsonl",
             write=trainer.rank == 0,
             tensorboard=trainer.metrics.tensorboard,
+            extra_steps=probe_steps(d.interval, d.log_spaced, d.steps),
+        )
+        specialization = SpecializationSteps(
+            d.specialization_thresholds, selected_layers(r), lower_layers(r)
         )
         warning = tracker = None
         if warning_enabled(r):
@@ -54,7 +67,7 @@ class Diagnostics(Callback):
             if watch is None:  # built before this one wherever the warning is on
                 raise RuntimeError("the early warning needs the lower layers' drift watch")
             tracker = watch.tracker
-        return cls(monitor, warning, tracker)
+        return cls(monitor, warning, tracker, specialization)
 
     def before_update(self, trainer, rec: dict) -> None:
         with self.monitor.timed():
@@ -65,6 +78,9 @@ class Diagnostics(Callback):
             record = self.monitor.after_update(trainer.step)
             if record is None:
                 return
+            self.specialization.update(
+                record["step"], {int(k): v["entropy"] for k, v in record["layers"].items()}
+            )
             if self.warning is not None:
                 self._early_warning(trainer, record)
             self.monitor.write(record)
@@ -82,11 +98,16 @@ class Diagnostics(Callback):
                 log.warning(self.warning.message(event))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"specialization_warning": self.warning.state_dict()} if self.warning else {}
+        state = {"specialization_steps": self.specialization.state_dict()}
+        if self.warning:
+            state["specialization_warning"] = self.warning.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.warning is not None and "specialization_warning" in state:
             self.warning.load_state_dict(state["specialization_warning"])
+        # a checkpoint from before these were kept: a crossing before it is not known
+        self.specialization.load_state_dict(state.get("specialization_steps", {}))
 
     @classmethod
     def legacy_state(cls, extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -101,9 +122,10 @@ class Diagnostics(Callback):
     def summary(self) -> dict[str, Any]:
         return {
             "specialization_warning": self.warning.record() if self.warning else None,
+            "specialization": self.specialization.record(self.monitor.num_layers),
             "diagnostics_seconds": self.monitor.seconds,
         }
 
     @classmethod
     def absent_summary(cls) -> dict[str, Any]:
-        return {"specialization_warning": None, "diagnostics_seconds": 0.0}
+        return {"specialization_warning": None, "specialization": None, "diagnostics_seconds": 0.0}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -37,6 +38,19 @@ RESUME_SAFE_PREFIXES = (
 )
 
 
+# Paths compared by where they lead: a corpus named `../shared/...` then and `/abs/shared/...` now
+# (as `${shared}` expands) is the same input.
+PATH_KEYS = ("data.corpus", "data.tokenizer", "data.dataset")
+
+
+def _same_place(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_place, a, b))
+    if isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -57,6 +71,8 @@ def run_altering_changes(saved: dict, current: dict) -> list[str]:
             [],
             False,
         ):  # added since, at its off default (lr_groups, qk_norm)
+            continue
+        if key in PATH_KEYS and _same_place(a.get(key), b.get(key)):
             continue
         if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
             changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

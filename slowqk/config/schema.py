@@ -299,6 +299,19 @@ class DiagnosticsConfig(StrictSection):
     """In-training probes of attention specialization (see slowqk.diagnostics for definitions)."""
 
     interval: int = Field(0, ge=0, description="every this many steps; 0 = off")
+    log_spaced: bool = Field(
+        False,
+        description="probe also at steps 1, 2, 4, 8, ... below the interval (the early dynamics "
+        "sit in the first tens of steps)",
+    )
+    steps: list[int] = Field(
+        default_factory=list, description="probe also at these steps (with or without an interval)"
+    )
+    specialization_thresholds: list[float] = Field(
+        default_factory=lambda: [0.95, 0.9, 0.85],
+        description="a layer's specialization step is its first probe with normalized attention "
+        "entropy below each of these (summary.json: specialization)",
+    )
     probe_samples: int = Field(4, ge=1, description="fixed validation samples the probe runs on")
     warn: bool = Field(
         True,

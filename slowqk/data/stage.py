@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +49,22 @@ def stage_dir(recipe: Recipe) -> Path:
 def _exclusive(where: Path) -> Iterator[None]:
     where.mkdir(parents=True, exist_ok=True)
     with open(where / ".stage.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except OSError as exc:  # e.g. Lustre mounted without flock
+            raise OSError(
+                f"{where}: cannot lock this folder ({exc.strerror}); prepare the data once first "
+                "(`slowqk prepare-data RECIPE`), then start the ranks"
+            ) from None
         yield
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _corpus_stat(corpus: str) -> list[int]:
@@ -73,14 +88,21 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
 
     def done() -> Path | None:  # the record is written last: one that matches is complete
         record = _read_record(where)
-        if record and record["inputs"] != inputs:  # a run's data are never replaced under it
+        if record is None:
+            return None
+        if record["inputs"] != inputs:  # a run's data are never replaced under it
             raise ValueError(
                 f"data.corpus={data.corpus}: {where} holds a preparation from other inputs "
                 f"({record['inputs']}); use another out_dir, or remove {where} to prepare again"
             )
-        if record and record["corpus_stat"] == _corpus_stat(inputs["corpus"]):
-            return where / record["dataset"]
-        return None
+        touched = record["corpus_stat"] != _corpus_stat(inputs["corpus"])
+        if touched and record.get("corpus_sha256") != _sha256(inputs["corpus"]):
+            raise ValueError(
+                f"data.corpus={data.corpus}: the file changed since it was prepared in {where}, "
+                f"which runs may be reading; use another out_dir, or remove {where} to prepare "
+                "again"
+            )
+        return where / record["dataset"]
 
     if (dataset := done()) is not None:
         return dataset  # prepared by an earlier process: nothing to do
@@ -88,7 +110,7 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
     with _exclusive(where):
         if (dataset := done()) is not None:
             return dataset  # prepared while this process waited for the lock
-        stat = _corpus_stat(inputs["corpus"])
+        stat, sha = _corpus_stat(inputs["corpus"]), _sha256(inputs["corpus"])
         prepared = prepare_corpus(
             inputs["corpus"],
             where,
@@ -100,7 +122,15 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
         dataset = prepared.dataset_dir.relative_to(where)
         tmp = where / (RECORD + ".tmp")
         tmp.write_text(
-            json.dumps({"inputs": inputs, "corpus_stat": stat, "dataset": str(dataset)}, indent=2)
+            json.dumps(
+                {
+                    "inputs": inputs,
+                    "corpus_stat": stat,
+                    "corpus_sha256": sha,
+                    "dataset": str(dataset),
+                },
+                indent=2,
+            )
         )
         tmp.replace(where / RECORD)
         return prepared.dataset_dir
