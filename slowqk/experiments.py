@@ -53,6 +53,7 @@ from slowqk.config import (
 from slowqk.data.corpus import DATASET_DIR
 from slowqk.data.stage import needs_stage, prepare_stage, stage_inputs
 from slowqk.distributed import single_process_env
+from slowqk.grid_record import RECORD, read_record
 from slowqk.metrics import read_metrics
 from slowqk.provenance import differences, provenance
 
@@ -361,7 +362,7 @@ def _run_deciding(dump: dict) -> dict:
 
 def check_grid_dir(grid: Grid) -> None:
     """Refuse a grid directory whose record was written by another grid (its runs would mix)."""
-    record_path = Path(grid.out_dir) / "grid.json"
+    record_path = Path(grid.out_dir) / RECORD
     if not record_path.is_file():
         return
     try:
@@ -384,12 +385,7 @@ def check_grid_dir(grid: Grid) -> None:
 
 def read_grid_record(grid_dir: str | Path) -> tuple[Grid, list[Run]]:
     """The grid and its runs as ``experiment run`` / ``submit`` recorded them."""
-    record_path = Path(grid_dir) / "grid.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(
-            f"{record_path}: not a grid directory (run `slowqk experiment run` or `submit` first)"
-        )
-    record = json.loads(record_path.read_text())
+    record = read_record(grid_dir)
     runs = [Run(**{**r, "overrides": tuple(r["overrides"])}) for r in record["runs"]]
     return Grid.model_validate(record["grid"]), runs
 
@@ -400,7 +396,7 @@ def write_grid_record(grid: Grid, runs: list[Run]) -> None:
     record = {"grid": grid.model_dump(mode="json"), "runs": [asdict(r) for r in runs]}
     tmp = grid_dir / "grid.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(grid_dir / "grid.json")
+    tmp.replace(grid_dir / RECORD)
 
 
 @dataclass(frozen=True)

@@ -168,10 +168,15 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _queued_tasks(grid_dir: Path) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """Each run's newest array task, and what ``squeue`` says of the tasks it still holds."""
+    tasks = _task_jobs(read_submissions(grid_dir))
+    return tasks, queue_states(sorted({t.split("_")[0] for t in tasks.values()}))
+
+
 def _active(grid_dir: Path) -> dict[str, tuple[str, str, str]]:
     """Runs with a task SLURM still holds: ``{run: (task id, state, reason)}``."""
-    tasks = _task_jobs(read_submissions(grid_dir))
-    states = queue_states(sorted({t.split("_")[0] for t in tasks.values()}))
+    tasks, states = _queued_tasks(grid_dir)
     return {name: (task, *states[task]) for name, task in tasks.items() if task in states}
 
 
@@ -323,8 +328,7 @@ def grid_status(grid_dir: Path) -> tuple[list[str], dict[str, int]]:
     """One line per run (state, SLURM job id, and for a failure its log's last line), and the
     count per state."""
     grid, runs = read_grid_record(grid_dir)
-    tasks = _task_jobs(read_submissions(grid_dir))
-    states = queue_states(sorted({t.split("_")[0] for t in tasks.values()}))
+    tasks, states = _queued_tasks(grid_dir)
     lines, counts = [], {}
     for run in runs:
         name, task = run.name, tasks.get(run.name)

@@ -101,7 +101,7 @@ def submit(
     cmd, env, layout = sbatch_command(recipe, overrides, job, workdir)
     print(f"# {layout}", file=sys.stderr)
     if dry_run:
-        world = job.nodes * (job.tasks_per_node or max(1, job.gpus_per_node))
+        world = job.nodes * tasks_per_node(job)
         for note in layout_notes(load_recipe(recipe, overrides), recipe, world):
             print(f"# {note}", file=sys.stderr)
     print(

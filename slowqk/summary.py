@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slowqk.grid_record import read_record
 from slowqk.metrics import read_metrics
 from slowqk.monitor import read_diagnostics
 from slowqk.provenance import DETERMINING
@@ -166,13 +167,7 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
 def collect(grid_dir: str | Path) -> tuple[dict, list[RunResult], list[str]]:
     """``(grid, results, missing)``: the grid record, every finished run, and unfinished run
     dirs."""
-    grid_dir = Path(grid_dir)
-    record_path = grid_dir / "grid.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(
-            f"{record_path}: not a grid directory (run `slowqk experiment run` first)"
-        )
-    record = json.loads(record_path.read_text())
+    record = read_record(grid_dir)
     results, missing = [], []
     for run in record["runs"]:
         run_dir = Path(run["run_dir"])
