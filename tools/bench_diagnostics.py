@@ -1,7 +1,7 @@
 """Overhead of the in-training diagnostics: the same run with the probe off and on, side by side.
 
     python tools/bench_diagnostics.py [--recipe tiny/gpt] [--steps 200] [--interval 50] [--repeats
-    3]
+    3] [--log-spaced]
 
 Runs off/on pairs in alternating order (machine noise on a shared CPU is several percent per run)
 and prints each pair's training seconds (the probe's time counts as training time) and the median
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from slowqk.qk.specialization import probe_steps
 
 
 def run(recipe: str, overrides: list[str], out: Path) -> dict:
@@ -53,13 +55,16 @@ def pair_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
 def main() -> None:
     ap = pair_arguments(__doc__, 200)
     ap.add_argument("--interval", type=int, default=50)
+    ap.add_argument(
+        "--log-spaced", action="store_true", help="probe also at 1, 2, 4, ... below --interval"
+    )
     args = ap.parse_args()
     base = [*args.overrides, f"train.steps={args.steps}", f"train.eval_interval={args.steps}"]
-    arms = {
-        "off": [*base, "diagnostics.interval=0"],
-        "on": [*base, f"diagnostics.interval={args.interval}"],
-    }
-    print(f"{args.recipe}, {args.steps} steps, probe every {args.interval} steps")
+    on = [f"diagnostics.interval={args.interval}", f"diagnostics.log_spaced={args.log_spaced}"]
+    arms = {"off": [*base, "diagnostics.interval=0"], "on": [*base, *on]}
+    early = sorted(probe_steps(args.interval, args.log_spaced, []))
+    also = f" and at steps {', '.join(map(str, early))}" if early else ""
+    print(f"{args.recipe}, {args.steps} steps, probe every {args.interval} steps{also}")
     compare_pairs(args.recipe, arms, args.repeats, "diagnostics_seconds", "probe")
 
 
