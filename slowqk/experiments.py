@@ -82,12 +82,24 @@ class Variant(StrictSection):
     )
 
 
+class Difference(StrictSection):
+    """``arm - minus``, each named ``variant/arm``."""
+
+    arm: str
+    minus: str
+
+
 class Contrast(StrictSection):
-    """``arm - minus`` over the seeds both ran, each named ``variant/arm``."""
+    """``arm - minus`` over the seeds both ran, each named ``variant/arm``; with ``versus``, that
+    difference minus another one, seed by seed (an interaction: does an effect change between
+    two settings?)."""
 
     name: str
     arm: str
     minus: str
+    versus: Difference | None = Field(
+        None, description="subtract this difference of the same seed (difference in differences)"
+    )
     family: str = Field(
         "primary", description="the correction runs within each family (e.g. primary, secondary)"
     )
@@ -171,10 +183,13 @@ def load_grid(path: str | Path, cli_overrides: list[str] | None = None) -> Grid:
     }
     names = [c.name for c in grid.contrasts]
     for i, c in enumerate(grid.contrasts):
-        for key in ("arm", "minus"):
-            if getattr(c, key) not in ran:
+        named = [(key, getattr(c, key)) for key in ("arm", "minus")]
+        if c.versus is not None:
+            named += [(f"versus.{key}", getattr(c.versus, key)) for key in ("arm", "minus")]
+        for key, cell in named:
+            if cell not in ran:
                 raise RecipeError(
-                    f"{path}: key 'contrasts.{i}.{key}': {getattr(c, key)!r} is no variant/arm the "
+                    f"{path}: key 'contrasts.{i}.{key}': {cell!r} is no variant/arm the "
                     f"grid runs ({', '.join(sorted(ran))})"
                 )
         if names.count(c.name) > 1:

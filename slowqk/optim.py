@@ -4,8 +4,10 @@ recipe."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -211,6 +213,7 @@ def group_specs(
                 frozenset(g.params),
                 frozenset(resolve_layers(g.layers, n)),
                 group_schedule(recipe, g),
+                quack_tau=g.mult if g.rule == "quack" else None,
             )
         )
     return specs
@@ -235,6 +238,27 @@ def step_multipliers(groups: lr_groups.LRGroups | None, step: int) -> dict:
     return rec
 
 
+def head_multiplier_range(groups: lr_groups.LRGroups, device: torch.device) -> dict[str, float]:
+    """Each head rule's smallest and largest multiplier of the last step over all heads and ranks
+    (``<group>.q_min``, ``.q_max``, ``.k_min``, ``.k_max``)."""
+    names = sorted(groups.rules)
+    worst = []  # maxima of (max, -min) per group and kind, one all-reduce for all
+    for name in names:
+        for kind in "qk":
+            values = [m for key, m in groups.head_mults[name].items() if key[0] == kind]
+            worst += [max(values), -min(values)] if values else [-math.inf, -math.inf]
+    t = torch.tensor(worst, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out, it = {}, iter(t.tolist())
+    for name in names:
+        for kind in "qk":
+            high, low = next(it), -next(it)
+            if math.isfinite(high):
+                out.update({f"{name}.{kind}_min": low, f"{name}.{kind}_max": high})
+    return out
+
+
 def lr_groups_record(recipe: Recipe) -> list[dict]:
     """Each ``lr_groups`` entry as run: name, parts, layers, multiplier and schedule in steps."""
     out = []
@@ -247,6 +271,7 @@ def lr_groups_record(recipe: Recipe) -> list[dict]:
                 "params": list(g.params),
                 "layers": resolve_layers(g.layers, n),
                 "mult": g.mult,
+                "rule": g.rule,
                 "hold_steps": sched.hold_steps if g.hold is not None else None,
                 "ramp_steps": sched.ramp_steps,
                 "shape": g.shape,

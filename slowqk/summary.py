@@ -127,15 +127,19 @@ def contrast_rows(grid: dict, by: dict) -> list[dict]:
     for c in contrasts:
         family = c.get("family", "primary")
         m = sizes[family]
-        a, b = (by.get(tuple(c[k].split("/", 1)), {}) for k in ("arm", "minus"))
-        common = sorted(set(a) & set(b))
-        diffs = [a[k].final_val_loss - b[k].final_val_loss for k in common]
+        terms = [(1.0, c["arm"]), (-1.0, c["minus"])]
+        if c.get("versus"):
+            terms += [(-1.0, c["versus"]["arm"]), (1.0, c["versus"]["minus"])]
+        cells = [(sign, by.get(tuple(name.split("/", 1)), {})) for sign, name in terms]
+        common = sorted(set.intersection(*(set(cell) for _, cell in cells)))
+        diffs = [sum(sign * cell[k].final_val_loss for sign, cell in cells) for k in common]
         row = {
             "name": c["name"],
             "family": family,
             "family_size": m,
             "arm": c["arm"],
-            "minus": c["minus"],
+            "minus": c["minus"]
+            + (f" - ({c['versus']['arm']} - {c['versus']['minus']})" if c.get("versus") else ""),
             "seeds": common,
             "val_loss_diff": diffs,
         }
@@ -212,6 +216,9 @@ def groups_cell(summary: dict) -> str:
     3)``."""
     cells = ["qk"] if summary.get("qk_enabled") else []
     for g in summary.get("lr_groups") or []:
+        if g.get("rule") == "quack":
+            cells.append(f"{g['name']} (QuacK, tau {g['mult']:g})")
+            continue
         when = (
             "constant"
             if g["hold_steps"] is None

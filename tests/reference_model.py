@@ -4,6 +4,8 @@ Used as the reference for the learning-rate groups: each group's parts (Q, K, V,
 norms, embeddings, output) go into param groups of their own whose lr is ``lr * mult``, the
 textbook way to give them a different learning rate.
 Weights are loaded from (and written back to) megatron-core's TP-merged state dict layout.
+With ``split_qk_heads`` every Q and K head is a parameter of its own (``q_heads.<h>``,
+``k_heads.<g>``, their biases ``q_bias_heads``/``k_bias_heads``), for per-head learning rates.
 """
 
 from __future__ import annotations
@@ -39,15 +41,42 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+class Heads(nn.Module):
+    """A Q or K projection whose heads are separate parameters (``weight.<h>``, ``bias.<h>``)."""
+
+    def __init__(self, h: int, heads: int, hd: int, bias: bool) -> None:
+        super().__init__()
+        self.heads = nn.ParameterList(nn.Parameter(torch.empty(hd, h)) for _ in range(heads))
+        self.biases = (
+            nn.ParameterList(nn.Parameter(torch.zeros(hd)) for _ in range(heads)) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = torch.cat(list(self.biases)) if self.biases is not None else None
+        return F.linear(x, torch.cat(list(self.heads)), b)
+
+    @torch.no_grad()
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        for p, t in zip(self.heads, weight.chunk(len(self.heads)), strict=True):
+            p.copy_(t)
+        if self.biases is not None:
+            for p, t in zip(self.biases, bias.chunk(len(self.biases)), strict=True):
+                p.copy_(t)
+
+
 class Block(nn.Module):
-    def __init__(self, mc: ModelConfig) -> None:
+    def __init__(self, mc: ModelConfig, split_qk_heads: bool = False) -> None:
         super().__init__()
         h, nh = mc.hidden_size, mc.num_attention_heads
         ng = mc.num_query_groups or nh
         self.mc, self.nh, self.ng, self.hd = mc, nh, ng, h // nh
         self.ln1, self.ln2 = _norm(mc), _norm(mc)
-        self.q = nn.Linear(h, nh * self.hd, bias=mc.bias)
-        self.k = nn.Linear(h, ng * self.hd, bias=mc.bias)
+        if split_qk_heads:
+            self.q = Heads(h, nh, self.hd, mc.bias)
+            self.k = Heads(h, ng, self.hd, mc.bias)
+        else:
+            self.q = nn.Linear(h, nh * self.hd, bias=mc.bias)
+            self.k = nn.Linear(h, ng * self.hd, bias=mc.bias)
         self.v = nn.Linear(h, ng * self.hd, bias=mc.bias)
         self.o = nn.Linear(nh * self.hd, h, bias=mc.bias)
         if mc.qk_norm:  # per head, over head_dim, before RoPE (megatron-core's qk_layernorm)
@@ -90,13 +119,13 @@ class Block(nn.Module):
 
 
 class ReferenceGPT(nn.Module):
-    def __init__(self, mc: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, mc: ModelConfig, vocab_size: int, split_qk_heads: bool = False) -> None:
         super().__init__()
         self.mc = mc
         self.embed = nn.Embedding(vocab_size, mc.hidden_size)
         if mc.position == "learned":
             self.pos = nn.Embedding(mc.seq_length, mc.hidden_size)
-        self.blocks = nn.ModuleList(Block(mc) for _ in range(mc.num_layers))
+        self.blocks = nn.ModuleList(Block(mc, split_qk_heads) for _ in range(mc.num_layers))
         self.ln_f = _norm(mc)
         if not mc.tie_embeddings:
             self.head = nn.Linear(mc.hidden_size, vocab_size, bias=False)
@@ -132,17 +161,20 @@ class ReferenceGPT(nn.Module):
             p = f"decoder.layers.{i}."
             _copy_norm(blk.ln1, sd, p + "input_layernorm")
             _copy_norm(blk.ln2, sd, p + "pre_mlp_layernorm")
-            for name, t in zip(
-                "qkv", self._qkv_split(blk, sd[p + "self_attention.linear_qkv.weight"]), strict=True
-            ):
-                getattr(blk, name).weight.copy_(t)
-            if self.mc.bias:
-                for name, t in zip(
-                    "qkv",
-                    self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"]),
-                    strict=True,
-                ):
-                    getattr(blk, name).bias.copy_(t)
+            weights = self._qkv_split(blk, sd[p + "self_attention.linear_qkv.weight"])
+            biases = (
+                self._qkv_split(blk, sd[p + "self_attention.linear_qkv.bias"])
+                if self.mc.bias
+                else (None, None, None)
+            )
+            for name, w, b in zip("qkv", weights, biases, strict=True):
+                module = getattr(blk, name)
+                if isinstance(module, Heads):
+                    module.load(w, b)
+                    continue
+                module.weight.copy_(w)
+                if b is not None:
+                    module.bias.copy_(b)
             _copy_linear(blk.o, sd, p + "self_attention.linear_proj")
             if self.mc.qk_norm:
                 _copy_norm(blk.q_norm, sd, p + "self_attention.q_layernorm")

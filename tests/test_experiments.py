@@ -133,9 +133,21 @@ def test_contrasts_pair_any_two_cells_and_correct_within_their_family(tmp_path) 
             {"name": "slow", "arm": "a/slow", "minus": "a/control", "family": "main"},
             {"name": "slow-vs-other", "arm": "a/slow", "minus": "b/other", "family": "main"},
             {"name": "other", "arm": "b/other", "minus": "a/control", "family": "extra"},
+            {
+                "name": "interaction",
+                "arm": "a/slow",
+                "minus": "a/control",
+                "versus": {"arm": "b/other", "minus": "a/control"},
+                "family": "extra2",
+            },
         ],
     }
     got = {c["name"]: c for c in summarize(grid, results)["contrasts"]}
+    # (slow - control) - (other - control) = slow - other, seed by seed, over the seeds all ran
+    assert got["interaction"]["seeds"] == [2, 3, 4]
+    assert got["interaction"]["val_loss_diff"] == pytest.approx(
+        got["slow-vs-other"]["val_loss_diff"]
+    )
     assert got["slow"]["seeds"] == [1, 2, 3, 4] and got["slow-vs-other"]["seeds"] == [2, 3, 4]
     assert got["slow"]["mean"] == pytest.approx(-0.0995)
     assert (

@@ -170,6 +170,7 @@ def test_qk_section_trains_bitwise_as_the_same_two_groups(small_dataset, tmp_pat
         "params": ["q"],
         "layers": [1],
         "mult": 0.25,
+        "rule": "schedule",
         "hold_steps": 2,
         "ramp_steps": 2,
         "shape": "linear",

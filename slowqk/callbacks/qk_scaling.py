@@ -8,6 +8,7 @@ from slowqk.callbacks.base import Callback
 from slowqk.optim import (
     build_lr_groups,
     build_release,
+    head_multiplier_range,
     lr_groups_record,
     release_record,
     step_multipliers,
@@ -16,9 +17,10 @@ from slowqk.optim import (
 
 class QKScaling(Callback):
     """Sets each group's multiplier for the step (``mult_q``, ``mult_k``, ``lr_mult`` in the
-    record). The adaptive release decides from the lower layers' drift, which
-    :class:`~slowqk.callbacks.lower_drift.LowerDriftWatch` measures and feeds it; its state is
-    saved there, with the drift."""
+    record; a QuacK group's range over its heads after the update). The adaptive release decides
+    from the lower layers' drift, which :class:`~slowqk.callbacks.lower_drift.LowerDriftWatch`
+    measures and feeds it; its state is saved there, with the drift. State: each QuacK group's
+    norms at the start."""
 
     name = "qk_scaling"
 
@@ -30,10 +32,25 @@ class QKScaling(Callback):
         release = build_release(trainer.recipe)
         engine = trainer.engine
         groups = build_lr_groups(trainer.recipe, engine.optimizer, engine.chunks, release)
+        for rule in groups.rules.values() if groups is not None else ():
+            rule.gather_start()  # every head's, for the checkpoint
         return cls(trainer.recipe, groups, release)
 
     def on_step_start(self, trainer, rec: dict) -> None:
         rec.update(step_multipliers(self.groups, trainer.step))
+
+    def after_update(self, trainer, rec: dict, updated: bool) -> None:
+        if self.groups is not None and self.groups.rules:
+            rec.setdefault("lr_mult", {}).update(head_multiplier_range(self.groups, trainer.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.groups is None or not self.groups.rules:
+            return {}
+        return {"quack": {name: rule.state_dict() for name, rule in self.groups.rules.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, rule_state in state.get("quack", {}).items():
+            self.groups.rules[name].load_state_dict(rule_state)
 
     def summary(self) -> dict[str, Any]:
         return {

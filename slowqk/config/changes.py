@@ -62,9 +62,21 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys of list entries added since, with the default that computes what older code did
+ADDED_ENTRY_KEYS = {"lr_groups": {"rule": "schedule"}}
+
+
+def _with_added_defaults(recipe: dict) -> dict:
+    out = dict(recipe)
+    for section, defaults in ADDED_ENTRY_KEYS.items():
+        if isinstance(out.get(section), list):
+            out[section] = [{**defaults, **entry} for entry in out[section]]
+    return out
+
+
 def run_altering_changes(saved: dict, current: dict) -> list[str]:
     """``key: old -> new`` for each change between two recipe dumps that alters the run."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_with_added_defaults(saved)), _flatten(current)
     changes = []
     for key in sorted(a.keys() | b.keys()):
         if key not in a and b[key] in (

@@ -132,6 +132,26 @@ def _lengths_in_steps(
     return out
 
 
+def _quack_problems(recipe: Recipe, g, key: str) -> list[tuple[str, str]]:
+    """QuacK sets the Q and K rates of each head from the other's norm: both parts, every step."""
+    out = []
+    if sorted(g.params) != ["k", "q"]:
+        out.append((f"{key}.params", f"got {g.params}; rule=quack needs params [q, k]"))
+    if g.hold is not None or g.ramp:
+        out.append(
+            (f"{key}.hold", "rule=quack has no hold or ramp: its multipliers follow the weights")
+        )
+    if recipe.parallel.engine == "deepspeed" and recipe.parallel.zero_stage == 3:
+        out.append(
+            (
+                f"{key}.rule",
+                "rule=quack reads whole heads of the QKV weights, which ZeRO-3 partitions; "
+                "use parallel.zero_stage 1 or 2, or the megatron engine",
+            )
+        )
+    return out
+
+
 def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
     m, out = recipe.model, []
     labels: dict[str, str] = {}
@@ -168,7 +188,9 @@ def _lr_group_problems(recipe: Recipe) -> list[tuple[str, str]]:
                     f"got {g.params}; each element once (fc1 of a gated FFN is gate and up)",
                 )
             )
-        if g.hold is not None:
+        if g.rule == "quack":
+            out.extend(_quack_problems(recipe, g, key))
+        elif g.hold is not None:
             lengths = _lengths_in_steps(
                 recipe, g, ("hold", "ramp"), key, out, unit_key=f"{key}.unit"
             )

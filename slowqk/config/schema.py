@@ -167,7 +167,9 @@ class LRGroupConfig(StrictSection):
     """One entry of ``lr_groups``: these parts of these layers train at ``lr x multiplier(step)``.
 
     The multiplier is ``mult`` for ``hold`` (in ``unit``), then returns to 1.0 over ``ramp`` with
-    ``shape``, as in ``qk:``; without ``hold`` it stays ``mult`` for the whole run.
+    ``shape``, as in ``qk:``; without ``hold`` it stays ``mult`` for the whole run. With
+    ``rule: quack`` each attention head has its own multiplier from the weights
+    (:mod:`slowqk.qk.quack`).
     """
 
     name: str | None = Field(
@@ -179,7 +181,12 @@ class LRGroupConfig(StrictSection):
     layers: LayerSelection | None = Field(
         None, description="as qk.layers; None = every layer (not used for embedding/output)"
     )
-    mult: float = Field(ge=0)
+    mult: float = Field(ge=0, description="the multiplier; rule=quack: QuacK's constant tau")
+    rule: Literal["schedule", "quack"] = Field(
+        "schedule",
+        description="schedule: `mult` on hold and ramp; quack: per head, from the other "
+        "projection's norm every step (slowqk.qk.quack; params [q, k])",
+    )
     unit: Literal["fraction", "steps", "tokens"] = "fraction"
     hold: float | None = Field(
         None, ge=0, description="length at `mult`, in `unit`; None = the whole run"

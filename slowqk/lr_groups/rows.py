@@ -86,6 +86,31 @@ class FusedQKVLayout:
                 runs.append((a - r0, b - r0))
         return runs
 
+    def head_rows(
+        self, kind: Literal["q", "k"], tp_rank: int = 0, tp_size: int = 1
+    ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Each ``kind`` head this TP rank holds as ``((global group, head in group), rank-local
+        [start, end) rows)``; a K head is numbered by its group (head 0). Tensor parallelism
+        splits whole query groups."""
+        if self.num_query_groups % tp_size:
+            raise ValueError(
+                f"{self.num_query_groups} query groups do not split over tensor parallel size "
+                f"{tp_size}"
+            )
+        local, hd = self.num_query_groups // tp_size, self.head_dim
+        out = []
+        for g in range(local):
+            base, group = g * self.rows_per_group, tp_rank * local + g
+            if kind == "q":
+                out.extend(
+                    ((group, j), (base + j * hd, base + (j + 1) * hd))
+                    for j in range(self.heads_per_group)
+                )
+            else:
+                k0 = base + self.heads_per_group * hd
+                out.append(((group, 0), (k0, k0 + hd)))
+        return out
+
     def local_blocks(
         self,
         kind: Kind,

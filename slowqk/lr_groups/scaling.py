@@ -15,7 +15,8 @@ For optimizers whose update is linear in the learning rate (SGD with momentum, A
 moments do not depend on lr) this equals giving those elements ``lr * mult``. Gradient clipping is
 unaffected (it happens before the step). Model layout, param groups and checkpoint format are
 untouched; while every multiplier is 1 the hooks return at once. The Q/K intervention (``qk:``)
-is two such groups.
+is two such groups. A group with a head rule (QuacK, :mod:`slowqk.lr_groups.head_rule`) has one
+multiplier per attention head instead, computed in the pre-step hook from the weights.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slowqk.lr_groups.head_rule import HeadKey, QuacKRule
 from slowqk.lr_groups.main_params import iter_main_params
-from slowqk.lr_groups.params import find_part_params
+from slowqk.lr_groups.params import find_part_params, find_qkv_params
 from slowqk.lr_groups.rows import Block, RowRuns, row_blocks
 from slowqk.qk.parts import MODEL_PARTS
 
@@ -35,12 +37,14 @@ from slowqk.qk.parts import MODEL_PARTS
 @dataclass(frozen=True)
 class GroupSpec:
     """A group: ``parts`` of ``layers`` (0-based global; model parts ignore them) at
-    ``schedule(step)`` x the learning rate."""
+    ``schedule(step)`` x the learning rate; with ``quack_tau``, each Q and K head at its QuacK
+    multiplier instead (``parts`` q and k)."""
 
     name: str
     parts: frozenset[str]
     layers: frozenset[int]
     schedule: Callable[[int], float]
+    quack_tau: float | None = None
 
     def covers(self, layer: int | None, part: str) -> bool:
         if part not in self.parts:
@@ -58,6 +62,13 @@ class _Scaled:
     # allocations every step cost more than the copy on CPU), freed once its multiplier is 1
     snapshot: list[torch.Tensor] = field(default_factory=list)
     taken: bool = False
+    # a head rule's groups: each block's head, and each block's multiplier of this step
+    keys: list[list[HeadKey]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    @property
+    def layers(self) -> set[int]:
+        return {key[1] for keys in self.keys for key in keys}
 
     def views(self) -> list[torch.Tensor]:
         out = []
@@ -75,11 +86,17 @@ class LRGroups:
     """
 
     def __init__(
-        self, specs: list[GroupSpec], held: dict[torch.optim.Optimizer, dict[str, _Scaled]]
+        self,
+        specs: list[GroupSpec],
+        held: dict[torch.optim.Optimizer, dict[str, _Scaled]],
+        rules: dict[str, QuacKRule] | None = None,
     ) -> None:
         self.specs = {s.name: s for s in specs}
         self._held = held
-        self.mults = {s.name: 1.0 for s in specs}
+        self.rules = rules or {}
+        # each head's multiplier, as last computed on this rank (a head rule's groups)
+        self.head_mults: dict[str, dict[HeadKey, float]] = {name: {} for name in self.rules}
+        self.mults = {s.name: 1.0 for s in specs if s.name not in self.rules}
         self.seconds = 0.0  # time spent in the hooks while a group is active
         self._handles = []
         for opt, groups in held.items():
@@ -98,10 +115,11 @@ class LRGroups:
 
     @property
     def active(self) -> bool:
-        return any(m != 1.0 for m in self.mults.values())
+        return bool(self.rules) or any(m != 1.0 for m in self.mults.values())
 
     def set_step(self, step: int) -> dict[str, float]:
-        self.mults = {name: float(spec.schedule(step)) for name, spec in self.specs.items()}
+        """The scheduled groups' multipliers of ``step`` (a head rule's come before the step)."""
+        self.mults = {name: float(self.specs[name].schedule(step)) for name in self.mults}
         return dict(self.mults)
 
     def remove(self) -> None:
@@ -116,7 +134,11 @@ class LRGroups:
             start = time.perf_counter()
             with torch.no_grad():
                 for name, scaled in groups.items():
-                    scaled.taken = self.mults[name] != 1.0
+                    if name in self.rules:  # from the weights this step's forward used
+                        mults = self.rules[name].multipliers(scaled.layers)
+                        self.head_mults[name].update(mults)
+                        scaled.weights = [mults[key] for keys in scaled.keys for key in keys]
+                    scaled.taken = name in self.rules or self.mults[name] != 1.0
                     if not scaled.taken:
                         scaled.snapshot = []
                         continue
@@ -136,13 +158,15 @@ class LRGroups:
             start = time.perf_counter()
             with torch.no_grad():
                 for name, scaled in groups.items():
-                    mult, snaps = self.mults[name], scaled.snapshot
-                    if mult == 1.0 or not scaled.taken:
+                    if not scaled.taken:
                         continue
-                    views = scaled.views()
+                    views, snaps = scaled.views(), scaled.snapshot
                     # p = old + mult * (new - old) = lerp(new, old, 1 - mult), in place on the
                     # main-param views: one pass over the elements instead of three
-                    torch._foreach_lerp_(views, snaps, 1.0 - mult)
+                    if name in self.rules:  # one multiplier per block (each in one head)
+                        torch._foreach_lerp_(views, snaps, [1.0 - m for m in scaled.weights])
+                    else:
+                        torch._foreach_lerp_(views, snaps, 1.0 - self.mults[name])
                     scaled.taken = False
             self.seconds += time.perf_counter() - start
 
@@ -155,18 +179,36 @@ def register(
     """Register scaling groups ``specs`` on the optimizer (names unique, elements in one group)."""
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"group names must be unique, got {[s.name for s in specs]}")
-    targets: dict[int, list[tuple[str, RowRuns, int]]] = {}
-    for pp in find_part_params(model_chunks):
+    chunks = list(model_chunks)
+    # per model parameter: (group, rows, row length, the rows' head for a head rule's group)
+    targets: dict[int, list[tuple[str, RowRuns, int, HeadKey | None]]] = {}
+    for pp in find_part_params(chunks):
         for part, rows in pp.rows.items():
-            owners = [s.name for s in specs if s.covers(pp.layer, part)]
+            owners = [s.name for s in specs if s.covers(pp.layer, part) and s.quack_tau is None]
             for name in owners:
-                targets.setdefault(id(pp.param), []).append((name, rows, pp.row_len))
+                targets.setdefault(id(pp.param), []).append((name, rows, pp.row_len, None))
+    rules: dict[str, QuacKRule] = {}
+    for spec in (s for s in specs if s.quack_tau is not None):
+        qkv = find_qkv_params(chunks, set(spec.layers))
+        rules[spec.name] = QuacKRule(qkv, spec.quack_tau)
+        for p in qkv:
+            for kind in sorted(spec.parts):
+                for (group, head), run in p.layout.head_rows(kind, p.tp_rank, p.tp_size):
+                    key = (kind, p.layer, group, head)
+                    targets.setdefault(id(p.param), []).append((spec.name, [run], p.row_len, key))
     held: dict[torch.optim.Optimizer, dict[str, _Scaled]] = {}
     for inner, model_param, main_param, lo, hi in iter_main_params(megatron_optimizer):
-        for name, rows, row_len in targets.get(id(model_param), []):
+        for name, rows, row_len, key in targets.get(id(model_param), []):
             blocks = row_blocks(rows, row_len, lo, hi)
-            if blocks:
-                scaled = held.setdefault(inner, {}).setdefault(name, _Scaled())
-                scaled.main_params.append(main_param)
-                scaled.blocks.append(blocks)
-    return LRGroups(specs, held)
+            if not blocks:
+                continue
+            scaled = held.setdefault(inner, {}).setdefault(name, _Scaled())
+            if key is not None and scaled.main_params and scaled.main_params[-1] is main_param:
+                scaled.blocks[-1].extend(blocks)  # another head of the same parameter
+                scaled.keys[-1].extend([key] * len(blocks))
+                continue
+            scaled.main_params.append(main_param)
+            scaled.blocks.append(blocks)
+            if key is not None:
+                scaled.keys.append([key] * len(blocks))
+    return LRGroups(specs, held, rules)
