@@ -457,7 +457,7 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
 # ---------------------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
     # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib
 
@@ -486,7 +486,7 @@ def _group(results: list[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
     return out
 
 
-def _commits(summary: dict) -> str:
+def commits_stamp(summary: dict) -> str:
     """``runs of commit abc1234`` (more than one when the runs mix code versions)."""
     recs = summary.get("provenance", {}).get("records", [])
     names = sorted(
@@ -499,14 +499,14 @@ def _commits(summary: dict) -> str:
     return f"runs of commit {', '.join(names)}" if names else "runs without a code record"
 
 
-def _save(fig, path: Path, stamp: str) -> None:
-    """Save with ``stamp`` (what made the runs: :func:`_commits`) in the bottom corner."""
+def save_figure(fig, path: Path, stamp: str) -> None:
+    """Save with ``stamp`` (what made the runs: :func:`commits_stamp`) in the bottom corner."""
     fig.text(0.995, 0.003, stamp, ha="right", va="bottom", fontsize=6, color="0.4")
     fig.savefig(path, dpi=110)
 
 
 def plot_loss_curves(results: list[RunResult], path: Path, stamp: str = "") -> Path:
-    plt = _plt()
+    plt = pyplot()
     groups = _group(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (variant, arms) in zip(axes[0], sorted(groups.items()), strict=True):
@@ -522,13 +522,13 @@ def plot_loss_curves(results: list[RunResult], path: Path, stamp: str = "") -> P
                 ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
         _style(ax, f"{variant}: validation loss (mean ± sd)", "loss (nats/token)")
     fig.tight_layout()
-    _save(fig, path, stamp)
+    save_figure(fig, path, stamp)
     plt.close(fig)
     return path
 
 
 def plot_paired_differences(summary: dict, path: Path, stamp: str = "") -> Path:
-    plt = _plt()
+    plt = pyplot()
     pairs = summary["pairs"]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pairs) + 2), 4))
     for i, p in enumerate(pairs):
@@ -552,7 +552,7 @@ def plot_paired_differences(summary: dict, path: Path, stamp: str = "") -> Path:
     ax.set_title("paired differences per seed (grey), mean and 95% CI (red)")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path, stamp)
+    save_figure(fig, path, stamp)
     plt.close(fig)
     return path
 
@@ -560,7 +560,7 @@ def plot_paired_differences(summary: dict, path: Path, stamp: str = "") -> Path:
 def plot_contrasts(summary: dict, path: Path, stamp: str = "") -> Path:
     """Forest plot of the pre-registered contrasts: per-seed differences, mean, 95% and
     family-wise (Bonferroni) intervals; the survivors of the correction in red."""
-    plt = _plt()
+    plt = pyplot()
     rows = [c for c in summary["contrasts"] if "p" in c][::-1]  # first contrast on top
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
     for i, c in enumerate(rows):
@@ -581,7 +581,7 @@ def plot_contrasts(summary: dict, path: Path, stamp: str = "") -> Path:
     )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    _save(fig, path, stamp)
+    save_figure(fig, path, stamp)
     plt.close(fig)
     return path
 
@@ -605,7 +605,7 @@ def _diagnostic_series(runs: list[RunResult], key: str) -> tuple[list[int], np.n
 
 
 def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path, stamp: str = "") -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for variant, arms in sorted(_group(results).items()):
         data = {arm: _diagnostic_series(runs, "entropy") for arm, runs in sorted(arms.items())}
@@ -641,7 +641,7 @@ def plot_entropy_heatmaps(results: list[RunResult], out_dir: Path, stamp: str = 
             img, ax=axes[0].tolist(), label="normalized attention entropy\n(mean over seeds)"
         )
         path = out_dir / f"entropy_{variant}.png"
-        _save(fig, path, stamp)
+        save_figure(fig, path, stamp)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -651,7 +651,7 @@ def plot_lambda(
     results: list[RunResult], path: Path, upper_from: float = 0.5, stamp: str = ""
 ) -> Path | None:
     """lambda_Q, lambda_K and R_P/||X||^2 over time, averaged over the upper layers and seeds."""
-    plt = _plt()
+    plt = pyplot()
     groups = _group(results)
     keys = ("lambda_q", "lambda_k", "pathway_energy")
     fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.2 * len(groups)), squeeze=False)
@@ -669,7 +669,7 @@ def plot_lambda(
             _style(ax, f"{variant}: {key} (upper layers)", log=True)
     fig.tight_layout()
     if drew:
-        _save(fig, path, stamp)
+        save_figure(fig, path, stamp)
     plt.close(fig)
     return path if drew else None
 
@@ -688,7 +688,7 @@ def write_summary(
     if missing:
         table += f"\n{len(missing)} runs unfinished and left out: {', '.join(missing)}\n"
     (out / "summary.md").write_text(table)
-    stamp = _commits(summary)
+    stamp = commits_stamp(summary)
     (out / "summary.json").write_text(json.dumps({**summary, "missing": missing}, indent=2))
     files = [
         out / "summary.md",

@@ -1,6 +1,7 @@
 """Cost of the learning-rate groups per step, side by side with a run without groups.
 
-    python tools/bench_lr_groups.py [--recipe tiny/gpt] [--steps 100] [--repeats 3] [overrides...]
+    python tools/bench_lr_groups.py [--recipe tiny/gpt] [--steps 100] [--repeats 3] [--quack]
+        [overrides...]
 
 Three arms with the same training: no groups ("off"); one group over ``--params`` of every layer
 at multiplier 0.5 for the whole run ("on"; the default, every element of every layer and the
@@ -8,7 +9,9 @@ embedding, is the worst case: every update snapshotted and rescaled at every ste
 at multiplier 1 ("idle": the hooks return at once; ``--skip-idle`` leaves it out). Pairs run in
 alternating order; prints each pair's training seconds, the run-to-run
 overhead and the hooks' own time measured inside the run (``lr_groups_seconds`` in summary.json),
-which machine noise does not move. Extra arguments are recipe overrides.
+which machine noise does not move. ``--quack``: the group is QuacK over Q and K of every layer
+(tau 1; its per-head norms are computed before every step, so it is never idle). Extra arguments
+are recipe overrides.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
         help=f"the group's parts, comma-separated (default {EVERY_PART})",
     )
     ap.add_argument("--skip-idle", action="store_true")
+    ap.add_argument("--quack", action="store_true", help="QuacK over q, k of every layer")
     args = ap.parse_args()
     n = args.steps
     base = [
@@ -40,6 +44,13 @@ def main() -> None:
         "diagnostics.interval=0",
         "qk.enabled=false",
     ]
+    if args.quack:
+        quack = [*base, "lr_groups=[{rule: quack, params: [q, k], mult: 1.0}]"]
+        print(f"{args.recipe}, {n} steps, QuacK over q, k of every layer (tau 1)")
+        compare_pairs(
+            args.recipe, {"off": base, "on": quack}, args.repeats, "lr_groups_seconds", "hooks"
+        )
+        return
     groups = {
         mult: [*base, f"lr_groups=[{{params: [{args.params}], mult: {mult}}}]"]
         for mult in (0.5, 1.0)
