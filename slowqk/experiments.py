@@ -560,18 +560,22 @@ def reproduce(
     )
     # bitwise is to be expected only from the same code, packages, threads and kernels
     bitwise = not env
-    rtol = None if bitwise else CROSS_KERNEL_RTOL
-    diff = _first_difference(
-        read_metrics(Path(run.run_dir) / "metrics.jsonl"),
-        read_metrics(target / "metrics.jsonl"),
-        rtol,
-    )
-    final_rtol = CROSS_KERNEL_RTOL["val_loss"] if rtol else 0.0
-    if diff is None and _differs(recorded["final_val_loss"], new["final_val_loss"], final_rtol):
-        diff = (
-            f"final val loss {recorded['final_val_loss']!r} recorded, "
-            f"{new['final_val_loss']!r} re-run"
-        )
+    before, after = (read_metrics(d / "metrics.jsonl") for d in (Path(run.run_dir), target))
+
+    def first_difference(rtol: dict | None) -> str | None:
+        diff = _first_difference(before, after, rtol)
+        final_rtol = CROSS_KERNEL_RTOL["val_loss"] if rtol else 0.0
+        if diff is None and _differs(recorded["final_val_loss"], new["final_val_loss"], final_rtol):
+            diff = (
+                f"final val loss {recorded['final_val_loss']!r} recorded, "
+                f"{new['final_val_loss']!r} re-run"
+            )
+        return diff
+
+    diff = first_difference(None if bitwise else CROSS_KERNEL_RTOL)
+    # where only a tolerance was promised, say whether every bit agreed all the same (e.g. a later
+    # commit that changed no arithmetic)
+    exact = bitwise or (diff is None and first_difference(None) is None)
     lines = [
         f"{which}: re-ran in {seconds:.0f} s with {threads} thread{'' if threads == 1 else 's'} "
         f"into {target}",
@@ -588,6 +592,7 @@ def reproduce(
         lines.append(
             f"reproduces {agreement}: every logged loss and gradient norm, final val loss "
             f"{new['final_val_loss']!r}"
+            + ("" if bitwise or not exact else "; in fact bit for bit: every value equal")
         )
     else:
         lines.append(

@@ -358,20 +358,29 @@ def test_grid_runs_skips_finished_runs_and_summarizes(tmp_path, capsys, monkeypa
     report = capsys.readouterr().out
     assert "bitwise equality is not to be expected" in report, report
     assert "ATEN_CPU_CAPABILITY" in report and "reproduces within tolerance" in report, report
+    # recorded by another commit whose arithmetic is the same: said, and every bit checked
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    summary_file = out / "gpt" / "adaptive" / "seed1" / "summary.json"
+    recorded = json.loads(summary_file.read_text())
+    recorded["provenance"]["commit"] = "0" * 40
+    summary_file.write_text(json.dumps(recorded))
+    assert reproduce_main(["experiment", "reproduce", str(out), "gpt/adaptive/seed1"]) == 0
+    report = capsys.readouterr().out
+    assert "commit: 0000000000" in report and "in fact bit for bit" in report, report
 
 
 def test_every_figure_names_the_commit_of_its_runs() -> None:
-    from slowqk.summary import _commits
+    from slowqk.summary import commits_stamp
 
     one = {"provenance": {"records": [{"commit": "cd9bedc76fe4", "dirty": False}]}}
-    assert _commits(one) == "runs of commit cd9bedc"
+    assert commits_stamp(one) == "runs of commit cd9bedc"
     mixed = {
         "provenance": {
             "records": [{"commit": "cd9bedc76fe4"}, {"commit": "1234567ab", "dirty": True}]
         }
     }
-    assert _commits(mixed) == "runs of commit 1234567 (uncommitted changes), cd9bedc"
-    assert _commits({"provenance": {"records": []}}) == "runs without a code record"
+    assert commits_stamp(mixed) == "runs of commit 1234567 (uncommitted changes), cd9bedc"
+    assert commits_stamp({"provenance": {"records": []}}) == "runs without a code record"
 
 
 def test_a_grid_runs_seed_by_seed_into_the_folder_asked_for(tmp_path, capsys) -> None:

@@ -197,11 +197,24 @@ def _cells(results: list[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
     return cells
 
 
+def _panels(plt, n: int):
+    """One panel per depth, side by side."""
+    return plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+
+
+def _finish(plt, fig, axes, ylabel: str, path: Path, stamp: str) -> Path:
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    save_figure(fig, path, stamp)
+    plt.close(fig)
+    return path
+
+
 def plot_spec_steps(result: dict, path: Path, stamp: str) -> Path:
     plt = pyplot()
     measures = result["_measures"]
     variants = sorted({v for v, _ in measures}, key=_depth_order)
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.2), squeeze=False)
+    fig, axes = _panels(plt, len(variants))
     for ax, variant in zip(axes[0], variants, strict=True):
         for (v, arm), by_seed in sorted(measures.items()):
             if v != variant:
@@ -220,20 +233,15 @@ def plot_spec_steps(result: dict, path: Path, stamp: str) -> Path:
         ax.set_xlabel("layer")
         ax.axvline(steps.shape[1] / 2 - 0.5, color="0.8", lw=0.8)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(
-        f"specialization step (entropy < {THRESHOLD}),\ngeometric mean over seeds"
-    )
-    fig.tight_layout()
-    save_figure(fig, path, stamp)
-    plt.close(fig)
-    return path
+    ylabel = f"specialization step (entropy < {THRESHOLD}),\ngeometric mean over seeds"
+    return _finish(plt, fig, axes, ylabel, path, stamp)
 
 
 def plot_entropy_logsteps(results: list[RunResult], path: Path, stamp: str) -> Path:
     plt = pyplot()
     cells = _cells(results)
     variants = sorted({v for v, _ in cells}, key=_depth_order)
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.2), squeeze=False)
+    fig, axes = _panels(plt, len(variants))
     for ax, variant in zip(axes[0], variants, strict=True):
         for (v, arm), runs in sorted(cells.items()):
             if v != variant:
@@ -264,11 +272,8 @@ def plot_entropy_logsteps(results: list[RunResult], path: Path, stamp: str) -> P
         ax.set_title(variant, fontsize=9)
         ax.set_xlabel("step (log)")
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("normalized attention entropy\n(mean of the half, over seeds)")
-    fig.tight_layout()
-    save_figure(fig, path, stamp)
-    plt.close(fig)
-    return path
+    ylabel = "normalized attention entropy\n(mean of the half, over seeds)"
+    return _finish(plt, fig, axes, ylabel, path, stamp)
 
 
 def plot_effect_vs_depth(contrasts: list[dict], path: Path, stamp: str) -> Path:
@@ -304,12 +309,9 @@ def plot_effect_vs_depth(contrasts: list[dict], path: Path, stamp: str) -> Path:
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xticks([2, 3, 4], ["4", "8", "16"])
     ax.set_xlabel("layers (about the same compute per step)")
-    ax.set_ylabel("final val loss, arm - control\n(mean, 95% CI, seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, stamp)
-    plt.close(fig)
-    return path
+    ylabel = "final val loss, arm - control\n(mean, 95% CI, seeds)"
+    return _finish(plt, fig, [[ax]], ylabel, path, stamp)
 
 
 def plot_gap_vs_benefit(pred: dict, path: Path, stamp: str) -> Path:
@@ -319,12 +321,9 @@ def plot_gap_vs_benefit(pred: dict, path: Path, stamp: str) -> Path:
     lo, hi = pred["ci95"]
     ax.set_title(f"r = {pred['r']:+.2f} [{lo:+.2f}, {hi:+.2f}], n = {pred['n']}", fontsize=9)
     ax.set_xlabel(f"control's upper - lower entropy at step {EARLY_STEP}\n(centred within depth)")
-    ax.set_ylabel("benefit: control - slowqk loss\n(centred within depth)")
     ax.axhline(0, color="0.8", lw=0.8)
-    fig.tight_layout()
-    save_figure(fig, path, stamp)
-    plt.close(fig)
-    return path
+    ylabel = "benefit: control - slowqk loss\n(centred within depth)"
+    return _finish(plt, fig, [[ax]], ylabel, path, stamp)
 
 
 def _depth_order(variant: str) -> tuple[int, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from slowqk.callbacks.base import Callback
@@ -13,6 +14,8 @@ from slowqk.optim import (
     release_record,
     step_multipliers,
 )
+
+log = logging.getLogger("slowqk.train")
 
 
 class QKScaling(Callback):
@@ -26,6 +29,7 @@ class QKScaling(Callback):
 
     def __init__(self, recipe, groups, release) -> None:
         self.recipe, self.groups, self.release = recipe, groups, release
+        self._loaded: set[str] = set()  # QuacK groups whose start norms came from a checkpoint
 
     @classmethod
     def build(cls, trainer) -> QKScaling:
@@ -40,7 +44,7 @@ class QKScaling(Callback):
         rec.update(step_multipliers(self.groups, trainer.step))
 
     def after_update(self, trainer, rec: dict, updated: bool) -> None:
-        if self.groups is not None and self.groups.rules:
+        if self.groups is not None and self.groups.rules:  # a skipped step has no range
             rec.setdefault("lr_mult", {}).update(head_multiplier_range(self.groups, trainer.device))
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,8 +53,23 @@ class QKScaling(Callback):
         return {"quack": {name: rule.state_dict() for name, rule in self.groups.rules.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        rules = self.groups.rules if self.groups is not None else {}
         for name, rule_state in state.get("quack", {}).items():
-            self.groups.rules[name].load_state_dict(rule_state)
+            if name in rules:
+                rules[name].load_state_dict(rule_state)
+                self._loaded.add(name)
+
+    def on_resume(self, trainer) -> None:
+        rules = self.groups.rules if self.groups is not None else {}
+        for name in sorted(set(rules) - self._loaded):  # QuacK added on resume
+            rules[name].take_start()
+            rules[name].gather_start()
+            if trainer.rank == 0:
+                log.warning(
+                    "lr_groups %s: the checkpoint has no QuacK start norms; the resumed weights' "
+                    "norms are the start (the multipliers start at tau here)",
+                    name,
+                )
 
     def summary(self) -> dict[str, Any]:
         return {

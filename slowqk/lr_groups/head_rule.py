@@ -28,40 +28,49 @@ class QuacKRule:
         self.tau = tau
         self.weights = {p.layer: p for p in qkv if p.row_len > 1}  # biases follow their heads
         self.start: dict[HeadKey, float] = {}
-        for layer in self.weights:
-            self.start.update(self._norms(layer))
+        self.take_start()
 
-    def _norms(self, layer: int) -> dict[HeadKey, float]:
+    def take_start(self) -> None:
+        """The norms now are the start (a fresh run's first weights, or its ``init_from``)."""
+        layers = sorted(self.weights)
+        self.start = dict(zip(self._keys(layers), self._flat_norms(layers).tolist(), strict=True))
+
+    def _keys(self, layers: list[int]) -> list[HeadKey]:
+        """Each layer's Q heads (group-major), then its K heads, as :meth:`_norms` orders them."""
+        keys: list[HeadKey] = []
+        for layer in layers:
+            p = self.weights[layer]
+            local = p.layout.num_query_groups // p.tp_size
+            groups = range(p.tp_rank * local, (p.tp_rank + 1) * local)
+            keys += [("q", layer, g, j) for g in groups for j in range(p.layout.heads_per_group)]
+            keys += [("k", layer, g, 0) for g in groups]
+        return keys
+
+    def _norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.weights[layer]
         lay = p.layout
-        local = lay.num_query_groups // p.tp_size
-        q, k = head_norms(p.param, local, lay.heads_per_group, lay.head_dim)
-        first = p.tp_rank * local
-        out: dict[HeadKey, float] = {}
-        for g, row in enumerate(q.tolist()):
-            out.update({("q", layer, first + g, j): v for j, v in enumerate(row)})
-        out.update({("k", layer, first + g, 0): v for g, v in enumerate(k.tolist())})
-        return out
+        return head_norms(
+            p.param, lay.num_query_groups // p.tp_size, lay.heads_per_group, lay.head_dim
+        )
+
+    def _flat_norms(self, layers: list[int]) -> torch.Tensor:
+        parts = [t.reshape(-1) for layer in layers for t in self._norms(layer)]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def multipliers(self, layers: set[int]) -> dict[HeadKey, float]:
-        """Each head's multiplier for the coming step, for the heads of ``layers``."""
-        out: dict[HeadKey, float] = {}
-        for layer in sorted(layers):
-            now = self._norms(layer)
-            keys = list(now)
-            q_keys = [key for key in keys if key[0] == "q"]
-            k_keys = [key for key in keys if key[0] == "k"]
-            per_group = len(q_keys) // len(k_keys)
-
-            def table(ks: list[HeadKey], norms: dict[HeadKey, float]) -> torch.Tensor:
-                return torch.tensor([norms[key] for key in ks], dtype=torch.float32)
-
-            q, q0 = (table(q_keys, n).view(len(k_keys), per_group) for n in (now, self.start))
-            k, k0 = table(k_keys, now), table(k_keys, self.start)
+        """Each head's multiplier for the coming step, for the heads of ``layers`` (one transfer
+        to the host for all of them)."""
+        flat = []
+        ordered = sorted(layers)
+        for layer in ordered:
+            q, k = self._norms(layer)
+            keys = self._keys([layer])
+            start = torch.tensor([self.start[key] for key in keys], dtype=q.dtype, device=q.device)
+            q0, k0 = start[: q.numel()].view_as(q), start[q.numel() :]
             mult_q, mult_k = multipliers(q, k, q0, k0, self.tau)
-            out.update(zip(q_keys, mult_q.reshape(-1).tolist(), strict=True))
-            out.update(zip(k_keys, mult_k.tolist(), strict=True))
-        return out
+            flat += [mult_q.reshape(-1), mult_k]
+        values = torch.cat(flat).tolist() if flat else []
+        return dict(zip(self._keys(ordered), values, strict=True))
 
     def gather_start(self) -> None:
         """Every rank's start norms on every rank, so a checkpoint (written from rank 0's copy)

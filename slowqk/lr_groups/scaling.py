@@ -94,8 +94,11 @@ class LRGroups:
         self.specs = {s.name: s for s in specs}
         self._held = held
         self.rules = rules or {}
-        # each head's multiplier, as last computed on this rank (a head rule's groups)
+        # each head's multiplier of this step on this rank (a head rule's groups), computed once
+        # per step: DeepSpeed steps its inner optimizer once per param group, and the weights
+        # its first call updated must not feed the second call's norms
         self.head_mults: dict[str, dict[HeadKey, float]] = {name: {} for name in self.rules}
+        self._head_layers: dict[str, set[int]] = {name: set() for name in self.rules}
         self.mults = {s.name: 1.0 for s in specs if s.name not in self.rules}
         self.seconds = 0.0  # time spent in the hooks while a group is active
         self._handles = []
@@ -118,9 +121,22 @@ class LRGroups:
         return bool(self.rules) or any(m != 1.0 for m in self.mults.values())
 
     def set_step(self, step: int) -> dict[str, float]:
-        """The scheduled groups' multipliers of ``step`` (a head rule's come before the step)."""
+        """The scheduled groups' multipliers of ``step`` (a head rule's are computed in the first
+        pre-step hook after this call); call before every step."""
         self.mults = {name: float(self.specs[name].schedule(step)) for name in self.mults}
+        for name in self.rules:
+            self.head_mults[name] = {}
+            self._head_layers[name] = set()
         return dict(self.mults)
+
+    def _head_weights(self, name: str, scaled: _Scaled) -> list[float]:
+        """Each block's multiplier this step, its heads' norms taken once per step."""
+        todo = scaled.layers - self._head_layers[name]
+        if todo:
+            self.head_mults[name].update(self.rules[name].multipliers(todo))
+            self._head_layers[name] |= todo
+        mults = self.head_mults[name]
+        return [mults[key] for keys in scaled.keys for key in keys]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -135,9 +151,7 @@ class LRGroups:
             with torch.no_grad():
                 for name, scaled in groups.items():
                     if name in self.rules:  # from the weights this step's forward used
-                        mults = self.rules[name].multipliers(scaled.layers)
-                        self.head_mults[name].update(mults)
-                        scaled.weights = [mults[key] for keys in scaled.keys for key in keys]
+                        scaled.weights = self._head_weights(name, scaled)
                     scaled.taken = name in self.rules or self.mults[name] != 1.0
                     if not scaled.taken:
                         scaled.snapshot = []
@@ -164,13 +178,23 @@ class LRGroups:
                     # p = old + mult * (new - old) = lerp(new, old, 1 - mult), in place on the
                     # main-param views: one pass over the elements instead of three
                     if name in self.rules:  # one multiplier per block (each in one head)
-                        torch._foreach_lerp_(views, snaps, [1.0 - m for m in scaled.weights])
+                        _lerp_each(views, snaps, [1.0 - m for m in scaled.weights])
                     else:
                         torch._foreach_lerp_(views, snaps, 1.0 - self.mults[name])
                     scaled.taken = False
             self.seconds += time.perf_counter() - start
 
         return post_hook
+
+
+def _lerp_each(views: list[torch.Tensor], snaps: list[torch.Tensor], weights: list[float]) -> None:
+    """``views[i] = lerp(views[i], snaps[i], weights[i])`` in place, in one call where torch has
+    the scalar-list overload."""
+    try:
+        torch._foreach_lerp_(views, snaps, weights)
+    except (TypeError, RuntimeError):  # older torch: one tensor at a time
+        for view, snap, w in zip(views, snaps, weights, strict=True):
+            view.lerp_(snap, w)
 
 
 def register(
