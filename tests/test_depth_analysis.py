@@ -17,7 +17,7 @@ from depth_analysis import analyse, fisher_interval  # noqa: E402
 
 from slowqk.summary import RunResult  # noqa: E402
 
-PROBES = [1, 2, 4, 8, 16, 32, 50]
+PROBES = [1, 2, 4, 8, 16, 32, 51]
 
 
 def _run(
@@ -38,6 +38,8 @@ def _run(
         "steps": 50,
         "specialization": {"steps": {"0.9": spec}},
         "specialization_warning": warning,
+        "lr_groups_seconds": 0.0,
+        "train_seconds": 10.0,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     diagnostics = [

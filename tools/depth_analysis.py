@@ -37,6 +37,9 @@ from slowqk.summary import (
 
 THRESHOLD = "0.9"
 EARLY_STEP = 16
+# exploratory, chosen after the runs: every layer's attention was still uniform at step 16 (the
+# warmup's learning rate was a quarter of its peak), and 51 is the first probe after it was not
+LATER_STEP = 51
 GPT_DEPTHS = ("d4", "d8", "d16")
 COLORS = {"control": "0.35", "slowqk": "tab:red", "quack": "tab:blue"}
 
@@ -63,7 +66,7 @@ def run_measures(run: RunResult) -> dict:
     steps = s["specialization"]["steps"][THRESHOLD]
     last = s["steps"]
     upper, lower = _upper_lower(len(steps))
-    early = _probe(run, EARLY_STEP)
+    early, later = _probe(run, EARLY_STEP), _probe(run, LATER_STEP)
     return {
         "final_val_loss": run.final_val_loss,
         "spec_steps": [last if x is None else x for x in steps],
@@ -71,7 +74,13 @@ def run_measures(run: RunResult) -> dict:
         "upper_spec_step": float(np.mean([last if steps[i] is None else steps[i] for i in upper])),
         "upper_entropy_early": float(np.mean([early[i] for i in upper])),
         "early_gap": float(np.mean([early[i] for i in upper]) - np.mean([early[i] for i in lower])),
+        "upper_entropy_later": float(np.mean([later[i] for i in upper])),
+        "later_gap": float(np.mean([later[i] for i in upper]) - np.mean([later[i] for i in lower])),
         "warning": s.get("specialization_warning"),
+        # the learning-rate groups' hooks (QuacK's norms among them) against the rest of training
+        "hooks_percent": 100
+        * s["lr_groups_seconds"]
+        / (s["train_seconds"] - s["lr_groups_seconds"]),
     }
 
 
@@ -85,7 +94,7 @@ def delay(measures: dict, variant: str, arm: str) -> dict:
     ctl, other = measures[(variant, "control")], measures[(variant, arm)]
     seeds = sorted(set(ctl) & set(other))
     out = {"variant": variant, "arm": arm, "seeds": seeds}
-    for key in ("upper_spec_step", "upper_entropy_early"):
+    for key in ("upper_spec_step", "upper_entropy_early", "upper_entropy_later"):
         out[key] = _interval([other[k][key] - ctl[k][key] for k in seeds])
     return out
 
@@ -98,13 +107,13 @@ def fisher_interval(r: float, dof: int) -> list[float]:
     return [math.tanh(z - half), math.tanh(z + half)]
 
 
-def prediction(measures: dict) -> dict:
+def prediction(measures: dict, gap_key: str = "early_gap") -> dict:
     """M2: early gap of the control seed against its benefit, centred within depth, pooled."""
     gaps, benefits, per_depth = [], [], {}
     for variant in GPT_DEPTHS:
         ctl, rec = measures.get((variant, "control"), {}), measures.get((variant, "slowqk"), {})
         seeds = sorted(set(ctl) & set(rec))
-        g = np.array([ctl[k]["early_gap"] for k in seeds])
+        g = np.array([ctl[k][gap_key] for k in seeds])
         b = np.array([ctl[k]["final_val_loss"] - rec[k]["final_val_loss"] for k in seeds])
         if len(seeds) >= 3:
             r = float(np.corrcoef(g, b)[0, 1])
@@ -173,7 +182,7 @@ def analyse(results: list[RunResult]) -> dict:
         measures.setdefault((run.variant, run.arm), {})[run.seed] = run_measures(run)
     delays = [
         delay(measures, variant, arm)
-        for variant, arm in sorted(measures)
+        for variant, arm in sorted(measures, key=lambda cell: (_depth_order(cell[0]), cell[1]))
         if arm != "control" and (variant, "control") in measures
     ]
     return {
@@ -182,7 +191,14 @@ def analyse(results: list[RunResult]) -> dict:
         "uncrossed_layers": sum(m["uncrossed"] for by in measures.values() for m in by.values()),
         "M1_delay": delays,
         "M2_prediction": prediction(measures),
+        "M2_exploratory_later_gap": prediction(measures, "later_gap"),
         "M3_warning": warning_reading(measures),
+        "quack_hooks_percent": sorted(
+            m["hooks_percent"]
+            for (_v, arm), by in measures.items()
+            if arm == "quack"
+            for m in by.values()
+        ),
         "_measures": measures,
     }
 
@@ -340,15 +356,17 @@ def markdown(result: dict) -> str:
         "",
         "M1, delay (arm - control, paired by seed, mean [95% CI]):",
         "",
-        "| depth | arm | n | upper specialization step | upper entropy at step 16 |",
-        "|---|---|---|---|---|",
+        f"| depth | arm | n | upper specialization step | upper entropy at step {EARLY_STEP} | "
+        f"upper entropy at step {LATER_STEP} (exploratory) |",
+        "|---|---|---|---|---|---|",
     ]
     for d in result["M1_delay"]:
-        a, b = d["upper_spec_step"], d["upper_entropy_early"]
+        a, b, c = d["upper_spec_step"], d["upper_entropy_early"], d["upper_entropy_later"]
         lines.append(
             f"| {d['variant']} | {d['arm']} | {a['n']} | {a['mean']:+.2f} "
             f"[{a['ci95'][0]:+.2f}, {a['ci95'][1]:+.2f}] | {b['mean']:+.4f} "
-            f"[{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] |"
+            f"[{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] | {c['mean']:+.4f} "
+            f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |"
         )
     p = result["M2_prediction"]
     lines += [
@@ -359,6 +377,12 @@ def markdown(result: dict) -> str:
             f"{v} r = {x['r']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] (n={x['n']})"
             for v, x in p["per_depth"].items()
         ),
+        "",
+    ]
+    x = result["M2_exploratory_later_gap"]
+    lines += [
+        f"M2 with the gap at step {LATER_STEP} (exploratory): r = {x['r']:+.3f} "
+        f"[{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}] over {x['n']} pairs",
         "",
     ]
     w = result["M3_warning"]
@@ -408,7 +432,10 @@ def main() -> None:
         plot_effect_vs_depth(contrasts, out / "effect_vs_depth.png", stamp)
     plot_gap_vs_benefit(result["M2_prediction"], out / "gap_vs_benefit.png", stamp)
     result.pop("_measures")
-    result["missing"] = missing
+    commits = sorted(
+        {(_summary(r).get("provenance") or {}).get("commit") or "unknown" for r in results}
+    )
+    result = {"commit": commits[0] if len(commits) == 1 else commits, **result, "missing": missing}
     (out / "mechanism.json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
     (out / "mechanism.md").write_text(text)
