@@ -20,6 +20,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -457,7 +459,8 @@ def _contrast_lines(contrasts: list[dict], correction: str) -> list[str]:
 # ---------------------------------------------------------------------------------------- plots
 
 
-def pyplot():
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     # deferred: matplotlib is slow to import, and only this path needs it
     import matplotlib
 
@@ -499,7 +502,7 @@ def commits_stamp(summary: dict) -> str:
     return f"runs of commit {', '.join(names)}" if names else "runs without a code record"
 
 
-def save_figure(fig, path: Path, stamp: str) -> None:
+def save_figure(fig: Any, path: Path, stamp: str) -> None:
     """Save with ``stamp`` (what made the runs: :func:`commits_stamp`) in the bottom corner."""
     fig.text(0.995, 0.003, stamp, ha="right", va="bottom", fontsize=6, color="0.4")
     fig.savefig(path, dpi=110)

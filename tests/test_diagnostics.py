@@ -331,9 +331,14 @@ def test_probe_steps_and_specialization_steps_by_hand() -> None:
     spec.update(2, {0: 0.95, 1: 0.93, 2: 0.7, 3: 0.85})
     assert spec.gap(0.9) is None  # the lower layers have not crossed yet
     spec.update(4, {0: 0.88, 1: 0.6, 2: 0.4, 3: 0.8})
+    spec.update(8, {0: 0.45, 1: 0.6, 2: 0.3, 3: 0.7})
     rec = spec.record(4)
-    assert rec["steps"]["0.9"] == [4, 4, 1, 2] and rec["steps"]["0.5"] == [None, None, 4, None]
+    assert rec["steps"]["0.9"] == [4, 4, 1, 2] and rec["steps"]["0.5"] == [8, None, 4, None]
     assert rec["upper_minus_lower"]["0.9"] == 1.5 - 4.0  # the upper layers first, by 2.5 steps
+    # at 0.5 layers 1 and 3 never crossed: counted at the last probe (8)
+    assert rec["upper_minus_lower"]["0.5"] is None and rec["uncrossed"]["0.5"] == 2
+    assert rec["upper_minus_lower_censored"]["0.5"] == (4 + 8) / 2 - (8 + 8) / 2
+    assert rec["last_probe"] == 8
     again = SpecializationSteps([0.9, 0.5], upper=[2, 3], lower=[0, 1])
     again.load_state_dict(spec.state_dict())
     assert again.record(4) == rec

@@ -8,7 +8,8 @@ commit that made the runs:
 
 - M1, delay: per depth, an arm minus the control, paired by seed, in the upper layers' mean
   specialization step (first probe with normalized entropy < 0.9; a layer that never crosses
-  counts as the run's last step) and in their mean entropy at probe step 16.
+  counts as crossing at the last probe, as summary.json's censored gap does) and in their mean
+  entropy at probe step 16.
 - M2, prediction: a control seed's early gap (upper minus lower mean entropy at step 16) against
   that seed's benefit from the recipe (control minus slowqk final loss), GPT depths pooled after
   centring both within depth; Pearson r, Fisher-z 95% interval with n - 5 degrees.
@@ -23,6 +24,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +67,7 @@ def run_measures(run: RunResult) -> dict:
     """The per-run quantities M1-M3 read."""
     s = _summary(run)
     steps = s["specialization"]["steps"][THRESHOLD]
-    last = s["steps"]
+    last = max(rec["step"] for rec in run.diagnostics)  # not crossed: counted at the last probe
     upper, lower = _upper_lower(len(steps))
     early, later = _probe(run, EARLY_STEP), _probe(run, LATER_STEP)
     return {
@@ -213,12 +216,12 @@ def _cells(results: list[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
     return cells
 
 
-def _panels(plt, n: int):
+def _panels(plt: ModuleType, n: int) -> tuple[Any, Any]:
     """One panel per depth, side by side."""
     return plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
 
 
-def _finish(plt, fig, axes, ylabel: str, path: Path, stamp: str) -> Path:
+def _finish(plt: ModuleType, fig: Any, axes: Any, ylabel: str, path: Path, stamp: str) -> Path:
     axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     save_figure(fig, path, stamp)
