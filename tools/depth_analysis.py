@@ -216,9 +216,16 @@ def _cells(results: list[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
     return cells
 
 
-def _panels(plt: ModuleType, n: int) -> tuple[Any, Any]:
-    """One panel per depth, side by side."""
-    return plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+def _depth_panels(plt: ModuleType, cells: dict[tuple[str, str], Any]) -> tuple[Any, Any, list]:
+    """One titled panel per depth, side by side: the figure, its axes, and for each panel
+    ``(ax, [(arm, cell), ...])`` with the cells of its depth."""
+    variants = sorted({v for v, _ in cells}, key=_depth_order)
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.2), squeeze=False)
+    panels = []
+    for ax, variant in zip(axes[0], variants, strict=True):
+        ax.set_title(variant, fontsize=9)
+        panels.append((ax, [(arm, c) for (v, arm), c in sorted(cells.items()) if v == variant]))
+    return fig, axes, panels
 
 
 def _finish(plt: ModuleType, fig: Any, axes: Any, ylabel: str, path: Path, stamp: str) -> Path:
@@ -231,13 +238,9 @@ def _finish(plt: ModuleType, fig: Any, axes: Any, ylabel: str, path: Path, stamp
 
 def plot_spec_steps(result: dict, path: Path, stamp: str) -> Path:
     plt = pyplot()
-    measures = result["_measures"]
-    variants = sorted({v for v, _ in measures}, key=_depth_order)
-    fig, axes = _panels(plt, len(variants))
-    for ax, variant in zip(axes[0], variants, strict=True):
-        for (v, arm), by_seed in sorted(measures.items()):
-            if v != variant:
-                continue
+    fig, axes, panels = _depth_panels(plt, result["_measures"])
+    for ax, arms in panels:
+        for arm, by_seed in arms:
             steps = np.array([m["spec_steps"] for m in by_seed.values()], dtype=float)
             ax.plot(
                 range(steps.shape[1]),
@@ -248,7 +251,6 @@ def plot_spec_steps(result: dict, path: Path, stamp: str) -> Path:
                 label=f"{arm} (n={len(steps)})",
             )
         ax.set_yscale("log", base=2)
-        ax.set_title(variant, fontsize=9)
         ax.set_xlabel("layer")
         ax.axvline(steps.shape[1] / 2 - 0.5, color="0.8", lw=0.8)
         ax.legend(fontsize=7)
@@ -258,13 +260,9 @@ def plot_spec_steps(result: dict, path: Path, stamp: str) -> Path:
 
 def plot_entropy_logsteps(results: list[RunResult], path: Path, stamp: str) -> Path:
     plt = pyplot()
-    cells = _cells(results)
-    variants = sorted({v for v, _ in cells}, key=_depth_order)
-    fig, axes = _panels(plt, len(variants))
-    for ax, variant in zip(axes[0], variants, strict=True):
-        for (v, arm), runs in sorted(cells.items()):
-            if v != variant:
-                continue
+    fig, axes, panels = _depth_panels(plt, _cells(results))
+    for ax, arms in panels:
+        for arm, runs in arms:
             steps = [rec["step"] for rec in runs[0].diagnostics]
             n = len(runs[0].diagnostics[0]["layers"])
             upper, lower = _upper_lower(n)
@@ -288,7 +286,6 @@ def plot_entropy_logsteps(results: list[RunResult], path: Path, stamp: str) -> P
                     label=f"{arm} {'upper' if layers is upper else 'lower'}",
                 )
         ax.set_xscale("log", base=2)
-        ax.set_title(variant, fontsize=9)
         ax.set_xlabel("step (log)")
         ax.legend(fontsize=6)
     ylabel = "normalized attention entropy\n(mean of the half, over seeds)"

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from slowqk.config import DataConfig, Recipe
 from slowqk.data.corpus import prepare_corpus, read_corpus
+from slowqk.hashing import file_sha256
 
 RECORD = "stage.json"  # what the preparation was made from (read by the training side)
 
@@ -59,14 +59,6 @@ def _exclusive(where: Path) -> Iterator[None]:
         yield
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _corpus_stat(corpus: str) -> list[int]:
     st = Path(corpus).stat()
     return [st.st_size, st.st_mtime_ns]
@@ -96,7 +88,7 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
                 f"({record['inputs']}); use another out_dir, or remove {where} to prepare again"
             )
         touched = record["corpus_stat"] != _corpus_stat(inputs["corpus"])
-        if touched and record.get("corpus_sha256") != _sha256(inputs["corpus"]):
+        if touched and record.get("corpus_sha256") != file_sha256(inputs["corpus"]):
             raise ValueError(
                 f"data.corpus={data.corpus}: the file changed since it was prepared in {where}, "
                 f"which runs may be reading; use another out_dir, or remove {where} to prepare "
@@ -110,7 +102,7 @@ def prepare_stage(data: DataConfig, where: Path, progress: bool = False) -> Path
     with _exclusive(where):
         if (dataset := done()) is not None:
             return dataset  # prepared while this process waited for the lock
-        stat, sha = _corpus_stat(inputs["corpus"]), _sha256(inputs["corpus"])
+        stat, sha = _corpus_stat(inputs["corpus"]), file_sha256(inputs["corpus"])
         prepared = prepare_corpus(
             inputs["corpus"],
             where,

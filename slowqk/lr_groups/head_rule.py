@@ -36,14 +36,14 @@ class QuacKRule:
         self.start = dict(zip(self._keys(layers), self._flat_norms(layers).tolist(), strict=True))
 
     def _keys(self, layers: list[int]) -> list[HeadKey]:
-        """Each layer's Q heads (group-major), then its K heads, as :meth:`_norms` orders them."""
+        """Each layer's Q heads (group-major), then its K heads, as :meth:`_norms` orders them and
+        numbered as the rows' layout numbers them (:meth:`FusedQKVLayout.head_rows`)."""
         keys: list[HeadKey] = []
         for layer in layers:
             p = self.weights[layer]
-            local = p.layout.num_query_groups // p.tp_size
-            groups = range(p.tp_rank * local, (p.tp_rank + 1) * local)
-            keys += [("q", layer, g, j) for g in groups for j in range(p.layout.heads_per_group)]
-            keys += [("k", layer, g, 0) for g in groups]
+            for kind in ("q", "k"):
+                rows = p.layout.head_rows(kind, p.tp_rank, p.tp_size)
+                keys += [(kind, layer, group, head) for (group, head), _run in rows]
         return keys
 
     def _norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,17 +60,18 @@ class QuacKRule:
     def multipliers(self, layers: set[int]) -> dict[HeadKey, float]:
         """Each head's multiplier for the coming step, for the heads of ``layers`` (one transfer
         to the host for all of them)."""
-        flat = []
-        ordered = sorted(layers)
-        for layer in ordered:
+        flat, keys = [], []
+        for layer in sorted(layers):
             q, k = self._norms(layer)
-            keys = self._keys([layer])
-            start = torch.tensor([self.start[key] for key in keys], dtype=q.dtype, device=q.device)
+            layer_keys = self._keys([layer])
+            start = [self.start[key] for key in layer_keys]
+            start = torch.tensor(start, dtype=q.dtype, device=q.device)
             q0, k0 = start[: q.numel()].view_as(q), start[q.numel() :]
             mult_q, mult_k = multipliers(q, k, q0, k0, self.tau)
             flat += [mult_q.reshape(-1), mult_k]
+            keys += layer_keys
         values = torch.cat(flat).tolist() if flat else []
-        return dict(zip(self._keys(ordered), values, strict=True))
+        return dict(zip(keys, values, strict=True))
 
     def gather_start(self) -> None:
         """Every rank's start norms on every rank, so a checkpoint (written from rank 0's copy)
